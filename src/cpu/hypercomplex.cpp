@@ -1,0 +1,1 @@
+#include "embkern/hypercomplex.h"
