@@ -96,5 +96,6 @@ void expect_shape(const View<T>& v, const char* name, std::initializer_list<int6
 
 // Registration hooks, one per op file in csrc/.
 void register_hypercomplex(py::module_& m);
+void register_fde(py::module_& m);
 
 }  // namespace embkern

@@ -31,4 +31,6 @@ PYBIND11_MODULE(_C, m) {
   });
   auto hc = m.def_submodule("hypercomplex", "quaternion / dihedron products and KG scoring");
   embkern::register_hypercomplex(hc);
+  auto fde = m.def_submodule("fde", "MUVERA fixed dimensional encodings and Chamfer similarity");
+  embkern::register_fde(fde);
 }

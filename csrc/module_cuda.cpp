@@ -6,6 +6,11 @@
 
 namespace py = pybind11;
 
+namespace embkern {
+// One hook per op with a CUDA path, defined in csrc/<op>_cuda.cpp.
+void register_fde_cuda(py::module_& m);
+}  // namespace embkern
+
 #ifndef EMBKERN_VERSION
 #define EMBKERN_VERSION "dev"
 #endif
@@ -40,4 +45,6 @@ PYBIND11_MODULE(_C_cuda, m) {
         return d;
       },
       "Name, compute capability, SM count and memory of one device");
+  auto fde = m.def_submodule("fde", "MUVERA fixed dimensional encodings on the GPU");
+  embkern::register_fde_cuda(fde);
 }

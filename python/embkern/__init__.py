@@ -1,0 +1,39 @@
+"""embkern: fast, reference-checked kernels for embedding and attention techniques.
+
+Every public function takes ``backend=None`` (auto: the fastest available) or
+one of ``"reference" | "cpu" | "triton" | "cuda"``; ``python -m embkern info``
+shows which backends are active here and why the others are not.
+"""
+
+__version__ = "0.1.0"
+
+from . import reference  # noqa: E402,F401
+from .ops.hypercomplex import (  # noqa: E402
+    dihedron_product,
+    hamilton_product,
+    one_to_n_loss,
+    rank_all,
+    score_all,
+    topk_all,
+)
+
+
+def __getattr__(name):
+    # nn and testing import lazily so `import embkern` stays light.
+    if name in ("nn", "testing", "bench"):
+        import importlib
+
+        return importlib.import_module(f"embkern.{name}")
+    raise AttributeError(f"module 'embkern' has no attribute {name!r}")
+
+
+__all__ = [
+    "__version__",
+    "hamilton_product",
+    "dihedron_product",
+    "score_all",
+    "rank_all",
+    "topk_all",
+    "one_to_n_loss",
+    "reference",
+]

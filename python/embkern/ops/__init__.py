@@ -1,0 +1,7 @@
+"""torch.library op definitions, one module per op (importing registers the ops)."""
+from . import hypercomplex  # noqa: F401
+
+# op name -> its module; `embkern info` and the bench iterate over this.
+OPS = {"hypercomplex": hypercomplex}
+
+__all__ = ["OPS", "hypercomplex"]
