@@ -234,3 +234,38 @@ def available(op: str, support: dict, devices: Iterable[str] = ("cpu", "cuda")) 
             dev = "cpu"
         out[name] = check(op, name, support, torch.device(dev), torch.float32)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_many_cached(public: str, kernels: tuple, support_fn, backend: Optional[str], device_type: str,
+                         dtype: torch.dtype) -> str:
+    device = torch.device(device_type)
+    if backend is not None:
+        for k in kernels:
+            resolve(f"{public} ({k})", backend, support_fn(k), device, dtype)
+        return backend
+    rejected = []
+    for name in auto_order(device):
+        bad = [f"{k}: {st.reason}" for k in kernels
+               for st in [check(k, name, support_fn(k), device, dtype)] if not st.ok]
+        if not bad:
+            return name
+        rejected.append(f"{name} ({bad[0]})")
+    raise RuntimeError(f"embkern.{public}: no backend can run on {device_type} {dtype}; rejected " + "; ".join(rejected))
+
+
+@torch.compiler.assume_constant_result
+def resolve_many(public: str, kernels: tuple, support_fn, backend: Optional[str], device_type: str,
+                 dtype: torch.dtype) -> str:
+    """The backend for a call that needs every kernel in `kernels` (each looked up with
+    support_fn(kernel)); raise naming each rejected backend and why.
+
+    Cached per (call, device type, dtype) and constant under torch.compile: the
+    answer depends only on what is installed, which does not change in a process
+    (TRITON_INTERPRET is read once, before triton is imported).
+    """
+    if backend is not None and not isinstance(backend, str):
+        raise TypeError(f"backend: expected None or one of {BACKENDS}, got {type(backend).__name__}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
+    return _resolve_many_cached(public, kernels, support_fn, backend, device_type, dtype)

@@ -62,18 +62,7 @@ SUPPORT = support("score_forward")  # the hot spot; what `embkern info` reports
 
 def _resolve(public: str, kernels: Sequence[str], backend: Optional[str], x: Tensor) -> str:
     """Resolve one backend that implements every kernel the call needs."""
-    if backend is not None:
-        for k in kernels:
-            _backends.resolve(f"{public} ({k})", backend, support(k), x.device, x.dtype)
-        return backend
-    rejected = []
-    for name in _backends.auto_order(x.device):
-        bad = [f"{k}: {st.reason}" for k in kernels
-               for st in [_backends.check(k, name, support(k), x.device, x.dtype)] if not st.ok]
-        if not bad:
-            return name
-        rejected.append(f"{name} ({bad[0]})")
-    raise RuntimeError(f"embkern.{public}: no backend can run on {x.device} {x.dtype}; rejected " + "; ".join(rejected))
+    return _backends.resolve_many(public, tuple(kernels), support, backend, x.device.type, x.dtype)
 
 
 # ---------------------------------------------------------------------------

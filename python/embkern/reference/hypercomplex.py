@@ -220,7 +220,7 @@ def topk_from_scores(s: torch.Tensor, k: int, filter_offsets=None, filter_index=
     mask = _filter_mask(B, N, filter_offsets, filter_index, s.device)
     # Stable descending sort gives the lower index first among equal scores.
     work = s.masked_fill(mask, float("-inf"))
-    order = torch.sort(work, dim=1, descending=True, stable=True).indices[:, :k]
+    order = torch.sort(work, dim=1, descending=True, stable=True).indices[:, :k].contiguous()
     return s.gather(1, order), order
 
 

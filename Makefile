@@ -1,0 +1,50 @@
+# embkern: the two commands a fresh machine needs.
+#   make bench   set up .venv, build, run the benchmark suite (the main job)
+#   make test    set up .venv, build, run the tests
+# Each target does its own set-up. torch is installed first, pinned, so that a
+# machine without torch never resolves an open `torch` requirement to a
+# multi-GB CUDA build; override with TORCH_SPEC=... (e.g. an existing build).
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BENCH_ARGS ?=
+TEST_ARGS  ?=
+
+VPY  := $(VENV)/bin/python
+PIP  := $(VPY) -m pip
+# Build tools go in first so the package builds without isolation (no second
+# download of scikit-build-core/pybind11, and incremental rebuilds in build/).
+BUILD_DEPS := scikit-build-core>=0.10 pybind11>=2.12 ninja numpy
+# KG triples (Nations/Kinships/UMLS) ship in the pykeen wheel; we only read its
+# data files, so it is installed without its dependencies.
+DATA_DEPS  := pykeen==1.11.1
+
+.PHONY: all setup install test bench info clean
+
+all: test
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+setup: $(VPY)
+	@$(VPY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q $(BUILD_DEPS)
+
+install: setup
+	$(PIP) install -q --no-build-isolation --config-settings=build-dir=build/release ".[test,bench]"
+	$(PIP) install -q --no-deps $(DATA_DEPS)
+
+test: install
+	cd tests && ../$(VPY) -m pytest -c ../pyproject.toml --rootdir=.. . $(TEST_ARGS)
+
+bench: install
+	$(VPY) -m embkern info
+	$(VPY) -m embkern bench --json bench.json --plot bench.png $(BENCH_ARGS)
+
+info: install
+	$(VPY) -m embkern info
+
+clean:
+	rm -rf build dist *.egg-info bench.json bench.png .pytest_cache

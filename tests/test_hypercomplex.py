@@ -1,0 +1,456 @@
+"""hypercomplex: parity of every backend with the fp64 reference, gradients,
+fused rank/top-k/loss consistency, opcheck, torch.compile, bad input, and
+thread-count invariance."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import backend_params, require_backend
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import embkern
+from embkern import testing
+from embkern.ops import hypercomplex as ops
+from embkern.reference import hypercomplex as ref
+
+FAST = backend_params("reference", "cpu", "triton")
+ALGS = ["quaternion", "dihedron"]
+LAYS = ["component", "interleaved"]
+
+
+def dtypes_for(backend):
+    if backend == "cpu":
+        return [torch.float32, torch.float64]
+    if backend == "triton":
+        return [torch.float32, torch.bfloat16]
+    return [torch.float32, torch.float64, torch.bfloat16]
+
+
+def need(backend, kernel, dtype=torch.float32):
+    require_backend(ops.support(kernel), backend, "cpu", dtype)
+
+
+def leaf(x, dtype=None):
+    """A fresh autograd leaf with x's values (never aliases x)."""
+    return x.detach().to(dtype or x.dtype).clone().requires_grad_(True)
+
+
+def triples(B, N, d, dtype, seed):
+    h, r, E = testing.randn((B, 4 * d), (B, 4 * d), (N, 4 * d), dtype=torch.float64, seed=seed)
+    bh, bt = testing.randn((B,), (N,), dtype=torch.float64, seed=seed + 1)
+    return [t.to(dtype) for t in (h, r, E, bh, bt)]
+
+
+# --------------------------------------------------------------------------- algebra facts
+
+
+def test_structure_constants_match_spec_tables():
+    # i*j = k, j*k = i, k*i = j in both algebras up to the spec's signs
+    for alg, fn in (("quaternion", ref.hamilton), ("dihedron", ref.dihedron)):
+        T = ref.structure(alg)
+        e = torch.eye(4, dtype=torch.float64)
+        for i, j in itertools.product(range(4), range(4)):
+            assert torch.equal(T[:, i, j], torch.stack(fn(tuple(e[i]), tuple(e[j]))))
+    # quaternion: i^2 = j^2 = k^2 = -1 ; dihedron: i^2 = -1, j^2 = k^2 = +1
+    Tq, Td = ref.structure("quaternion"), ref.structure("dihedron")
+    assert [Tq[0, n, n].item() for n in (1, 2, 3)] == [-1.0, -1.0, -1.0]
+    assert [Td[0, n, n].item() for n in (1, 2, 3)] == [-1.0, 1.0, 1.0]
+    assert Td[3, 1, 2] == 1 and Td[3, 2, 1] == -1  # ij = k = -ji
+
+
+@pytest.mark.parametrize("alg", ALGS)
+def test_reference_associative_and_norm(alg):
+    a, b, c = testing.randn((7, 12), (7, 12), (7, 12), dtype=torch.float64, seed=3)
+    lhs = ref.product(ref.product(a, b, alg), c, alg)
+    rhs = ref.product(a, ref.product(b, c, alg), alg)
+    torch.testing.assert_close(lhs, rhs, rtol=1e-12, atol=1e-12)
+    if alg == "quaternion":  # a unit relation preserves length per coordinate
+        rh = ref.normalize_relation(b)
+        q = ref.product(a, rh)
+        na = torch.stack(ref.split(a)).pow(2).sum(0)
+        nq = torch.stack(ref.split(q)).pow(2).sum(0)
+        torch.testing.assert_close(na, nq, rtol=1e-12, atol=1e-12)
+
+
+def test_layout_roundtrip():
+    x = testing.randn((3, 20), seed=1)
+    y = ref.to_layout(x, "component", "interleaved")
+    assert y[0, 0] == x[0, 0] and y[0, 1] == x[0, 5] and y[0, 4] == x[0, 1]
+    assert torch.equal(ref.to_layout(y, "interleaved", "component"), x)
+
+
+# --------------------------------------------------------------------------- products
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("alg", ALGS)
+@pytest.mark.parametrize("layout", LAYS)
+def test_product_parity_and_grad(backend, alg, layout):
+    for dtype in dtypes_for(backend):
+        need(backend, "query_forward", dtype)
+        need(backend, "query_backward", dtype)
+        for shape, normalize in (((5, 12), False), ((2, 3, 28), True), ((1, 4), True)):
+            h, r = testing.randn(shape, shape, dtype=dtype, seed=shape[-1])
+            fn = embkern.hamilton_product if alg == "quaternion" else embkern.dihedron_product
+            testing.assert_parity(lambda a, b: fn(a, b, layout=layout, normalize=normalize, backend=backend),
+                                  lambda a, b: ref.query(a, b, alg, layout, normalize), (h, r))
+            # gradients against autograd through the reference (fp64)
+            hh, rr = leaf(h), leaf(r)
+            g = testing.randn(shape, dtype=dtype, seed=99)
+            fn(hh, rr, layout=layout, normalize=normalize, backend=backend).backward(g)
+            h64, r64 = leaf(h, torch.float64), leaf(r, torch.float64)
+            ref.query(h64, r64, alg, layout, normalize).backward(g.double())
+            hl, rl = leaf(h), leaf(r)
+            ref.query(hl, rl, alg, layout, normalize).backward(g)
+            reps = testing.compare((hh.grad, rr.grad), (hl.grad, rl.grad), (h64.grad, r64.grad), dtype, "grad")
+            assert all(x.ok for x in reps), [str(x) for x in reps]
+
+
+def test_product_broadcast_and_noncontiguous():
+    h = testing.noncontiguous(testing.randn((6, 8), seed=1))
+    r = testing.randn((8,), seed=2)
+    out = embkern.hamilton_product(h, r)
+    torch.testing.assert_close(out, ref.product(h.contiguous(), r.expand(6, 8)), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- 1-vs-all scores
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("alg,score", [("quaternion", "inner"), ("dihedron", "distance"),
+                                       ("quaternion", "distance"), ("dihedron", "inner")])
+def test_score_all_parity_and_grads(backend, alg, score):
+    shapes = [(3, 37, 5), (1, 1, 1), (8, 19, 3)] if backend == "triton" else [(3, 37, 5), (1, 1, 1), (37, 1001, 25)]
+    for dtype in dtypes_for(backend):
+        need(backend, "score_forward", dtype)
+        for (B, N, d), layout in zip(shapes, itertools.cycle(LAYS)):
+            h, r, E, bh, bt = triples(B, N, d, dtype, seed=B + N)
+            kw = dict(algebra=alg, score=score, layout=layout)
+            if score == "distance":
+                args = (h, r, E, bh, bt)
+                fast = lambda h, r, E, bh, bt: embkern.score_all(h, r, E, bias_h=bh, bias_t=bt, backend=backend, **kw)  # noqa: E731
+                slow = lambda h, r, E, bh, bt: ref.score_all(h, r, E, bias_h=bh, bias_t=bt, **kw)  # noqa: E731
+            else:
+                args = (h, r, E)
+                fast = lambda h, r, E: embkern.score_all(h, r, E, backend=backend, **kw)  # noqa: E731
+                slow = lambda h, r, E: ref.score_all(h, r, E, **kw)  # noqa: E731
+            testing.assert_parity(fast, slow, args)
+
+            # gradients of h, r, E (and biases) vs autograd through the reference
+            leaves = [leaf(a) for a in args]
+            G = testing.randn((B, N), dtype=dtype, seed=7)
+            fast(*leaves).backward(G)
+            l64 = [leaf(a, torch.float64) for a in args]
+            slow(*l64).backward(G.double())
+            llp = [leaf(a) for a in args]
+            slow(*llp).backward(G)
+            reps = testing.compare([x.grad for x in leaves], [x.grad for x in llp], [x.grad for x in l64], dtype, "grad")
+            assert all(x.ok for x in reps), [str(x) for x in reps]
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_score_all_without_normalisation_and_noncontiguous(backend):
+    need(backend, "score_forward")
+    h, r, E, _, _ = triples(4, 9, 2, torch.float32, seed=5)
+    out = embkern.score_all(testing.noncontiguous(h), r, testing.noncontiguous(E), normalize_relation=False,
+                            backend=backend)
+    testing.assert_parity(lambda *a: out, lambda h, r, E: ref.score_all(h, r, E, normalize_relation=False), (h, r, E))
+
+
+# --------------------------------------------------------------------------- fused rank / top-k / loss
+
+
+def _filters(B, N, g):
+    # a few known tails per row, with duplicates and sometimes the target itself
+    return [torch.randint(0, N, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).repeat(2)
+            for _ in range(B)]
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("score", ["inner", "distance"])
+@pytest.mark.parametrize("ties", ["realistic", "optimistic", "pessimistic"])
+def test_rank_all_matches_its_own_scores(backend, score, ties):
+    need(backend, "rank")
+    B, N, d = (5, 33, 3) if backend == "triton" else (37, 1001, 25)
+    g = torch.Generator().manual_seed(11)
+    h, r, E, bh, bt = triples(B, N, d, torch.float32, seed=3)
+    E[N // 2:N // 2 + 4] = E[0]  # exact ties with entity 0
+    t = torch.randint(0, N, (B,), generator=g)
+    t[0] = 0
+    filt = _filters(B, N, g)
+    filt[1] = torch.cat([filt[1], t[1:2]])  # the target inside its own filter list
+    kw = dict(score=score)
+    if score == "distance":
+        kw.update(bias_h=bh, bias_t=bt)
+    ranks = embkern.rank_all(h, r, E, t, filter_index=filt, ties=ties, backend=backend, **kw)
+    s = embkern.score_all(h, r, E, backend=backend, **kw)
+    fo, fi = embkern._checks.filter_to_csr(filt, B, N, torch.device("cpu"))
+    expect = ref.rank_from_scores(s, t, fo, fi, ties)
+    assert ranks.dtype == torch.float64
+    torch.testing.assert_close(ranks, expect, rtol=0, atol=0)
+    # and the CSR form gives the same answer as the list form
+    ranks2 = embkern.rank_all(h, r, E, t, filter_index=(fo, fi), ties=ties, backend=backend, **kw)
+    assert torch.equal(ranks, ranks2)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_rank_all_against_fp64_reference(backend):
+    need(backend, "rank")
+    B, N, d = (6, 40, 4) if backend == "triton" else (20, 500, 10)
+    h, r, E, _, _ = triples(B, N, d, torch.float32, seed=21)
+    t = torch.arange(B) * 3
+    fast = embkern.rank_all(h, r, E, t, backend=backend)
+    exact = ref.rank_all(h.double(), r.double(), E.double(), t)
+    # random continuous scores: only near-ties could differ; allow none here
+    assert torch.equal(fast, exact)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("score", ["inner", "distance"])
+def test_topk_all(backend, score):
+    need(backend, "topk")
+    B, N, d, k = (4, 40, 3, 5) if backend == "triton" else (13, 700, 9, 10)
+    h, r, E, bh, bt = triples(B, N, d, torch.float32, seed=31)
+    E[7] = E[3]  # a tie: index 3 must come before 7
+    kw = dict(score=score)
+    if score == "distance":
+        kw.update(bias_h=bh, bias_t=bt[:N].clone())
+        kw["bias_t"][7] = kw["bias_t"][3]
+    g = torch.Generator().manual_seed(1)
+    filt = _filters(B, N, g)
+    vals, idx = embkern.topk_all(h, r, E, k, filter_index=filt, backend=backend, **kw)
+    s = embkern.score_all(h, r, E, backend=backend, **kw)
+    fo, fi = embkern._checks.filter_to_csr(filt, B, N, torch.device("cpu"))
+    ev, ei = ref.topk_from_scores(s, k, fo, fi)
+    assert torch.equal(idx, ei)
+    assert torch.equal(vals, ev)
+    v0, i0 = embkern.topk_all(h, r, E, 0, backend=backend, **kw)
+    assert v0.shape == (B, 0) and i0.shape == (B, 0)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("alg,score", [("quaternion", "inner"), ("dihedron", "distance")])
+def test_one_to_n_loss_parity_and_grads(backend, alg, score):
+    B, N, d = (5, 37, 3) if backend == "triton" else (17, 503, 7)
+    for dtype in dtypes_for(backend):
+        need(backend, "ce_forward", dtype)
+        need(backend, "ce_backward", dtype)
+        h, r, E, bh, bt = triples(B, N, d, dtype, seed=41)
+        t = torch.randint(0, N, (B,), generator=torch.Generator().manual_seed(2))
+        biased = score == "distance"
+        args = (h, r, E, bh, bt) if biased else (h, r, E)
+
+        def run(fn, *a, **extra):
+            kw = dict(algebra=alg, score=score, reduction="none", **extra)
+            if biased:
+                return fn(a[0], a[1], a[2], t, bias_h=a[3], bias_t=a[4], **kw)
+            return fn(a[0], a[1], a[2], t, **kw)
+
+        fast = lambda *a: run(embkern.one_to_n_loss, *a, backend=backend)  # noqa: E731
+        slow = lambda *a: run(ref.one_to_n_loss, *a)  # noqa: E731
+        testing.assert_parity(fast, slow, args)
+        g = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        leaves = [leaf(a) for a in args]
+        fast(*leaves).backward(g.to(fast(*args).dtype))
+        l64 = [leaf(a, torch.float64) for a in args]
+        slow(*l64).backward(g)
+        llp = [leaf(a) for a in args]
+        slow(*llp).backward(g.to(slow(*args).dtype))
+        reps = testing.compare([x.grad for x in leaves], [x.grad for x in llp], [x.grad for x in l64], dtype, "grad")
+        assert all(x.ok for x in reps), [str(x) for x in reps]
+
+
+def test_one_to_n_loss_reductions_and_large_logits():
+    h, r, E, _, _ = triples(6, 50, 4, torch.float32, seed=8)
+    t = torch.arange(6)
+    none = embkern.one_to_n_loss(h * 30, r, E * 30, t, reduction="none")  # logits ~ 1e3: needs the max shift
+    assert torch.isfinite(none).all()
+    torch.testing.assert_close(embkern.one_to_n_loss(h * 30, r, E * 30, t), none.mean())
+    torch.testing.assert_close(embkern.one_to_n_loss(h * 30, r, E * 30, t, reduction="sum"), none.sum())
+
+
+# --------------------------------------------------------------------------- torch.library integration
+
+
+def _op_samples(backend):
+    h, r, E, bh, bt = triples(3, 11, 2, torch.float32, seed=4)
+    t = torch.tensor([0, 5, 10])
+    fo = torch.tensor([0, 1, 1, 3])
+    fi = torch.tensor([2, 5, 1])
+    q = ref.query(h, r)
+    return [
+        (ops.hc_query, (h.requires_grad_(), r.requires_grad_(), "quaternion", "component", True, backend)),
+        (ops.hc_query, (h.detach(), r.detach(), "dihedron", "interleaved", False, backend)),
+        (ops.hc_score, (q.detach().requires_grad_(), E.requires_grad_(), None, None, "inner", backend)),
+        (ops.hc_score, (q.detach().requires_grad_(), E.detach().requires_grad_(), bh.requires_grad_(),
+                        bt.requires_grad_(), "distance", backend)),
+        (ops.hc_rank, (q.detach(), E.detach(), None, None, t, fo, fi, "inner", "realistic", backend)),
+        (ops.hc_topk, (q.detach(), E.detach(), None, None, 4, fo, fi, "inner", backend)),
+        (ops.hc_ce, (q.detach().requires_grad_(), E.detach().requires_grad_(), None, None, t, "inner", backend)),
+    ]
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+def test_opcheck(backend):
+    need(backend, "score_forward")
+    for op, args in _op_samples(backend):
+        torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    h, r, E, _, _ = triples(4, 21, 3, torch.float32, seed=6)
+    t = torch.tensor([1, 2, 3, 4])
+
+    def f(h, r, E):
+        s = embkern.score_all(h, r, E)
+        return s.logsumexp(1).sum() + embkern.one_to_n_loss(h, r, E, t)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    leaves = [leaf(x) for x in (h, r, E)]
+    out = compiled(*leaves)
+    out.backward()
+    eager = [leaf(x) for x in (h, r, E)]
+    f(*eager).backward()
+    torch.testing.assert_close(out, f(h, r, E))
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda h, r, E, t: embkern.score_all(h[:, :7], r[:, :7], E[:, :7]), ValueError, "h: expected last dimension 4"),
+    (lambda h, r, E, t: embkern.score_all(h, r[:2], E), ValueError, "r: expected shape"),
+    (lambda h, r, E, t: embkern.score_all(h, r, E[:, :4]), ValueError, "entities: expected shape"),
+    (lambda h, r, E, t: embkern.score_all(h, r.double(), E), TypeError, "r: expected dtype float32"),
+    (lambda h, r, E, t: embkern.score_all(h, r, E.long()), TypeError, "entities: expected a floating"),
+    (lambda h, r, E, t: embkern.score_all(h, r, E, algebra="octonion"), ValueError, "algebra: expected one of"),
+    (lambda h, r, E, t: embkern.score_all(h, r, E, layout="rows"), ValueError, "layout: expected one of"),
+    (lambda h, r, E, t: embkern.score_all(h, r, E, bias_h=torch.zeros(3)), ValueError, "bias_h: biases apply"),
+    (lambda h, r, E, t: embkern.score_all(h, r, E, score="distance", bias_t=torch.zeros(3)), ValueError, "bias_t: expected shape"),
+    (lambda h, r, E, t: embkern.score_all(h, r, E, backend="gpu"), ValueError, "backend: expected None or one of"),
+    (lambda h, r, E, t: embkern.score_all(h, r, E, backend="cuda"), RuntimeError, "backend='cuda' is unavailable"),
+    (lambda h, r, E, t: embkern.score_all(h.numpy(), r, E), TypeError, "h: expected a torch.Tensor"),
+    (lambda h, r, E, t: embkern.rank_all(h, r, E, t + 100), ValueError, r"targets: expected indices in \[0, 10\)"),
+    (lambda h, r, E, t: embkern.rank_all(h, r, E, -t - 1), ValueError, "targets: expected indices"),
+    (lambda h, r, E, t: embkern.rank_all(h, r, E, t.float()), TypeError, "targets: expected an integer"),
+    (lambda h, r, E, t: embkern.rank_all(h, r, E, t[:2]), ValueError, "targets: expected shape"),
+    (lambda h, r, E, t: embkern.rank_all(h, r, E, t, ties="average"), ValueError, "ties: expected one of"),
+    (lambda h, r, E, t: embkern.rank_all(h, r, E, t, filter_index=(torch.tensor([0, 2, 1, 3]), torch.tensor([1, 2, 3]))),
+     ValueError, "non-decreasing"),
+    (lambda h, r, E, t: embkern.rank_all(h, r, E, t, filter_index=(torch.tensor([0, 1, 2, 5]), torch.tensor([1, 2, 3]))),
+     ValueError, r"offsets\[-1\] == len\(index\)"),
+    (lambda h, r, E, t: embkern.rank_all(h, r, E, t, filter_index=(torch.tensor([1, 1, 2, 3]), torch.tensor([1, 2, 3]))),
+     ValueError, r"offsets\[0\] == 0"),
+    (lambda h, r, E, t: embkern.rank_all(h, r, E, t, filter_index=[[1], [2, 99], []]), ValueError, r"indices in \[0, 10\)"),
+    (lambda h, r, E, t: embkern.rank_all(h, r, E, t, filter_index=[[1]]), ValueError, "expected 3 per-row lists"),
+    (lambda h, r, E, t: embkern.topk_all(h, r, E, 11), ValueError, "k: expected 0 <= k <= 10"),
+    (lambda h, r, E, t: embkern.topk_all(h, r, E, 2.0), TypeError, "k: expected an int"),
+    (lambda h, r, E, t: embkern.one_to_n_loss(h, r, E, t, reduction="avg"), ValueError, "reduction: expected"),
+    (lambda h, r, E, t: embkern.one_to_n_loss(h, r, E[:0], t), ValueError, "at least one entity"),
+])
+def test_bad_input(call, exc, match):
+    h, r, E, _, _ = triples(3, 10, 2, torch.float32, seed=1)
+    t = torch.tensor([0, 4, 9])
+    with pytest.raises(exc, match=match):
+        call(h, r, E, t)
+
+
+def test_cpu_boundary_rechecks():
+    """The C++ boundary raises on bad buffers even when the Python checks are bypassed."""
+    need("cpu", "score_forward")
+    C = embkern._backends.cpu_module().hypercomplex
+    q = torch.randn(3, 8).numpy()
+    E = torch.randn(5, 8).numpy()
+    S = torch.empty(3, 5).numpy()
+    with pytest.raises(ValueError):
+        C.score_forward(q, E[:, :4].copy(), None, None, S, 0)
+    with pytest.raises(ValueError):
+        C.score_forward(q, E, None, None, torch.empty(3, 4).numpy(), 0)
+    with pytest.raises((ValueError, TypeError)):
+        C.score_forward(q, E, None, None, S, 7)
+    with pytest.raises(TypeError):
+        C.score_forward(q.astype("float64"), E, None, None, S, 0)
+    with pytest.raises(ValueError):
+        C.score_forward(torch.randn(8, 6).numpy()[:, ::2], E[:, :3].copy(), None, None, S, 0)
+    ranks = torch.empty(3, dtype=torch.float64).numpy()
+    with pytest.raises(ValueError):
+        C.rank(q, E, None, None, torch.tensor([0, 1, 5]).numpy(), None, None, ranks, 0, 0)
+    with pytest.raises(ValueError):
+        C.rank(q, E, None, None, torch.tensor([0, 1, 2]).numpy(), torch.tensor([0, 2, 1, 1]).numpy(),
+               torch.tensor([0]).numpy(), ranks, 0, 0)
+
+
+def test_cpu_writes_every_output_element():
+    need("cpu", "score_forward")
+    C = embkern._backends.cpu_module().hypercomplex
+    h, r, E, bh, bt = triples(7, 45, 3, torch.float32, seed=2)
+    q = ref.query(h, r)
+    for score in (0, 1):
+        S = testing.poison(torch.empty(7, 45))
+        C.score_forward(q.numpy(), E.numpy(), bh.numpy() if score else None, bt.numpy() if score else None,
+                        S.numpy(), score)
+        assert torch.isfinite(S).all()
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+def test_empty_batch(backend):
+    need(backend, "score_forward")
+    h, r, E, _, _ = triples(0, 10, 2, torch.float32, seed=1)
+    assert embkern.score_all(h, r, E, backend=backend).shape == (0, 10)
+    assert embkern.rank_all(h, r, E, torch.zeros(0, dtype=torch.long), backend=backend).shape == (0,)
+    v, i = embkern.topk_all(h, r, E, 3, backend=backend)
+    assert v.shape == (0, 3) and i.shape == (0, 3)
+    h, r, E, _, _ = triples(2, 0, 2, torch.float32, seed=1)
+    assert embkern.score_all(h, r, E, backend=backend).shape == (2, 0)
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_thread_count_invariance():
+    need("cpu", "score_forward")
+    C = embkern._backends.cpu_module()
+    h, r, E, bh, bt = triples(67, 2003, 25, torch.float32, seed=9)
+    t = torch.randint(0, 2003, (67,), generator=torch.Generator().manual_seed(0))
+    outs = []
+    before = C.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            C.set_num_threads(n)
+            leaves = [leaf(x) for x in (h, r, E, bh, bt)]
+            loss = embkern.one_to_n_loss(*leaves[:3], t, score="distance", bias_h=leaves[3], bias_t=leaves[4],
+                                         backend="cpu")
+            loss.backward()
+            outs.append([
+                embkern.score_all(h, r, E, backend="cpu"),
+                embkern.rank_all(h, r, E, t, backend="cpu"),
+                *embkern.topk_all(h, r, E, 10, backend="cpu"),
+                loss.detach(), *[x.grad for x in leaves],
+            ])
+    finally:
+        C.set_num_threads(before)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- randomised shapes (cheap tiers)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(B=st.integers(1, 9), N=st.integers(1, 70), d=st.integers(1, 9), seed=st.integers(0, 2**16),
+       alg=st.sampled_from(ALGS), layout=st.sampled_from(LAYS), score=st.sampled_from(["inner", "distance"]))
+def test_hypothesis_cpu_scores(B, N, d, seed, alg, layout, score):
+    need("cpu", "score_forward")
+    h, r, E, bh, bt = triples(B, N, d, torch.float32, seed=seed)
+    kw = dict(algebra=alg, layout=layout, score=score)
+    if score == "distance":
+        kw.update(bias_h=bh, bias_t=bt)
+    testing.assert_parity(lambda h, r, E: embkern.score_all(h, r, E, backend="cpu", **kw),
+                          lambda h, r, E: ref.score_all(h, r, E, **{k: (v.to(h.dtype) if isinstance(v, torch.Tensor) else v)
+                                                                    for k, v in kw.items()}),
+                          (h, r, E))
