@@ -16,6 +16,7 @@ from .ops.hypercomplex import (  # noqa: E402
     score_all,
     topk_all,
 )
+from .ops.fde import FDEConfig, FDEEncoder, chamfer, chamfer_rerank, fde_encode  # noqa: E402
 
 
 def __getattr__(name):
@@ -36,4 +37,9 @@ __all__ = [
     "topk_all",
     "one_to_n_loss",
     "reference",
+    "FDEConfig",
+    "FDEEncoder",
+    "fde_encode",
+    "chamfer",
+    "chamfer_rerank",
 ]

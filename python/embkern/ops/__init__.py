@@ -1,7 +1,8 @@
 """torch.library op definitions, one module per op (importing registers the ops)."""
 from . import hypercomplex  # noqa: F401
+from . import fde  # noqa: F401
 
 # op name -> its module; `embkern info` and the bench iterate over this.
-OPS = {"hypercomplex": hypercomplex}
+OPS = {"hypercomplex": hypercomplex, "fde": fde}
 
-__all__ = ["OPS", "hypercomplex"]
+__all__ = ["OPS", "hypercomplex", "fde"]

@@ -1,0 +1,164 @@
+// MUVERA fixed dimensional encodings (FDE), CPU. Torch-free: raw pointers to
+// C-contiguous buffers, sizes as int64_t. Spec: specs/fde.md; numerics
+// contract: python/embkern/reference/fde.py.
+//
+// Shapes (N = total points, B = documents, d = point dimension, R
+// repetitions, k hyperplanes, NP = 2^k partitions, d_p = projected dimension,
+// L = R*NP*d_p values before the final projection, D = final dimension):
+//   points   float32 (N, d);  offsets int64 (B+1,), offsets[0] = 0, offsets[B] = N
+//   simhash  float32 (R, d, k)       G_r[i][j]
+//   ams      int32 (R, d) index in [0, d_p), float32 (R, d) sign in {+1, -1}
+//   cs       int32 (L,) bucket in [0, D), float32 (L,) sign
+//   out      float32 (B, D) with a final projection, else (B, L)
+//
+// Bit-exactness with the reference (muvfde 0.0.9 x86-64 wheel: Eigen 3.4-pre,
+// SSE2, no FMA). Eigen evaluates the sign-bit product X*G (and the AMS product
+// X*A) of one point cloud with a per-element float32 summation order that
+// depends on (n points, d, columns, row p). `DotOrder` / `dot_order()` below
+// reproduce it; every term is a rounded product added to a +0-initialised
+// accumulator (this file's .cpp is built with -ffp-contract=off):
+//   kPlain    sum over i = 0..d-1 in order (lazy product: d+n+c < 20; or c == 1)
+//   kLanes4   n == 1 (row GEMV): acc[i % 4] for i < 4*floor(d/4),
+//             (acc0 + acc2) + (acc1 + acc3), then the tail in order
+//   kGemmSeq  depth blocks of kc: block sum in order; out = block + out
+//   kEvenOdd  per depth block (pk = akc & ~7): C (even local i < pk), D (odd),
+//             C + D, then local i >= pk into C; out = block + out
+//   kMod4     per depth block (e4 = 4*floor(akc/4)): C[i % 4] for i < e4,
+//             (C0 + C1) + (C2 + C3), then the tail; out = block + out
+// kEvenOdd / kMod4 apply to columns j < 4*floor(c/4) of the row; other
+// columns of that row use kGemmSeq. The CUDA kernel must use the same rule
+// for its identity output to match bit for bit.
+#pragma once
+#include <cstdint>
+#include <string>
+
+#if defined(__CUDACC__)
+#define EMBKERN_HD __host__ __device__
+#else
+#define EMBKERN_HD
+#endif
+
+namespace embkern {
+namespace fde {
+
+// ---- random tables (spec "Random tables"; libstdc++ >= 11 algorithms on a
+// ---- raw mt19937 stream, reimplemented: never the platform <random>) ------
+
+// G: out (R, d, k); repetition r from mt19937(uint32(seed + r)).
+void simhash_table(uint32_t seed, int64_t d, int k, int64_t R, float* out);
+// AMS: index (R, d) in [0, dp), sign (R, d).
+void ams_table(uint32_t seed, int64_t d, int64_t dp, int64_t R, int32_t* index, float* sign);
+// Count sketch of `length` inputs to D buckets: bucket (length,), sign (length,).
+void count_sketch_table(uint32_t seed, int64_t length, int64_t D, int32_t* bucket, float* sign);
+// bucket -> input-index CSR: offsets (D+1,), members (length,) ascending per bucket.
+void count_sketch_csr(const int32_t* bucket, int64_t length, int64_t D, int64_t* offsets, int64_t* members);
+
+// ---- Eigen's summation order ------------------------------------------------
+
+// Cache sizes Eigen's blocking heuristic reads (reference/fde.py EIGEN_L1/L2/L3).
+constexpr int64_t kEigenL1 = 32 * 1024;
+constexpr int64_t kEigenL2 = 512 * 1024;
+constexpr int64_t kEigenL3 = 32 * 1024 * 1024;
+
+enum DotClass : int { kPlain = 0, kLanes4 = 1, kGemmSeq = 2, kEvenOdd = 3, kMod4 = 4 };
+
+struct DotOrder {
+  int cls;     // DotClass of this row (columns j < panel_cols)
+  int64_t kc;  // depth block (== d when not blocked)
+  int64_t panel_cols;  // 4*floor(c/4): columns that follow cls; the rest use kGemmSeq
+};
+
+// Eigen's evaluateProductBlockingSizesHeuristic (float, mr = 8, nr = 4, one
+// thread) for an m x k by k x n product: returns kc and mc.
+EMBKERN_HD inline void eigen_blocking(int64_t m, int64_t k, int64_t n, int64_t* kc_out, int64_t* mc_out) {
+  *kc_out = k;
+  *mc_out = m;
+  const int64_t mr = 8, nr = 4;
+  int64_t mx = k > m ? k : m;
+  mx = mx > n ? mx : n;
+  if (mx < 48) return;
+  const int64_t k_sub = mr * nr * 4, k_div = mr * 4 + nr * 4;
+  int64_t max_kc = ((kEigenL1 - k_sub) / k_div) & ~int64_t(7);
+  if (max_kc < 1) max_kc = 1;
+  const int64_t old_k = k;
+  if (k > max_kc) {
+    k = (k % max_kc) == 0 ? max_kc : max_kc - 8 * ((max_kc - 1 - (k % max_kc)) / (8 * (k / max_kc + 1)));
+  }
+  *kc_out = k;
+  const int64_t actual_l2 = 1572864;
+  const int64_t remaining_l1 = kEigenL1 - k_sub - m * k * 4;
+  int64_t max_nc = remaining_l1 >= nr * 4 * k ? remaining_l1 / (k * 4) : (3 * actual_l2) / (2 * 2 * max_kc * 4);
+  int64_t nc = actual_l2 / (2 * k * 4);
+  nc = (nc < max_nc ? nc : max_nc) & ~(nr - 1);
+  if (n > nc || old_k != k) return;  // column blocking never changes a row's order
+  const int64_t problem_size = k * n * 4;
+  int64_t actual_lm = actual_l2, max_mc = m;
+  if (problem_size <= 1024) {
+    actual_lm = kEigenL1;
+  } else if (kEigenL3 != 0 && problem_size <= 32768) {
+    actual_lm = kEigenL2;
+    max_mc = max_mc < 576 ? max_mc : 576;
+  }
+  int64_t mc = actual_lm / (3 * k * 4);
+  mc = mc < max_mc ? mc : max_mc;
+  if (mc > mr) {
+    mc -= mc % mr;
+  } else if (mc == 0) {
+    return;
+  }
+  *mc_out = (m % mc) == 0 ? mc : mc - mr * ((mc - (m % mc)) / (mr * (m / mc + 1)));
+}
+
+// Order of row p of an (n x d) by (d x c) product, n >= 1, c >= 1.
+EMBKERN_HD inline DotOrder dot_order(int64_t n, int64_t d, int64_t c, int64_t p) {
+  DotOrder o{kPlain, d, 0};
+  if (d + n + c < 20 || c == 1) return o;
+  if (n == 1) {
+    o.cls = kLanes4;
+    o.panel_cols = c;
+    return o;
+  }
+  int64_t kc, mc;
+  eigen_blocking(n, d, c, &kc, &mc);
+  o.kc = kc;
+  o.panel_cols = (c / 4) * 4;
+  const int64_t i2 = (p / mc) * mc;
+  const int64_t rows = (i2 + mc < n ? i2 + mc : n) - i2;
+  const int64_t r = p - i2;
+  const int64_t m2 = (rows / 8) * 8;
+  const int64_t m1 = m2 + ((rows - m2) / 4) * 4;
+  o.cls = r < m2 ? kGemmSeq : (r < m1 ? kEvenOdd : kMod4);
+  return o;
+}
+
+// ---- encoder ---------------------------------------------------------------
+
+// Tables in the layout the kernel reads, built once per config (Prepared).
+struct Prepared {
+  int64_t d = 0, R = 0, dp = 0, final_dim = 0, rk = 0, rk_pad = 0;
+  int k = 0;
+  bool is_document = false, fill = false, ams = false;
+  float* gt = nullptr;            // (d, rk_pad): gt[i*rk_pad + r*k + j] = G_r[i][j], zero padded
+  int32_t* ams_col_off = nullptr; // (R, dp+1): per repetition, column -> range in ams_terms
+  int32_t* ams_term_i = nullptr;  // (R, d): inputs i grouped by column, ascending i
+  float* ams_term_s = nullptr;    // (R, d): their signs
+  const int32_t* cs_bucket = nullptr;  // (L,) borrowed
+  const float* cs_sign = nullptr;      // (L,) borrowed
+};
+
+// Fill `prep` from the spec tables; allocates with new[] (free with release()).
+// Returns false with *error on inconsistent sizes.
+bool prepare(Prepared* prep, const float* simhash, const int32_t* ams_index, const float* ams_sign,
+             const int32_t* cs_bucket, const float* cs_sign, std::string* error);
+void release(Prepared* prep);
+
+int64_t row_length(const Prepared& p);     // L = R * 2^k * d_p
+int64_t output_length(const Prepared& p);  // D if final projection else L
+
+// Encode B point clouds. out (B, output_length) is fully written. OpenMP over
+// documents; each thread owns whole output rows, so results do not depend on
+// the thread count. offsets must be validated (monotone, ending at N).
+void encode(const Prepared& prep, const float* points, const int64_t* offsets, int64_t B, float* out);
+
+}  // namespace fde
+}  // namespace embkern
