@@ -1,0 +1,275 @@
+"""Triton hypercomplex kernels (on the GPU, or on the CPU under the interpreter (TRITON_INTERPRET=1 on CPU):
+parity with the fp64 reference (2x rule) at odd shapes, both algebras, layouts
+and scores, biases, CSR filters with duplicates and the target; fused rank /
+top-k consistent with the Triton score matrix bit for bit; gradients.
+
+Shapes stay tiny (B, N <= 64, K <= 28): the interpreter runs every program in Python.
+"""
+
+import importlib.util
+import itertools
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import embkern  # noqa: E402
+from embkern import testing  # noqa: E402
+from embkern.ops import hypercomplex as ops  # noqa: E402
+from embkern.reference import hypercomplex as ref  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("triton is not installed", allow_module_level=True)
+
+import embkern.triton_kernels.hypercomplex as tk  # noqa: E402  (a missing module is a failure, not a skip)
+
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BE = "triton"
+LOWP = [torch.bfloat16, torch.float16]
+
+
+def data(B, N, d, dtype, seed):
+    h, r, E = testing.randn((B, 4 * d), (B, 4 * d), (N, 4 * d), dtype=torch.float64, seed=seed)
+    bh, bt = testing.randn((B,), (N,), dtype=torch.float64, seed=seed + 1)
+    return [t.to(dtype=dtype, device=DEV) for t in (h, r, E, bh, bt)]
+
+
+def leaf(x, dtype=None):
+    return x.detach().to(dtype or x.dtype).clone().requires_grad_(True)
+
+
+def filters(B, N, g, t=None):
+    """Per-row CSR lists with duplicates; some rows hold their target; row 2 filters a quarter of N."""
+    rows = []
+    for b in range(B):
+        n = int(torch.randint(0, 5, (1,), generator=g))
+        f = torch.randint(0, N, (n,), generator=g).repeat(2)
+        if t is not None and b % 3 == 1:
+            f = torch.cat([f, t[b:b + 1].cpu()])
+        rows.append(f)
+    if B > 2:
+        rows[2] = torch.cat([torch.arange(0, N, 4), torch.arange(0, N, 8)])  # several ids per tile, duplicated
+        if t is not None:
+            rows[2] = rows[2][rows[2] != t[2].item()]
+    off = torch.zeros(B + 1, dtype=torch.int64)
+    off[1:] = torch.cumsum(torch.tensor([len(x) for x in rows]), 0)
+    return off.to(DEV), torch.cat(rows).to(DEV)
+
+
+def grads_check(fast, slow, args, dtype, seed):
+    out = fast(*args)
+    G = testing.randn(tuple(out.shape), dtype=torch.float64, seed=seed).to(device=DEV)
+    leaves = [leaf(a) for a in args]
+    fast(*leaves).backward(G.to(out.dtype))
+    l64 = [leaf(a, torch.float64) for a in args]
+    slow(*l64).backward(G)
+    llp = [leaf(a) for a in args]
+    slow(*llp).backward(G.to(slow(*args).dtype))
+    reps = testing.compare([x.grad for x in leaves], [x.grad for x in llp], [x.grad for x in l64], dtype, "grad")
+    assert all(x.ok for x in reps), [str(x) for x in reps]
+
+
+# --------------------------------------------------------------------------- product
+
+
+@pytest.mark.parametrize("alg,layout", list(itertools.product(["quaternion", "dihedron"], ["component", "interleaved"])))
+def test_product_parity_and_grads(alg, layout):
+    fn = embkern.hamilton_product if alg == "quaternion" else embkern.dihedron_product
+    for (B, d), dtype, norm in zip([(1, 1), (3, 7), (37, 3)], [torch.float32, torch.bfloat16, torch.float16],
+                                   [True, False, True]):
+        h, r, *_ = data(B, 1, d, dtype, seed=B + d)
+        fast = lambda h, r: fn(h, r, layout=layout, normalize=norm, backend=BE)  # noqa: E731
+        slow = lambda h, r: ref.query(h, r, alg, layout, norm)  # noqa: E731
+        testing.assert_parity(fast, slow, (h, r))
+        grads_check(fast, slow, (h, r), dtype, seed=5)
+
+
+def test_query_kernels_direct_fp32_grid():
+    # every (algebra, layout, normalize) combination of the two elementwise kernels
+    h, r, *_ = data(37, 1, 7, torch.float32, seed=9)
+    g = testing.randn((37, 28), seed=10).to(DEV)
+    for alg, lay, norm in itertools.product(["quaternion", "dihedron"], ["component", "interleaved"], [True, False]):
+        testing.assert_parity(lambda h, r: tk.query_forward(h, r, alg, lay, norm),
+                              lambda h, r: ref.query(h, r, alg, lay, norm), (h, r))
+        testing.assert_parity(lambda g, h, r: tk.query_backward(g, h, r, alg, lay, norm),
+                              lambda g, h, r: ref.query_backward(g, h, r, alg, lay, norm), (g, h, r))
+
+
+# --------------------------------------------------------------------------- scores
+
+
+@pytest.mark.parametrize("alg,score", [("quaternion", "inner"), ("dihedron", "distance"), ("quaternion", "distance")])
+def test_score_all_parity_and_grads(alg, score):
+    shapes = [(1, 1, 1), (3, 5, 7), (37, 33, 3)]
+    for (B, N, d), layout, dtype in zip(shapes, ["component", "interleaved", "interleaved"],
+                                        [torch.float32, torch.float32, torch.bfloat16]):
+        h, r, E, bh, bt = data(B, N, d, dtype, seed=B + N)
+        kw = dict(algebra=alg, score=score, layout=layout)
+        if score == "distance":
+            args = (h, r, E, bh, bt)
+            fast = lambda h, r, E, bh, bt: embkern.score_all(h, r, E, bias_h=bh, bias_t=bt, backend=BE, **kw)  # noqa
+            slow = lambda h, r, E, bh, bt: ref.score_all(h, r, E, bias_h=bh, bias_t=bt, **kw)  # noqa: E731
+        else:
+            args = (h, r, E)
+            fast = lambda h, r, E: embkern.score_all(h, r, E, backend=BE, **kw)  # noqa: E731
+            slow = lambda h, r, E: ref.score_all(h, r, E, **kw)  # noqa: E731
+        testing.assert_parity(fast, slow, args)
+        grads_check(fast, slow, args, dtype, seed=7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32] + LOWP)
+def test_score_forward_direct(dtype):
+    h, r, E, bh, bt = data(19, 33, 5, dtype, seed=3)  # K = 20: a partial K block
+    q = ref.query(h, r)
+    testing.assert_parity(lambda q, E: tk.score_forward(q, E, None, None, "inner"),
+                          lambda q, E: ref.scores(q, E, None, None, "inner"), (q, E))
+    testing.assert_parity(lambda q, E, bh: tk.score_forward(q, E, bh, None, "distance"),
+                          lambda q, E, bh: ref.scores(q, E, bh, None, "distance"), (q, E, bh))
+    testing.assert_parity(lambda q, E, bt: tk.score_forward(q, E, None, bt, "distance"),
+                          lambda q, E, bt: ref.scores(q, E, None, bt, "distance"), (q, E, bt))
+    assert tk.score_forward(q[:0], E, None, None, "inner").shape == (0, 33)
+
+
+# --------------------------------------------------------------------------- rank
+
+
+@pytest.mark.parametrize("score", ["inner", "distance"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rank_matches_own_scores_with_ties_and_filters(score, dtype):
+    B, N, d = 37, 33, 3
+    g = torch.Generator().manual_seed(11)
+    h, r, E, bh, bt = data(B, N, d, dtype, seed=3)
+    E[20:24] = E[0]  # exact ties with entity 0, across two tiles
+    if score == "distance":
+        bt[20:24] = bt[0]
+    t = torch.randint(0, N, (B,), generator=g).to(DEV)
+    t[0], t[5] = 0, 21
+    fo, fi = filters(B, N, g, t)
+    kw = dict(score=score)
+    if score == "distance":
+        kw.update(bias_h=bh, bias_t=bt)
+    s = embkern.score_all(h, r, E, backend=BE, **kw)
+    for ties in ref.TIES:
+        ranks = embkern.rank_all(h, r, E, t, filter_index=(fo, fi), ties=ties, backend=BE, **kw)
+        assert ranks.dtype == torch.float64 and ranks.shape == (B,)
+        assert torch.equal(ranks, ref.rank_from_scores(s, t, fo, fi, ties)), ties
+        if dtype == torch.float32:  # and the reference's own fp32 scores (continuous data: no near-ties)
+            expect = ref.rank_all(h, r, E, t, fo, fi, ties, **kw)
+            assert torch.equal(ranks, expect), ties
+    # unfiltered
+    ranks = embkern.rank_all(h, r, E, t, backend=BE, **kw)
+    assert torch.equal(ranks, ref.rank_from_scores(s, t, None, None, "realistic"))
+
+
+def test_rank_odd_shapes_and_fp16():
+    g = torch.Generator().manual_seed(5)
+    for B, N, d in [(1, 1, 1), (3, 5, 7), (1, 33, 2)]:
+        h, r, E, *_ = data(B, N, d, torch.float16, seed=B * N)
+        t = torch.randint(0, N, (B,), generator=g).to(DEV)
+        fo, fi = filters(B, N, g, t)
+        s = embkern.score_all(h, r, E, backend=BE)
+        ranks = embkern.rank_all(h, r, E, t, filter_index=(fo, fi), backend=BE)
+        assert torch.equal(ranks, ref.rank_from_scores(s, t, fo, fi, "realistic"))
+    # a CSR filter with no ids at all gives the unfiltered ranks
+    empty = (torch.zeros(B + 1, dtype=torch.int64, device=DEV), torch.zeros(0, dtype=torch.int64, device=DEV))
+    assert torch.equal(embkern.rank_all(h, r, E, t, filter_index=empty, backend=BE),
+                       ref.rank_from_scores(s, t, None, None, "realistic"))
+    assert tk.rank(h[:0], E, None, None, t[:0], None, None, "inner", "realistic").shape == (0,)
+
+
+# --------------------------------------------------------------------------- top-k
+
+
+@pytest.mark.parametrize("score", ["inner", "distance"])
+@pytest.mark.parametrize("k", [1, 5, 16, 20])  # 20 > the interpreter's 16-wide tile: chunked fallback
+def test_topk_matches_own_scores(score, k):
+    B, N, d = 19, 61, 3  # 2 row blocks x 4 column tiles (the interpreter's bitonic sorts are slow)
+    dtype = torch.float32 if k != 5 else torch.bfloat16
+    h, r, E, bh, bt = data(B, N, d, dtype, seed=31)
+    E[7] = E[3]  # a tie: 3 before 7
+    E[40] = E[3]  # and one in another tile
+    kw = dict(score=score)
+    if score == "distance":
+        bt[7] = bt[3]
+        bt[40] = bt[3]
+        kw.update(bias_h=bh, bias_t=bt)
+    g = torch.Generator().manual_seed(1)
+    fo, fi = filters(B, N, g)
+    s = embkern.score_all(h, r, E, backend=BE, **kw)
+    for f in [(fo, fi), None] if k == 5 else [(fo, fi)]:
+        vals, idx = embkern.topk_all(h, r, E, k, filter_index=f, backend=BE, **kw)
+        ev, ei = ref.topk_from_scores(s, k, *(f or (None, None)))
+        assert torch.equal(idx, ei)
+        assert torch.equal(vals, ev)
+
+
+def test_topk_tie_order_and_odd_shapes():
+    # all-equal scores: the answer is 0..k-1 minus the filtered ids
+    q = torch.ones(3, 4, device=DEV)
+    E = torch.ones(33, 4, device=DEV)
+    fo = torch.tensor([0, 2, 2, 3], device=DEV)
+    fi = torch.tensor([1, 1, 0], device=DEV)
+    v, i = tk.topk(q, E, None, None, 4, fo, fi, "inner")
+    assert i.tolist() == [[0, 2, 3, 4], [0, 1, 2, 3], [1, 2, 3, 4]]
+    assert torch.equal(v, torch.full((3, 4), 4.0, device=DEV))
+    for B, N, d, k in [(1, 1, 1, 1), (3, 5, 7, 5)]:
+        h, r, E, *_ = data(B, N, d, torch.float32, seed=N)
+        s = embkern.score_all(h, r, E, backend=BE)
+        vals, idx = embkern.topk_all(h, r, E, k, backend=BE)
+        ev, ei = ref.topk_from_scores(s, k)
+        assert torch.equal(idx, ei) and torch.equal(vals, ev)
+    v0, i0 = tk.topk(q, E, None, None, 0, None, None, "inner")
+    assert v0.shape == (3, 0) and i0.shape == (3, 0)
+
+
+# --------------------------------------------------------------------------- 1-N cross-entropy
+
+
+def _ce_ref(alg, layout, score, t):
+    def f(h, r, E, bh=None, bt=None):
+        return ops._ref_ce_forward(ref.query(h, r, alg, layout, True), E, bh, bt, t, score)[0]
+    return f
+
+
+@pytest.mark.parametrize("alg,score,layout", [("quaternion", "inner", "component"),
+                                              ("dihedron", "distance", "interleaved")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_to_n_loss_parity_and_grads(alg, score, layout, dtype):
+    for B, N, d in [(37, 33, 3), (1, 1, 1)]:
+        h, r, E, bh, bt = data(B, N, d, dtype, seed=41 + B)
+        t = torch.randint(0, N, (B,), generator=torch.Generator().manual_seed(2)).to(DEV)
+        args = (h, r, E, bh, bt) if score == "distance" else (h, r, E)
+
+        def fast(h, r, E, bh=None, bt=None):
+            return embkern.one_to_n_loss(h, r, E, t, algebra=alg, score=score, layout=layout, bias_h=bh, bias_t=bt,
+                                         reduction="none", backend=BE)
+
+        slow = _ce_ref(alg, layout, score, t)
+        testing.assert_parity(fast, slow, args)
+        assert fast(*args).dtype == torch.float32
+        grads_check(fast, slow, args, dtype, seed=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_ce_kernels_direct(dtype):
+    # K = 28 > the 16-wide output K-chunk: two chunks, grad_bias outputs always returned
+    B, N, d = 21, 35, 7
+    h, r, E, bh, bt = data(B, N, d, dtype, seed=13)
+    q = ref.query(h, r)
+    t = torch.randint(0, N, (B,), generator=torch.Generator().manual_seed(4)).to(DEV)
+    gl = testing.randn((B,), seed=6).to(DEV)
+    for score, biases in [("inner", (None, None)), ("distance", (bh, bt)), ("distance", (None, bt))]:
+        testing.assert_parity(lambda q, E: tk.ce_forward(q, E, *biases, t, score),
+                              lambda q, E: ops._ref_ce_forward(q, E, *biases, t, score), (q, E))
+        _, lse = ops._ref_ce_forward(q.double(), E.double(), *[None if b is None else b.double() for b in biases],
+                                     t, score)
+        testing.assert_parity(
+            lambda q, E, gl, lse: tk.ce_backward(gl, q, E, *biases, t, lse, score),
+            lambda q, E, gl, lse: ops._ref_ce_backward(gl, q, E, *biases, t, lse, score),
+            (q, E, gl.float(), lse.float()))

@@ -1,0 +1,798 @@
+"""Triton kernels for hypercomplex (quaternion / dihedron) KG scoring.
+
+Launchers called by ``embkern.ops.hypercomplex`` (backend ``"triton"``), with
+contiguous torch tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``.
+Shapes (K = 4d reals per entity, ``[a|b|c|d]`` or interleaved ``(d, 4)``):
+
+==============  =====================================================  ==========================================
+launcher        inputs                                                 returns
+==============  =====================================================  ==========================================
+query_forward   h, r (B, K); algebra, layout, normalize                q (B, K)
+query_backward  grad_q, h, r (B, K); algebra, layout, normalize        grad_h, grad_r (B, K)
+score_forward   q (B, K), E (N, K), bias_h (B,)|None, bias_t (N,)|None S (B, N) in q.dtype
+rank            ... targets (B,) int64, filter CSR|None, ties          ranks (B,) float64
+topk            ... k, filter CSR|None                                 values (B, k) q.dtype, indices (B, k) int64
+ce_forward      ... targets                                            loss (B,), lse (B,) float32
+ce_backward     grad_loss (B,), ... targets, lse (B,)                  grad_q (B,K), grad_E (N,K), grad_bias_h (B,),
+                                                                       grad_bias_t (N,)
+==============  =====================================================  ==========================================
+
+Design. Every score S[b, n] is produced by one tile routine, :func:`_score_tile`:
+a (BLOCK_B x BLOCK_N) tile of q E^T with a K loop of ``tl.dot`` (fp32
+accumulation; ``input_precision="ieee"`` for fp32 inputs so no TF32 enters),
+then the epilogue in registers (distance: ``2 qE^T - |q|^2 - |E|^2 + b_h + b_t``
+with the squared norms precomputed once in fp32). Scores are rounded to the
+input dtype before rank / top-k compare them, so the fused kernels see exactly
+the value ``score_forward`` stores (the reference ranks the materialised
+matrix in the input dtype too). ``score_forward``, ``rank`` and ``topk`` run
+the same K loop (same BLOCK_K, same constexprs, FMA contraction on), and
+``tl.dot`` gives each output element the same k-order wherever it sits in a
+tile, so the score of (b, n) is bit-identical across the three.
+
+* ``rank``: one program per block of query rows, never a B x N buffer. Pass 1
+  computes the target scores with the very tile that ``score_forward`` would
+  use for them (only tiles holding a target of the block are computed; the
+  launcher sorts the queries by target so a block's targets fall in few
+  tiles). Pass 2 sweeps all N tiles counting ``s > s_t`` and ``s >= s_t``.
+  Filtered ids are masked inside each tile: the launcher sorts each CSR row,
+  the kernel keeps a per-row cursor and marks the ids that fall in the current
+  tile, so duplicates and a filtered target cost nothing extra and no filtered
+  score is ever recomputed on a different arithmetic path.
+* ``topk``: one program per block of rows keeps a running top-KP list
+  (KP = next power of two >= k) of 64-bit keys (order-preserving score bits,
+  then the complement of the entity id, so equal scores put the lower id
+  first); each tile is reduced with ``tl.topk`` and merged with a bitonic
+  merge, and tiles with no key above the running minimum are skipped.
+  Filtered ids are never selected. For KP > min(64, BLOCK_N) (k > 64 on the
+  GPU, k > 16 in the interpreter) a two-stage fallback materialises
+  (rows_chunk, N) scores with ``score_forward``, at most 2^24 of them per
+  chunk, and sorts them in torch.
+* ``ce_forward``: online logsumexp over N tiles per block of rows.
+* ``ce_backward``: G = grad_loss (softmax - onehot) is recomputed tile by tile.
+  grad_q (and grad_bias_h = row sums of G) by a kernel parallel over row blocks
+  x output K-chunks; grad_E (and grad_bias_t = column sums) by a kernel
+  parallel over entity blocks x K-chunks. Each output element is owned by one
+  program: no atomics, results do not depend on scheduling. With
+  K > BLOCK_KO the S tile is recomputed once per K-chunk (the price of keeping
+  the accumulator in registers).
+* ``query_forward`` / ``query_backward``: elementwise over the (B, d)
+  coordinates, both layouts, fp32 arithmetic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+_ALG = {"quaternion": 0, "dihedron": 1}
+_LAY = {"component": 0, "interleaved": 1}
+_SCORE = {"inner": 0, "distance": 1}
+_TIES = {"realistic": 0, "optimistic": 1, "pessimistic": 2}
+
+# Above this many padded top-k slots, the running list and the tile's best
+# (2 x 64 x KP int64 keys: 64 KiB per program at KP = 64, already ~400 B per
+# thread of spills on sm_90) no longer fit in registers next to the score
+# tile; the chunked fallback takes over.
+_TOPK_FUSED_MAX = 64
+_FALLBACK_CHUNK = 1 << 24  # scores materialised per fallback chunk (64 MiB in fp32)
+
+
+def _cfg(t: torch.Tensor) -> dict:
+    """Tile shapes per device and dtype.
+
+    The interpreter runs every program in Python: 16-wide tiles (the tl.dot
+    minimum) keep the tests fast. On the GPU (sm_90 register figures from an
+    offline compile; no timing was possible here): the score tile of
+    score_forward, rank, topk and ce_forward -- one shape, so one MMA
+    instruction family and the same per-element arithmetic -- is 64 x 128 x 64
+    on tensor cores for fp16/bf16 with 8 warps, and 64 x 64 x 32 with ieee
+    FMA for fp32 with 4 warps. The backward kernels also hold a (rows x BKO)
+    fp32 accumulator and an fp32 G tile, so the side they reduce over is
+    halved to 32: at 64 it spilled 300-1700 B per thread on sm_90; at 32, none
+    for fp16/bf16 and 16 B for fp32. The fused rank / topk sweeps carry extra
+    state and spill ~400 B per thread at these shapes (unmeasured cost).
+    """
+    if t.device.type != "cuda":
+        tile = dict(BB=16, BN=16, BK=16)
+        return dict(tile, warps=1, stages=1, bwd_q=dict(tile, BKO=16), bwd_e=dict(tile, BKO=16))
+    if t.dtype == torch.float32:
+        small = dict(BB=32, BN=32, BK=32, BKO=64)
+        return dict(BB=64, BN=64, BK=32, warps=4, stages=3, bwd_q=small, bwd_e=small)
+    return dict(BB=64, BN=128, BK=64, warps=8, stages=3,
+                bwd_q=dict(BB=64, BN=32, BK=64, BKO=64), bwd_e=dict(BB=32, BN=64, BK=64, BKO=64))
+
+
+def _prec(t: torch.Tensor) -> str:
+    # "ieee" keeps fp32 products exact-rounded (no TF32); fp16/bf16 inputs go
+    # to tensor cores with fp32 accumulation whatever this says.
+    return "ieee"
+
+
+def _launch(t: torch.Tensor, c: dict) -> dict:
+    """Launch options. FMA contraction is requested explicitly (Triton 3.9 warns
+    when it is left to its changing default); it is on for every kernel, so the
+    score of one (b, n) is the same instruction sequence in every launch."""
+    opts = dict(num_warps=c["warps"], num_stages=c["stages"])
+    if t.device.type == "cuda":
+        opts["enable_fp_fusion"] = True
+    return opts
+
+
+def _f32dot(t: torch.Tensor) -> bool:
+    # The interpreter keeps bf16 as raw uint16 and its tl.dot multiplies those
+    # integers; bf16 -> fp32 is exact and a bf16 x bf16 product is exact in
+    # fp32 (8 + 8 significant bits), so upcasting there computes what tensor
+    # cores compute on the GPU.
+    return t.device.type != "cuda" and t.dtype == torch.bfloat16
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------
+# query = h (x) r_hat, elementwise over (B, d) coordinates
+
+
+@triton.jit
+def _coord_offsets(idx, d, LAYOUT: tl.constexpr):
+    """Offsets of the four components of coordinate idx = b * d + i."""
+    b = idx // d
+    i = idx - b * d
+    if LAYOUT == 0:  # [a | b | c | d]: components d apart
+        o0 = b * (4 * d) + i
+        o1 = o0 + d
+    else:  # (d, 4): components adjacent
+        o0 = b * (4 * d) + 4 * i
+        o1 = o0 + 1
+    step = o1 - o0
+    return o0, o1, o1 + step, o1 + 2 * step
+
+
+@triton.jit
+def _load4(ptr, o0, o1, o2, o3, m, fill):
+    a = tl.load(ptr + o0, mask=m, other=fill).to(tl.float32)
+    b = tl.load(ptr + o1, mask=m, other=fill).to(tl.float32)
+    c = tl.load(ptr + o2, mask=m, other=fill).to(tl.float32)
+    e = tl.load(ptr + o3, mask=m, other=fill).to(tl.float32)
+    return a, b, c, e
+
+
+@triton.jit
+def _inv_norm(a2, b2, c2, d2):
+    # correctly rounded sqrt and division: the query is an fp32 elementwise
+    # kernel, so the cost is nil and the result matches torch.rsqrt to ~1 ulp.
+    n2 = a2 * a2 + b2 * b2 + c2 * c2 + d2 * d2
+    return tl.div_rn(tl.full(n2.shape, 1.0, tl.float32), tl.sqrt_rn(n2))
+
+
+@triton.jit
+def _query_fwd_kernel(h_ptr, r_ptr, q_ptr, n_coord, d,
+                      ALG: tl.constexpr, LAYOUT: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = idx < n_coord
+    o0, o1, o2, o3 = _coord_offsets(idx, d, LAYOUT)
+    a1, b1, c1, d1 = _load4(h_ptr, o0, o1, o2, o3, m, 0.0)
+    # padding lanes read r = 1 so their 4-norm is finite (no 1/0 in unused lanes)
+    a2, b2, c2, d2 = _load4(r_ptr, o0, o1, o2, o3, m, 1.0)
+    if NORMALIZE:
+        inv = _inv_norm(a2, b2, c2, d2)
+        a2 = a2 * inv
+        b2 = b2 * inv
+        c2 = c2 * inv
+        d2 = d2 * inv
+    if ALG == 0:  # Hamilton: i^2 = j^2 = k^2 = ijk = -1
+        x0 = a1 * a2 - b1 * b2 - c1 * c2 - d1 * d2
+        x1 = a1 * b2 + b1 * a2 + c1 * d2 - d1 * c2
+        x2 = a1 * c2 - b1 * d2 + c1 * a2 + d1 * b2
+        x3 = a1 * d2 + b1 * c2 - c1 * b2 + d1 * a2
+    else:  # dihedron: i^2 = -1, j^2 = k^2 = +1
+        x0 = a1 * a2 - b1 * b2 + c1 * c2 + d1 * d2
+        x1 = a1 * b2 + b1 * a2 - c1 * d2 + d1 * c2
+        x2 = a1 * c2 + c1 * a2 + d1 * b2 - b1 * d2
+        x3 = a1 * d2 + d1 * a2 + b1 * c2 - c1 * b2
+    ty = q_ptr.dtype.element_ty
+    tl.store(q_ptr + o0, x0.to(ty), mask=m)
+    tl.store(q_ptr + o1, x1.to(ty), mask=m)
+    tl.store(q_ptr + o2, x2.to(ty), mask=m)
+    tl.store(q_ptr + o3, x3.to(ty), mask=m)
+
+
+@triton.jit
+def _query_bwd_kernel(g_ptr, h_ptr, r_ptr, gh_ptr, gr_ptr, n_coord, d,
+                      ALG: tl.constexpr, LAYOUT: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = idx < n_coord
+    o0, o1, o2, o3 = _coord_offsets(idx, d, LAYOUT)
+    g0, g1, g2, g3 = _load4(g_ptr, o0, o1, o2, o3, m, 0.0)
+    a1, b1, c1, d1 = _load4(h_ptr, o0, o1, o2, o3, m, 0.0)
+    # padding lanes read r = 1 so their 4-norm is finite (no 1/0 in unused lanes)
+    a2, b2, c2, d2 = _load4(r_ptr, o0, o1, o2, o3, m, 1.0)
+    inv = tl.full(a2.shape, 1.0, tl.float32)
+    if NORMALIZE:
+        inv = _inv_norm(a2, b2, c2, d2)
+        a2 = a2 * inv
+        b2 = b2 * inv
+        c2 = c2 * inv
+        d2 = d2 * inv
+    # d/dh and d/dr_hat of sum_c g_c (h (x) r_hat)_c, read off the product tables.
+    if ALG == 0:
+        ha = g0 * a2 + g1 * b2 + g2 * c2 + g3 * d2
+        hb = -g0 * b2 + g1 * a2 - g2 * d2 + g3 * c2
+        hc = -g0 * c2 + g1 * d2 + g2 * a2 - g3 * b2
+        hd = -g0 * d2 - g1 * c2 + g2 * b2 + g3 * a2
+        ra = g0 * a1 + g1 * b1 + g2 * c1 + g3 * d1
+        rb = -g0 * b1 + g1 * a1 + g2 * d1 - g3 * c1
+        rc = -g0 * c1 - g1 * d1 + g2 * a1 + g3 * b1
+        rd = -g0 * d1 + g1 * c1 - g2 * b1 + g3 * a1
+    else:
+        ha = g0 * a2 + g1 * b2 + g2 * c2 + g3 * d2
+        hb = -g0 * b2 + g1 * a2 - g2 * d2 + g3 * c2
+        hc = g0 * c2 - g1 * d2 + g2 * a2 - g3 * b2
+        hd = g0 * d2 + g1 * c2 + g2 * b2 + g3 * a2
+        ra = g0 * a1 + g1 * b1 + g2 * c1 + g3 * d1
+        rb = -g0 * b1 + g1 * a1 + g2 * d1 - g3 * c1
+        rc = g0 * c1 + g1 * d1 + g2 * a1 + g3 * b1
+        rd = g0 * d1 - g1 * c1 - g2 * b1 + g3 * a1
+    if NORMALIZE:
+        # r_hat = r / |r|:  grad_r = (grad_r_hat - r_hat <grad_r_hat, r_hat>) / |r|
+        dot = ra * a2 + rb * b2 + rc * c2 + rd * d2
+        ra = (ra - a2 * dot) * inv
+        rb = (rb - b2 * dot) * inv
+        rc = (rc - c2 * dot) * inv
+        rd = (rd - d2 * dot) * inv
+    th = gh_ptr.dtype.element_ty
+    tr = gr_ptr.dtype.element_ty
+    tl.store(gh_ptr + o0, ha.to(th), mask=m)
+    tl.store(gh_ptr + o1, hb.to(th), mask=m)
+    tl.store(gh_ptr + o2, hc.to(th), mask=m)
+    tl.store(gh_ptr + o3, hd.to(th), mask=m)
+    tl.store(gr_ptr + o0, ra.to(tr), mask=m)
+    tl.store(gr_ptr + o1, rb.to(tr), mask=m)
+    tl.store(gr_ptr + o2, rc.to(tr), mask=m)
+    tl.store(gr_ptr + o3, rd.to(tr), mask=m)
+
+
+def _elementwise_cfg(t: torch.Tensor) -> Tuple[int, int]:
+    return (64, 1) if t.device.type != "cuda" else (512, 4)
+
+
+def query_forward(h: torch.Tensor, r: torch.Tensor, algebra: str, layout: str, normalize: bool) -> torch.Tensor:
+    """q = h (x) r_hat. h, r: (B, 4d) contiguous, same dtype -> q (B, 4d) in that dtype."""
+    h, r = h.contiguous(), r.contiguous()
+    q = torch.empty_like(h)
+    B, K = h.shape
+    n_coord = B * (K // 4)
+    if n_coord == 0:
+        return q
+    BLOCK, warps = _elementwise_cfg(h)
+    with _device_ctx(h):
+        _query_fwd_kernel[(triton.cdiv(n_coord, BLOCK),)](
+            h, r, q, n_coord, K // 4, ALG=_ALG[algebra], LAYOUT=_LAY[layout], NORMALIZE=bool(normalize),
+            BLOCK=BLOCK, **_launch(h, dict(warps=warps, stages=1)))
+    return q
+
+
+def query_backward(grad_q: torch.Tensor, h: torch.Tensor, r: torch.Tensor, algebra: str, layout: str,
+                   normalize: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(grad_h, grad_r), both (B, 4d) in the dtypes of h and r, from grad_q (B, 4d)."""
+    grad_q, h, r = grad_q.contiguous(), h.contiguous(), r.contiguous()
+    gh = torch.empty_like(h)
+    gr = torch.empty_like(r)
+    B, K = h.shape
+    n_coord = B * (K // 4)
+    if n_coord == 0:
+        return gh, gr
+    BLOCK, warps = _elementwise_cfg(h)
+    with _device_ctx(h):
+        _query_bwd_kernel[(triton.cdiv(n_coord, BLOCK),)](
+            grad_q, h, r, gh, gr, n_coord, K // 4, ALG=_ALG[algebra], LAYOUT=_LAY[layout],
+            NORMALIZE=bool(normalize), BLOCK=BLOCK, **_launch(h, dict(warps=warps, stages=1)))
+    return gh, gr
+
+
+# ---------------------------------------------------------------------------
+# The score tile: every S[b, n] any kernel below sees comes from here.
+
+
+@triton.jit
+def _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cmask, K,
+                SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
+                BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, F32DOT: tl.constexpr):
+    """fp32 (BB, BN) scores of query rows `rows` against entities `cols`.
+
+    Masked rows/columns are computed from zero operands (finite values); the
+    callers mask them out of every reduction and store.
+    """
+    acc = tl.zeros((BB, BN), dtype=tl.float32)
+    rk = rows.to(tl.int64) * K
+    ck = cols.to(tl.int64) * K
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        km = ks < K
+        a = tl.load(q_ptr + rk[:, None] + ks[None, :], mask=rmask[:, None] & km[None, :], other=0.0)
+        b = tl.load(e_ptr + ck[:, None] + ks[None, :], mask=cmask[:, None] & km[None, :], other=0.0)
+        if F32DOT:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    if SCORE == 1:
+        qq = tl.load(qq_ptr + rows, mask=rmask, other=0.0)
+        ee = tl.load(ee_ptr + cols, mask=cmask, other=0.0)
+        # the reference's order: 2 qE^T - |q|^2 - |E|^2 + b_h + b_t
+        acc = 2.0 * acc - qq[:, None] - ee[None, :]
+        if HAS_BH:
+            acc = acc + tl.load(bh_ptr + rows, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        if HAS_BT:
+            acc = acc + tl.load(bt_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+def _sqnorms(q: torch.Tensor, E: torch.Tensor, score: str):
+    """fp32 |q|^2 (B,) and |E|^2 (N,), computed once per launch (distance score)."""
+    if score != "distance":
+        return q, E  # unused placeholders: any valid pointer
+    qf, ef = q.float(), E.float()
+    return (qf * qf).sum(1).contiguous(), (ef * ef).sum(1).contiguous()
+
+
+def _opt(t: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return like if t is None else t.contiguous()
+
+
+@triton.jit
+def _score_fwd_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, s_ptr, B, N, K,
+                      SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
+                      BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, F32DOT: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rmask = rows < B
+    cmask = cols < N
+    s = _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cmask, K,
+                    SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
+    out = s_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(out, s.to(s_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+def score_forward(q: torch.Tensor, E: torch.Tensor, bias_h: Optional[torch.Tensor], bias_t: Optional[torch.Tensor],
+                  score: str) -> torch.Tensor:
+    """S (B, N) in q.dtype from q (B, K), E (N, K); biases (B,), (N,) for the distance score."""
+    q, E = q.contiguous(), E.contiguous()
+    B, K = q.shape
+    N = E.shape[0]
+    S = torch.empty(B, N, dtype=q.dtype, device=q.device)
+    if B == 0 or N == 0:
+        return S
+    qq, ee = _sqnorms(q, E, score)
+    c = _cfg(q)
+    grid = (triton.cdiv(B, c["BB"]), triton.cdiv(N, c["BN"]))
+    with _device_ctx(q):
+        _score_fwd_kernel[grid](q, E, qq, ee, _opt(bias_h, q), _opt(bias_t, q), S, B, N, K,
+                                SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None,
+                                BB=c["BB"], BN=c["BN"], BK=c["BK"], PREC=_prec(q), F32DOT=_f32dot(q),
+                                **_launch(q, c))
+    return S
+
+
+# ---------------------------------------------------------------------------
+# Filter mask of one tile from a row-sorted CSR list
+
+
+@triton.jit
+def _filter_tile(fi_ptr, cur, end, cols, n_hi, BB: tl.constexpr, BN: tl.constexpr):
+    """Mark filtered ids of tile columns `cols` (all < n_hi) for each row.
+
+    cur (BB,) is each row's cursor into its sorted CSR slice [.., end): every
+    id below the tile's first column was consumed by earlier tiles, so one
+    load per id and row over the whole sweep. Duplicates just set the same
+    bit twice. Returns (mask (BB, BN), advanced cursor).
+    """
+    BIG: tl.constexpr = 1 << 62
+    fid = tl.load(fi_ptr + cur, mask=cur < end, other=BIG)
+    act = fid < n_hi
+    fmask = tl.zeros((BB, BN), dtype=tl.int32) != 0
+    while tl.max(act.to(tl.int32), axis=0) > 0:
+        fmask = fmask | ((fid[:, None] == cols[None, :]) & act[:, None])
+        cur = cur + act.to(tl.int64)
+        fid = tl.load(fi_ptr + cur, mask=cur < end, other=BIG)
+        act = fid < n_hi
+    return fmask, cur
+
+
+def _sorted_filter(fo: Optional[torch.Tensor], fi: Optional[torch.Tensor], B: int, N: int, like: torch.Tensor):
+    """CSR with every row's ids sorted ascending (rows stay in place), or placeholders."""
+    if fo is None or fi is None:
+        z = torch.zeros(B + 1, dtype=torch.int64, device=like.device)
+        return z, z, False
+    fo = fo.to(torch.int64).contiguous()
+    fi = fi.to(torch.int64).contiguous()
+    if fi.numel() == 0:
+        return fo, torch.zeros(1, dtype=torch.int64, device=like.device), True
+    rows = torch.repeat_interleave(torch.arange(B, device=fi.device), fo[1:] - fo[:-1])
+    key = rows * N + fi  # B * N < 2^63: rows keep their segment, ids sort within it
+    return fo, fi[torch.argsort(key)].contiguous(), True
+
+
+# ---------------------------------------------------------------------------
+# rank
+
+
+@triton.jit
+def _rank_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, t_ptr, perm_ptr, fo_ptr, fi_ptr, out_ptr,
+                 B, N, K,
+                 SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr, HAS_FILTER: tl.constexpr,
+                 TIES: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 PREC: tl.constexpr, F32DOT: tl.constexpr):
+    slot = tl.program_id(0) * BB + tl.arange(0, BB)
+    rmask = slot < B
+    rows = tl.load(perm_ptr + slot, mask=rmask, other=0)  # queries sorted by target
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=0)
+    ty = q_ptr.dtype.element_ty
+    n_tiles = tl.cdiv(N, BN)
+
+    # Pass 1: s_t from the tile that holds t -- the same tile, position and
+    # arithmetic as score_forward and as pass 2, so ties are exact.
+    ttile = tl.where(rmask, tgt // BN, -1)
+    lo = tl.min(tl.where(rmask, ttile, n_tiles), axis=0)
+    hi = tl.max(ttile, axis=0)
+    st = tl.zeros((BB,), dtype=tl.float32)
+    for j in range(lo, hi + 1):
+        hit = tl.max((ttile == j).to(tl.int32), axis=0)
+        if hit > 0:
+            cols = j * BN + tl.arange(0, BN)
+            s = _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cols < N, K,
+                            SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
+            s = s.to(ty).to(tl.float32)
+            sel = cols[None, :].to(tl.int64) == tgt[:, None]
+            st = tl.where(ttile == j, tl.sum(tl.where(sel, s, 0.0), axis=1), st)
+
+    # Pass 2: count every other unfiltered entity against s_t.
+    if HAS_FILTER:
+        cur = tl.load(fo_ptr + rows, mask=rmask, other=0)
+        end = tl.load(fo_ptr + rows + 1, mask=rmask, other=0)
+    gt = tl.zeros((BB,), dtype=tl.int32)
+    ge = tl.zeros((BB,), dtype=tl.int32)
+    for j in range(0, n_tiles):
+        cols = j * BN + tl.arange(0, BN)
+        cmask = cols < N
+        s = _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cmask, K,
+                        SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
+        s = s.to(ty).to(tl.float32)
+        keep = cmask[None, :] & (cols[None, :].to(tl.int64) != tgt[:, None])
+        if HAS_FILTER:
+            fmask, cur = _filter_tile(fi_ptr, cur, end, cols.to(tl.int64), (j + 1) * BN, BB, BN)
+            keep = keep & (fmask == 0)
+        gt += tl.sum((keep & (s > st[:, None])).to(tl.int32), axis=1)
+        ge += tl.sum((keep & (s >= st[:, None])).to(tl.int32), axis=1)
+    opt = 1.0 + gt.to(tl.float64)
+    pes = 1.0 + ge.to(tl.float64)
+    if TIES == 1:
+        r = opt
+    elif TIES == 2:
+        r = pes
+    else:
+        r = 0.5 * (opt + pes)
+    tl.store(out_ptr + rows, r, mask=rmask)
+
+
+def rank(q, E, bias_h, bias_t, targets, filter_offsets, filter_index, score: str, ties: str) -> torch.Tensor:
+    """Filtered ranks (B,) float64 of targets (B,) int64 among the N entities; no (B, N) buffer.
+
+    optimistic = 1 + #{n: s_n > s_t}, pessimistic = 1 + #{n != t: s_n >= s_t},
+    realistic = their mean; ids in the CSR filter (duplicates and the target
+    allowed) never count. Extra memory O(B + nnz).
+    """
+    q, E = q.contiguous(), E.contiguous()
+    B, K = q.shape
+    N = E.shape[0]
+    out = torch.empty(B, dtype=torch.float64, device=q.device)
+    if B == 0:
+        return out
+    t = targets.to(torch.int64).contiguous()
+    perm = torch.argsort(t, stable=True).contiguous()
+    fo, fi, has_f = _sorted_filter(filter_offsets, filter_index, B, N, q)
+    qq, ee = _sqnorms(q, E, score)
+    c = _cfg(q)
+    with _device_ctx(q):
+        _rank_kernel[(triton.cdiv(B, c["BB"]),)](
+            q, E, qq, ee, _opt(bias_h, q), _opt(bias_t, q), t, perm, fo, fi, out, B, N, K,
+            SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None, HAS_FILTER=has_f,
+            TIES=_TIES[ties], BB=c["BB"], BN=c["BN"], BK=c["BK"], PREC=_prec(q), F32DOT=_f32dot(q),
+            **_launch(q, c))
+    return out
+
+
+# ---------------------------------------------------------------------------
+# top-k
+
+
+@triton.jit
+def _score_key(s, cols):
+    """Order-preserving int64 key = k32 * 2^32 + (2^31 - 1 - id), k32 the score's
+    bits mapped to a signed order (negative floats: magnitude bits flipped).
+    Descending keys = descending score, then lower id first (ids < 2^31).
+    NaN sorts first (as torch.sort descending does), -0 == +0. Every constant
+    fits int32, so no unsigned literal enters the int64 arithmetic."""
+    s = tl.where(s == 0.0, 0.0, s)
+    bits = s.to(tl.int32, bitcast=True)
+    k32 = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    k32 = tl.where(s != s, 0x7FFFFFFF, k32)
+    low = 2147483647 - cols.to(tl.int64)
+    return (k32.to(tl.int64) << 32) + low
+
+
+@triton.jit
+def _topk_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, fo_ptr, fi_ptr, val_ptr, idx_ptr,
+                 B, N, K, k,
+                 SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr, HAS_FILTER: tl.constexpr,
+                 KP: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 PREC: tl.constexpr, F32DOT: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    rmask = rows < B
+    ty = q_ptr.dtype.element_ty
+    NONE: tl.constexpr = -9223372036854775807 - 1  # below every real key
+    run = tl.full((BB, KP), NONE, dtype=tl.int64)
+    if HAS_FILTER:
+        cur = tl.load(fo_ptr + rows, mask=rmask, other=0)
+        end = tl.load(fo_ptr + rows + 1, mask=rmask, other=0)
+    for j in range(0, tl.cdiv(N, BN)):
+        cols = j * BN + tl.arange(0, BN)
+        cmask = cols < N
+        s = _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cmask, K,
+                        SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
+        s = s.to(ty).to(tl.float32)
+        keep = cmask[None, :] & rmask[:, None]
+        if HAS_FILTER:
+            fmask, cur = _filter_tile(fi_ptr, cur, end, cols.to(tl.int64), (j + 1) * BN, BB, BN)
+            keep = keep & (fmask == 0)
+        key = tl.where(keep, _score_key(s, cols[None, :]), NONE)
+        # most tiles hold nothing above the running k-th key once the list fills
+        thr = tl.min(run, axis=1)
+        if tl.max((key > thr[:, None]).to(tl.int32)) > 0:
+            best = tl.topk(key, KP, dim=1)  # (BB, KP) descending
+            # top-KP of two descending lists: max against the reversed other list
+            # gives a bitonic sequence holding exactly the top KP; sort it.
+            run = tl.bitonic_merge(tl.maximum(run, tl.flip(best, 1)), descending=True)
+    slots = tl.arange(0, KP)
+    hi = run >> 32  # arithmetic shift: floor(run / 2^32) = k32
+    idx = 2147483647 - (run - (hi << 32))
+    k32 = hi.to(tl.int32)
+    bits = tl.where(k32 >= 0, k32, k32 ^ 0x7FFFFFFF)
+    val = bits.to(tl.float32, bitcast=True)
+    om = rmask[:, None] & (slots[None, :] < k)
+    off = rows.to(tl.int64)[:, None] * k + slots[None, :]
+    tl.store(val_ptr + off, val.to(val_ptr.dtype.element_ty), mask=om)
+    tl.store(idx_ptr + off, idx, mask=om)
+
+
+def _topk_chunked(q, E, bias_h, bias_t, k, fo, fi, score):
+    """Fallback for large k: (chunk, N) scores from score_forward, stable sorts in torch.
+    Memory O(min(B, 2^24 / N) * N); filtered ids are placed after every other id."""
+    B, N = q.shape[0], E.shape[0]
+    step = max(1, _FALLBACK_CHUNK // max(N, 1))
+    vals, idxs = [], []
+    for b0 in range(0, B, step):
+        b1 = min(B, b0 + step)
+        S = score_forward(q[b0:b1], E, None if bias_h is None else bias_h[b0:b1], bias_t, score)
+        filt = torch.zeros(b1 - b0, N, dtype=torch.bool, device=q.device)
+        if fo is not None:
+            lo, hi = int(fo[b0]), int(fo[b1])
+            counts = fo[b0 + 1:b1 + 1] - fo[b0:b1]
+            r = torch.repeat_interleave(torch.arange(b1 - b0, device=q.device), counts)
+            filt[r, fi[lo:hi].long()] = True
+        order = torch.sort(S, dim=1, descending=True, stable=True).indices
+        # second stable pass: unfiltered first, keeping score order and id order within ties
+        order = order.gather(1, torch.sort(filt.gather(1, order).to(torch.int8), dim=1, stable=True).indices)
+        order = order[:, :k]
+        vals.append(S.gather(1, order))
+        idxs.append(order)
+    return torch.cat(vals), torch.cat(idxs)
+
+
+def topk(q, E, bias_h, bias_t, k: int, filter_offsets, filter_index, score: str):
+    """Top-k per row: values (B, k) in q.dtype, indices (B, k) int64; descending
+    score, equal scores by lower id; filtered ids (CSR) never selected.
+
+    Fused (no (B, N) buffer; extra memory O(B + nnz)) while the padded list
+    KP = next_pow2(k) fits min(64, BLOCK_N); beyond that a chunked two-stage
+    fallback materialises at most 2^24 scores (64 MiB in fp32) at a time.
+    Requires k <= N - (filtered count of the row), as the public API checks.
+    """
+    q, E = q.contiguous(), E.contiguous()
+    B, K = q.shape
+    N = E.shape[0]
+    vals = torch.empty(B, k, dtype=q.dtype, device=q.device)
+    idx = torch.empty(B, k, dtype=torch.int64, device=q.device)
+    if B == 0 or k == 0:
+        return vals, idx
+    c = _cfg(q)
+    KP = max(2, triton.next_power_of_2(k))
+    BN = c["BN"]
+    if KP > min(_TOPK_FUSED_MAX, BN):  # tl.topk of a tile needs KP <= BN
+        return _topk_chunked(q, E, bias_h, bias_t, k, filter_offsets, filter_index, score)
+    fo, fi, has_f = _sorted_filter(filter_offsets, filter_index, B, N, q)
+    qq, ee = _sqnorms(q, E, score)
+    # Same BB/BN/warps as score_forward: a smaller row block would move sm_90
+    # from wgmma to mma.sync, and the two need not round alike.
+    BB = c["BB"]
+    with _device_ctx(q):
+        _topk_kernel[(triton.cdiv(B, BB),)](
+            q, E, qq, ee, _opt(bias_h, q), _opt(bias_t, q), fo, fi, vals, idx, B, N, K, k,
+            SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None, HAS_FILTER=has_f,
+            KP=KP, BB=BB, BN=BN, BK=c["BK"], PREC=_prec(q), F32DOT=_f32dot(q), **_launch(q, c))
+    return vals, idx
+
+
+# ---------------------------------------------------------------------------
+# 1-N cross-entropy
+
+
+@triton.jit
+def _ce_fwd_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, t_ptr, loss_ptr, lse_ptr, B, N, K,
+                   SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
+                   BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, F32DOT: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    rmask = rows < B
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=0)
+    m = tl.full((BB,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((BB,), dtype=tl.float32)
+    st = tl.zeros((BB,), dtype=tl.float32)
+    for j in range(0, tl.cdiv(N, BN)):
+        cols = j * BN + tl.arange(0, BN)
+        cmask = cols < N
+        s = _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cmask, K,
+                        SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
+        s = tl.where(cmask[None, :], s, float("-inf"))
+        sel = cols[None, :].to(tl.int64) == tgt[:, None]
+        st += tl.sum(tl.where(sel, s, 0.0), axis=1)
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # rows whose scores are all -inf so far: keep the shift finite
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l = l * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
+        m = m_new
+    lse = m + tl.log(l)
+    tl.store(lse_ptr + rows, lse, mask=rmask)
+    tl.store(loss_ptr + rows, lse - st, mask=rmask)
+
+
+def ce_forward(q, E, bias_h, bias_t, targets, score: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(loss (B,), lse (B,)) float32: loss_b = logsumexp_n S[b, n] - S[b, t_b], S in fp32."""
+    q, E = q.contiguous(), E.contiguous()
+    B, K = q.shape
+    N = E.shape[0]
+    loss = torch.empty(B, dtype=torch.float32, device=q.device)
+    lse = torch.empty(B, dtype=torch.float32, device=q.device)
+    if B == 0:
+        return loss, lse
+    t = targets.to(torch.int64).contiguous()
+    qq, ee = _sqnorms(q, E, score)
+    c = _cfg(q)
+    with _device_ctx(q):
+        _ce_fwd_kernel[(triton.cdiv(B, c["BB"]),)](
+            q, E, qq, ee, _opt(bias_h, q), _opt(bias_t, q), t, loss, lse, B, N, K,
+            SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None,
+            BB=c["BB"], BN=c["BN"], BK=c["BK"], PREC=_prec(q), F32DOT=_f32dot(q), **_launch(q, c))
+    return loss, lse
+
+
+@triton.jit
+def _ce_grad_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr,
+                  rows, rmask, cols, cmask, K,
+                  SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
+                  BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, F32DOT: tl.constexpr):
+    """G = grad_loss (softmax - onehot) on one (BB, BN) tile, zero outside the valid box."""
+    s = _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cmask, K,
+                    SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
+    lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+    gl = tl.load(gl_ptr + rows, mask=rmask, other=0.0)
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=-1)
+    p = tl.exp(s - lse[:, None])
+    p = p - (cols[None, :].to(tl.int64) == tgt[:, None]).to(tl.float32)
+    G = gl[:, None] * p
+    return tl.where(rmask[:, None] & cmask[None, :], G, 0.0)
+
+
+@triton.jit
+def _ce_bwd_q_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr, gq_ptr, gbh_ptr,
+                     B, N, K,
+                     SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
+                     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKO: tl.constexpr,
+                     PREC: tl.constexpr, F32DOT: tl.constexpr):
+    rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    rmask = rows < B
+    ko = tl.program_id(1) * BKO + tl.arange(0, BKO)
+    kmask = ko < K
+    acc = tl.zeros((BB, BKO), dtype=tl.float32)
+    rsum = tl.zeros((BB,), dtype=tl.float32)
+    for j in range(0, tl.cdiv(N, BN)):
+        cols = j * BN + tl.arange(0, BN)
+        cmask = cols < N
+        G = _ce_grad_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr,
+                          rows, rmask, cols, cmask, K, SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
+        rsum += tl.sum(G, axis=1)
+        e = tl.load(e_ptr + cols.to(tl.int64)[:, None] * K + ko[None, :], mask=cmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        # G stays fp32: rounding it to the input dtype for tensor cores would
+        # cost ~3 decimal digits on small softmax probabilities.
+        acc = tl.dot(G, e, acc, input_precision="ieee")
+    qm = rmask[:, None] & kmask[None, :]
+    qoff = rows.to(tl.int64)[:, None] * K + ko[None, :]
+    if SCORE == 1:
+        qv = tl.load(q_ptr + qoff, mask=qm, other=0.0).to(tl.float32)
+        acc = 2.0 * acc - 2.0 * qv * rsum[:, None]
+    tl.store(gq_ptr + qoff, acc.to(gq_ptr.dtype.element_ty), mask=qm)
+    if tl.program_id(1) == 0:
+        tl.store(gbh_ptr + rows, rsum.to(gbh_ptr.dtype.element_ty), mask=rmask)
+
+
+@triton.jit
+def _ce_bwd_e_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr, ge_ptr, gbt_ptr,
+                     B, N, K,
+                     SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
+                     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKO: tl.constexpr,
+                     PREC: tl.constexpr, F32DOT: tl.constexpr):
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cmask = cols < N
+    ko = tl.program_id(1) * BKO + tl.arange(0, BKO)
+    kmask = ko < K
+    acc = tl.zeros((BN, BKO), dtype=tl.float32)
+    csum = tl.zeros((BN,), dtype=tl.float32)
+    for i in range(0, tl.cdiv(B, BB)):
+        rows = i * BB + tl.arange(0, BB)
+        rmask = rows < B
+        G = _ce_grad_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr,
+                          rows, rmask, cols, cmask, K, SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
+        csum += tl.sum(G, axis=0)
+        qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * K + ko[None, :], mask=rmask[:, None] & kmask[None, :],
+                     other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(G), qv, acc, input_precision="ieee")
+    em = cmask[:, None] & kmask[None, :]
+    eoff = cols.to(tl.int64)[:, None] * K + ko[None, :]
+    if SCORE == 1:
+        ev = tl.load(e_ptr + eoff, mask=em, other=0.0).to(tl.float32)
+        acc = 2.0 * acc - 2.0 * ev * csum[:, None]
+    tl.store(ge_ptr + eoff, acc.to(ge_ptr.dtype.element_ty), mask=em)
+    if tl.program_id(1) == 0:
+        tl.store(gbt_ptr + cols, csum.to(gbt_ptr.dtype.element_ty), mask=cmask)
+
+
+def ce_backward(grad_loss, q, E, bias_h, bias_t, targets, lse, score: str):
+    """(grad_q (B, K), grad_E (N, K), grad_bias_h (B,), grad_bias_t (N,)) of sum_b grad_loss_b loss_b.
+
+    G[b, n] = grad_loss[b] (exp(S[b, n] - lse[b]) - [n == t_b]) recomputed per tile in fp32;
+    grad_bias_h / grad_bias_t are the row / column sums of G (always returned),
+    all in q.dtype.
+    """
+    q, E = q.contiguous(), E.contiguous()
+    B, K = q.shape
+    N = E.shape[0]
+    gq = torch.empty_like(q)
+    gE = torch.empty_like(E)
+    gbh = torch.empty(B, dtype=q.dtype, device=q.device)
+    gbt = torch.empty(N, dtype=q.dtype, device=q.device)
+    if B == 0 or N == 0:
+        gE.zero_()
+        gbt.zero_()
+        gq.zero_()
+        gbh.zero_()
+        return gq, gE, gbh, gbt
+    gl = grad_loss.to(torch.float32).contiguous()
+    ls = lse.to(torch.float32).contiguous()
+    t = targets.to(torch.int64).contiguous()
+    qq, ee = _sqnorms(q, E, score)
+    c = _cfg(q)
+    flags = dict(SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None, PREC=_prec(q),
+                 F32DOT=_f32dot(q), **_launch(q, c))
+    bh, bt = _opt(bias_h, q), _opt(bias_t, q)
+    with _device_ctx(q):
+        for kern, which, outs in ((_ce_bwd_q_kernel, "bwd_q", (gq, gbh)), (_ce_bwd_e_kernel, "bwd_e", (gE, gbt))):
+            tiles = dict(c[which])
+            tiles["BKO"] = min(tiles["BKO"], max(16, triton.next_power_of_2(K)))
+            owned = triton.cdiv(B, tiles["BB"]) if which == "bwd_q" else triton.cdiv(N, tiles["BN"])
+            kern[(owned, triton.cdiv(K, tiles["BKO"]))](q, E, qq, ee, bh, bt, gl, ls, t, *outs, B, N, K,
+                                                         **tiles, **flags)
+    return gq, gE, gbh, gbt
