@@ -547,7 +547,11 @@ def topk_all(h: Tensor, r: Tensor, entities: Tensor, k: int, filter_index=None, 
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     fo, fi = _checks.filter_to_csr(filter_index, B, N, h.device)
-    max_filtered = 0 if fo is None or B == 0 else int((fo[1:] - fo[:-1]).max())
+    max_filtered = 0
+    if fo is not None and B > 0 and fi.numel() and not torch.compiler.is_compiling():
+        # distinct ids per row: duplicates in a filter list skip nothing extra
+        rows = torch.repeat_interleave(torch.arange(B, device=fo.device), fo[1:] - fo[:-1])
+        max_filtered = int(torch.unique(rows * N + fi).div(N, rounding_mode="floor").bincount(minlength=B).max())
     if k < 0 or k > N - max_filtered:
         raise ValueError(f"k: expected 0 <= k <= {N - max_filtered} (entities minus the most filtered in a row), got {k}")
     be = _resolve("topk_all", ("query_forward", "topk"), backend, h)

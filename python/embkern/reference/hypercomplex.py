@@ -218,9 +218,12 @@ def topk_from_scores(s: torch.Tensor, k: int, filter_offsets=None, filter_index=
     """Top-k per row, descending, ties by lower index; filtered entries skipped."""
     B, N = s.shape
     mask = _filter_mask(B, N, filter_offsets, filter_index, s.device)
-    # Stable descending sort gives the lower index first among equal scores.
-    work = s.masked_fill(mask, float("-inf"))
-    order = torch.sort(work, dim=1, descending=True, stable=True).indices[:, :k].contiguous()
+    # Stable descending sort gives the lower index first among equal scores; a
+    # second stable sort on the mask puts filtered entries strictly last (a plain
+    # -inf fill would let a filtered id tie with, and precede, a genuine -inf).
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    moved = torch.sort(mask.gather(1, order).to(torch.uint8), dim=1, stable=True).indices
+    order = order.gather(1, moved)[:, :k].contiguous()
     return s.gather(1, order), order
 
 
