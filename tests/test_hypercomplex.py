@@ -454,3 +454,16 @@ def test_hypothesis_cpu_scores(B, N, d, seed, alg, layout, score):
                           lambda h, r, E: ref.score_all(h, r, E, **{k: (v.to(h.dtype) if isinstance(v, torch.Tensor) else v)
                                                                     for k, v in kw.items()}),
                           (h, r, E))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_topk_k_bound_counts_distinct_filter_ids(backend):
+    """Duplicates in a filter list skip nothing extra: k may reach N - distinct filtered ids."""
+    need(backend, "topk")
+    h, r, E, _, _ = triples(2, 5, 2, torch.float32, seed=12)
+    filt = [[1, 1, 1], [2]]
+    vals, idx = embkern.topk_all(h, r, E, 4, filter_index=filt, backend=backend)
+    ev, ei = embkern.topk_all(h, r, E, 4, filter_index=filt, backend="reference")
+    assert torch.equal(idx, ei) and not (idx[0] == 1).any() and not (idx[1] == 2).any()
+    with pytest.raises(ValueError, match="k: expected 0 <= k <= 4"):
+        embkern.topk_all(h, r, E, 5, filter_index=filt, backend=backend)
