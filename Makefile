@@ -46,7 +46,12 @@ install: setup
 test: install
 	cd tests && ../$(VPY) -m pytest -c ../pyproject.toml --rootdir=.. . $(TEST_ARGS)
 
+# Outside anchors timed by the bench (optional: a missing one is reported and skipped).
+# fastembed's MUVERA is left out: it pulls onnxruntime; install it by hand to add that column.
+BENCH_ANCHORS := muvera-python==0.2.0
+
 bench: install
+	-$(PIP) install -q --no-deps $(BENCH_ANCHORS)
 	$(VPY) -m embkern info
 	$(VPY) -m embkern bench --json bench.json --plot bench.png $(BENCH_ARGS)
 
