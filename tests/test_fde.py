@@ -562,3 +562,27 @@ def test_fde_dot_tracks_chamfer():
     Q = enc.encode_queries(qs)
     hits = (np.argmax(Q @ D.T, 1) == np.arange(0, 40, 4)).mean()
     assert hits >= 0.8
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=needs_cpu)])
+def test_encode_into_preallocated_out(backend):
+    """out= receives exactly what a fresh call returns (every element written), numpy and torch."""
+    rng = np.random.default_rng(21)
+    cfg = C(8, 3, 3, 9, "document", fill_empty_partitions=True)
+    pts = rng.standard_normal((40, 8)).astype(np.float32)
+    off = np.array([0, 0, 7, 19, 40], np.int64)
+    want = embkern.fde_encode(pts, off, cfg, backend=backend)
+    out = np.full((4, cfg.output_dimension), np.nan, np.float32)
+    got = embkern.fde_encode(pts, off, cfg, backend=backend, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, want)
+    tout = torch.full((4, cfg.output_dimension), float("nan"))
+    tgot = embkern.fde_encode(torch.from_numpy(pts), torch.from_numpy(off), cfg, backend=backend, out=tout)
+    assert tgot.data_ptr() == tout.data_ptr()
+    np.testing.assert_array_equal(tout.numpy(), want)
+    for bad, exc in ((np.zeros((3, cfg.output_dimension), np.float32), ValueError),
+                     (np.zeros((4, cfg.output_dimension), np.float64), TypeError),
+                     (np.zeros((4, 2 * cfg.output_dimension), np.float32)[:, ::2], ValueError),
+                     (torch.zeros(4, cfg.output_dimension), TypeError)):
+        with pytest.raises(exc, match="out"):
+            embkern.fde_encode(pts, off, cfg, backend=backend, out=bad)

@@ -325,8 +325,34 @@ def _check_config(config) -> FDEConfig:
     return config
 
 
+def _check_out(out, as_np: bool, device: torch.device, B: int, D: int):
+    """Validate a preallocated ``out`` (B, D) float32, C-contiguous, of the input's kind."""
+    if as_np:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out: expected a numpy array (the input is numpy), got {type(out).__name__}")
+        if out.dtype != np.float32:
+            raise TypeError(f"out: expected dtype float32, got {out.dtype}")
+        if not out.flags.writeable:
+            raise ValueError("out: expected a writable array, got a read-only one")
+        contiguous = out.flags.c_contiguous
+    else:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out: expected a torch.Tensor (the input is a tensor), got {type(out).__name__}")
+        if out.dtype != torch.float32:
+            raise TypeError(f"out: expected dtype float32, got {str(out.dtype).replace('torch.', '')}")
+        if out.device != device:
+            raise ValueError(f"out: expected a tensor on {device} (the input's device), got {out.device}")
+        if out.requires_grad:
+            raise ValueError("out: expected a tensor that does not require grad")
+        contiguous = out.is_contiguous()
+    if tuple(out.shape) != (B, D):
+        raise ValueError(f"out: expected shape ({B}, {D}), got {tuple(out.shape)}")
+    if not contiguous:
+        raise ValueError("out: expected a C-contiguous array")
+
+
 def fde_encode(points, offsets=None, config: Optional[FDEConfig] = None, backend: Optional[str] = None, *,
-               lengths=None):
+               lengths=None, out=None):
     """MUVERA fixed dimensional encodings of a batch of point clouds.
 
     Args:
@@ -336,15 +362,32 @@ def fde_encode(points, offsets=None, config: Optional[FDEConfig] = None, backend
         config: :class:`FDEConfig`.
         backend: None (auto: cuda for CUDA tensors, else cpu, else reference)
             or "reference" | "cpu" | "cuda".
+        out: optional preallocated C-contiguous float32 (B, config.output_dimension),
+            numpy for numpy input, else a tensor on the input's device. The cpu
+            backend writes into it directly (no allocation, no copy); reusing
+            one buffer also skips the page faults of a fresh output.
     Returns:
-        (B, config.output_dimension) float32, numpy for numpy input, else a
-        tensor on the input's device.
+        (B, config.output_dimension) float32 (``out`` when given), numpy for
+        numpy input, else a tensor on the input's device.
     """
     c = _check_config(config)
     X, off, as_np = _ragged(points, offsets, lengths, c.dimension)
     be = _backends.resolve("fde_encode", backend, support("encode"), X.device, X.dtype)
-    out = fde_encode_op(X, off, *_op_args(c), be)
-    return out.cpu().numpy() if as_np else out
+    if out is not None:
+        _check_out(out, as_np, X.device, off.shape[0] - 1, c.output_dimension)
+        if be == "cpu":
+            dst = out if as_np else out.detach().numpy()
+            _cpu_mod().encode(tables(c).cpu_plan(c), X.detach().contiguous().numpy(),
+                              off.detach().contiguous().numpy(), dst)
+            return out
+        res = fde_encode_op(X, off, *_op_args(c), be)
+        if as_np:
+            out[...] = res.cpu().numpy()
+        else:
+            out.copy_(res)
+        return out
+    res = fde_encode_op(X, off, *_op_args(c), be)
+    return res.cpu().numpy() if as_np else res
 
 
 class FDEEncoder:
