@@ -526,6 +526,18 @@ def _chamfer_block(q: Tensor, q_off: Tensor, x: Tensor, x_off: Tensor) -> Tensor
     return S.index_add(0, qry_of, best)
 
 
+def _chamfer_inputs(q_points, q_offsets, d_points, d_offsets):
+    """Validated (q, q_offsets, d, d_offsets, numpy_in) on the queries' device, shared by chamfer and rerank."""
+    q, as_np = _points_any(q_points, "q_points")
+    x, _ = _points_any(d_points, "d_points")
+    if x.shape[1] != q.shape[1]:
+        raise ValueError(f"d_points: expected shape (N, {q.shape[1]}) (the width of q_points), got {tuple(x.shape)}")
+    x = x.to(q.device)
+    qo = _offsets_i64(q_offsets, "q_offsets", q.shape[0], q.device)
+    xo = _offsets_i64(d_offsets, "d_offsets", x.shape[0], q.device)
+    return q, qo, x, xo, as_np
+
+
 def chamfer(q_points, q_offsets, d_points, d_offsets, *, doc_chunk: int = 4096):
     """Chamfer (MaxSim) similarity of every query with every document.
 
@@ -538,13 +550,7 @@ def chamfer(q_points, q_offsets, d_points, d_offsets, *, doc_chunk: int = 4096):
     Returns:
         (Bq, Bd) float32; numpy for numpy input.
     """
-    q, as_np = _points_any(q_points, "q_points")
-    x, _ = _points_any(d_points, "d_points")
-    if x.shape[1] != q.shape[1]:
-        raise ValueError(f"d_points: expected shape (N, {q.shape[1]}) (the width of q_points), got {tuple(x.shape)}")
-    x = x.to(q.device)
-    qo = _offsets_i64(q_offsets, "q_offsets", q.shape[0], q.device)
-    xo = _offsets_i64(d_offsets, "d_offsets", x.shape[0], q.device)
+    q, qo, x, xo, as_np = _chamfer_inputs(q_points, q_offsets, d_points, d_offsets)
     Bd = xo.numel() - 1
     parts = []
     for b0 in range(0, max(Bd, 1), doc_chunk):
@@ -565,13 +571,7 @@ def chamfer_rerank(q_points, q_offsets, candidates, d_points, d_offsets, k: int)
         (scores (Bq, k) float32, ids (Bq, k) int64): descending Chamfer score,
         ties broken by the earlier candidate position; numpy for numpy input.
     """
-    q, as_np = _points_any(q_points, "q_points")
-    x, _ = _points_any(d_points, "d_points")
-    if x.shape[1] != q.shape[1]:
-        raise ValueError(f"d_points: expected shape (N, {q.shape[1]}) (the width of q_points), got {tuple(x.shape)}")
-    x = x.to(q.device)
-    qo = _offsets_i64(q_offsets, "q_offsets", q.shape[0], q.device)
-    xo = _offsets_i64(d_offsets, "d_offsets", x.shape[0], q.device)
+    q, qo, x, xo, as_np = _chamfer_inputs(q_points, q_offsets, d_points, d_offsets)
     cand, _ = _as_tensor(candidates, "candidates")
     if cand.dtype.is_floating_point or cand.dtype == torch.bool:
         raise TypeError(f"candidates: expected an integer array, got {str(cand.dtype).replace('torch.', '')}")
