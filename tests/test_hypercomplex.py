@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import embkern
+from torch.utils._pytree import tree_map
 from embkern import testing
 from embkern.ops import hypercomplex as ops
 from embkern.reference import hypercomplex as ref
@@ -28,8 +29,37 @@ def dtypes_for(backend):
     return [torch.float32, torch.float64, torch.bfloat16]
 
 
+def device_of(backend):
+    """Where a backend's tensors live: Triton compiles for the GPU when one is present,
+    else it runs on CPU tensors through the interpreter."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def need(backend, kernel, dtype=torch.float32):
-    require_backend(ops.support(kernel), backend, "cpu", dtype)
+    require_backend(ops.support(kernel), backend, device_of(backend), dtype)
+
+
+class api:
+    """``api(backend).score_all(...)``: the embkern function with every tensor argument
+    (lists too) moved to the backend's device and every tensor result moved back to
+    the CPU, so one test body checks CPU and GPU backends against the CPU reference.
+    The moves are differentiable: gradients land on the CPU leaves."""
+
+    def __init__(self, backend):
+        self.device = device_of(backend)
+
+    def __getattr__(self, name):
+        fn = getattr(embkern, name)
+        if self.device == "cpu":
+            return fn
+        to_dev = lambda x: x.to(self.device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+        to_cpu = lambda x: x.cpu() if isinstance(x, torch.Tensor) else x  # noqa: E731
+
+        def call(*args, **kwargs):
+            args, kwargs = tree_map(to_dev, (args, kwargs))
+            return tree_map(to_cpu, fn(*args, **kwargs))
+
+        return call
 
 
 def leaf(x, dtype=None):
@@ -93,7 +123,7 @@ def test_product_parity_and_grad(backend, alg, layout):
         need(backend, "query_backward", dtype)
         for shape, normalize in (((5, 12), False), ((2, 3, 28), True), ((1, 4), True)):
             h, r = testing.randn(shape, shape, dtype=dtype, seed=shape[-1])
-            fn = embkern.hamilton_product if alg == "quaternion" else embkern.dihedron_product
+            fn = api(backend).hamilton_product if alg == "quaternion" else api(backend).dihedron_product
             testing.assert_parity(lambda a, b: fn(a, b, layout=layout, normalize=normalize, backend=backend),
                                   lambda a, b: ref.query(a, b, alg, layout, normalize), (h, r))
             # gradients against autograd through the reference (fp64)
@@ -130,11 +160,11 @@ def test_score_all_parity_and_grads(backend, alg, score):
             kw = dict(algebra=alg, score=score, layout=layout)
             if score == "distance":
                 args = (h, r, E, bh, bt)
-                fast = lambda h, r, E, bh, bt: embkern.score_all(h, r, E, bias_h=bh, bias_t=bt, backend=backend, **kw)  # noqa: E731
+                fast = lambda h, r, E, bh, bt: api(backend).score_all(h, r, E, bias_h=bh, bias_t=bt, backend=backend, **kw)  # noqa: E731
                 slow = lambda h, r, E, bh, bt: ref.score_all(h, r, E, bias_h=bh, bias_t=bt, **kw)  # noqa: E731
             else:
                 args = (h, r, E)
-                fast = lambda h, r, E: embkern.score_all(h, r, E, backend=backend, **kw)  # noqa: E731
+                fast = lambda h, r, E: api(backend).score_all(h, r, E, backend=backend, **kw)  # noqa: E731
                 slow = lambda h, r, E: ref.score_all(h, r, E, **kw)  # noqa: E731
             testing.assert_parity(fast, slow, args)
 
@@ -154,8 +184,10 @@ def test_score_all_parity_and_grads(backend, alg, score):
 def test_score_all_without_normalisation_and_noncontiguous(backend):
     need(backend, "score_forward")
     h, r, E, _, _ = triples(4, 9, 2, torch.float32, seed=5)
-    out = embkern.score_all(testing.noncontiguous(h), r, testing.noncontiguous(E), normalize_relation=False,
-                            backend=backend)
+    dev = device_of(backend)  # strided views made on the device itself (a .to() would make them contiguous)
+    hv, Ev = testing.noncontiguous(h.to(dev)), testing.noncontiguous(E.to(dev))
+    assert not hv.is_contiguous() and not Ev.is_contiguous()
+    out = embkern.score_all(hv, r.to(dev), Ev, normalize_relation=False, backend=backend).cpu()
     testing.assert_parity(lambda *a: out, lambda h, r, E: ref.score_all(h, r, E, normalize_relation=False), (h, r, E))
 
 
@@ -184,14 +216,14 @@ def test_rank_all_matches_its_own_scores(backend, score, ties):
     kw = dict(score=score)
     if score == "distance":
         kw.update(bias_h=bh, bias_t=bt)
-    ranks = embkern.rank_all(h, r, E, t, filter_index=filt, ties=ties, backend=backend, **kw)
-    s = embkern.score_all(h, r, E, backend=backend, **kw)
+    ranks = api(backend).rank_all(h, r, E, t, filter_index=filt, ties=ties, backend=backend, **kw)
+    s = api(backend).score_all(h, r, E, backend=backend, **kw)
     fo, fi = embkern._checks.filter_to_csr(filt, B, N, torch.device("cpu"))
     expect = ref.rank_from_scores(s, t, fo, fi, ties)
     assert ranks.dtype == torch.float64
     torch.testing.assert_close(ranks, expect, rtol=0, atol=0)
     # and the CSR form gives the same answer as the list form
-    ranks2 = embkern.rank_all(h, r, E, t, filter_index=(fo, fi), ties=ties, backend=backend, **kw)
+    ranks2 = api(backend).rank_all(h, r, E, t, filter_index=(fo, fi), ties=ties, backend=backend, **kw)
     assert torch.equal(ranks, ranks2)
 
 
@@ -201,7 +233,7 @@ def test_rank_all_against_fp64_reference(backend):
     B, N, d = (6, 40, 4) if backend == "triton" else (20, 500, 10)
     h, r, E, _, _ = triples(B, N, d, torch.float32, seed=21)
     t = torch.arange(B) * 3
-    fast = embkern.rank_all(h, r, E, t, backend=backend)
+    fast = api(backend).rank_all(h, r, E, t, backend=backend)
     exact = ref.rank_all(h.double(), r.double(), E.double(), t)
     # random continuous scores: only near-ties could differ; allow none here
     assert torch.equal(fast, exact)
@@ -220,13 +252,13 @@ def test_topk_all(backend, score):
         kw["bias_t"][7] = kw["bias_t"][3]
     g = torch.Generator().manual_seed(1)
     filt = _filters(B, N, g)
-    vals, idx = embkern.topk_all(h, r, E, k, filter_index=filt, backend=backend, **kw)
-    s = embkern.score_all(h, r, E, backend=backend, **kw)
+    vals, idx = api(backend).topk_all(h, r, E, k, filter_index=filt, backend=backend, **kw)
+    s = api(backend).score_all(h, r, E, backend=backend, **kw)
     fo, fi = embkern._checks.filter_to_csr(filt, B, N, torch.device("cpu"))
     ev, ei = ref.topk_from_scores(s, k, fo, fi)
     assert torch.equal(idx, ei)
     assert torch.equal(vals, ev)
-    v0, i0 = embkern.topk_all(h, r, E, 0, backend=backend, **kw)
+    v0, i0 = api(backend).topk_all(h, r, E, 0, backend=backend, **kw)
     assert v0.shape == (B, 0) and i0.shape == (B, 0)
 
 
@@ -248,7 +280,7 @@ def test_one_to_n_loss_parity_and_grads(backend, alg, score):
                 return fn(a[0], a[1], a[2], t, bias_h=a[3], bias_t=a[4], **kw)
             return fn(a[0], a[1], a[2], t, **kw)
 
-        fast = lambda *a: run(embkern.one_to_n_loss, *a, backend=backend)  # noqa: E731
+        fast = lambda *a: run(api(backend).one_to_n_loss, *a, backend=backend)  # noqa: E731
         slow = lambda *a: run(ref.one_to_n_loss, *a)  # noqa: E731
         testing.assert_parity(fast, slow, args)
         g = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -400,12 +432,12 @@ def test_cpu_writes_every_output_element():
 def test_empty_batch(backend):
     need(backend, "score_forward")
     h, r, E, _, _ = triples(0, 10, 2, torch.float32, seed=1)
-    assert embkern.score_all(h, r, E, backend=backend).shape == (0, 10)
-    assert embkern.rank_all(h, r, E, torch.zeros(0, dtype=torch.long), backend=backend).shape == (0,)
-    v, i = embkern.topk_all(h, r, E, 3, backend=backend)
+    assert api(backend).score_all(h, r, E, backend=backend).shape == (0, 10)
+    assert api(backend).rank_all(h, r, E, torch.zeros(0, dtype=torch.long), backend=backend).shape == (0,)
+    v, i = api(backend).topk_all(h, r, E, 3, backend=backend)
     assert v.shape == (0, 3) and i.shape == (0, 3)
     h, r, E, _, _ = triples(2, 0, 2, torch.float32, seed=1)
-    assert embkern.score_all(h, r, E, backend=backend).shape == (2, 0)
+    assert api(backend).score_all(h, r, E, backend=backend).shape == (2, 0)
 
 
 # --------------------------------------------------------------------------- determinism
@@ -462,8 +494,8 @@ def test_topk_k_bound_counts_distinct_filter_ids(backend):
     need(backend, "topk")
     h, r, E, _, _ = triples(2, 5, 2, torch.float32, seed=12)
     filt = [[1, 1, 1], [2]]
-    vals, idx = embkern.topk_all(h, r, E, 4, filter_index=filt, backend=backend)
-    ev, ei = embkern.topk_all(h, r, E, 4, filter_index=filt, backend="reference")
+    vals, idx = api(backend).topk_all(h, r, E, 4, filter_index=filt, backend=backend)
+    ev, ei = api(backend).topk_all(h, r, E, 4, filter_index=filt, backend="reference")
     assert torch.equal(idx, ei) and not (idx[0] == 1).any() and not (idx[1] == 2).any()
     with pytest.raises(ValueError, match="k: expected 0 <= k <= 4"):
-        embkern.topk_all(h, r, E, 5, filter_index=filt, backend=backend)
+        api(backend).topk_all(h, r, E, 5, filter_index=filt, backend=backend)

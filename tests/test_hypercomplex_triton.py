@@ -273,3 +273,53 @@ def test_ce_kernels_direct(dtype):
             lambda q, E, gl, lse: tk.ce_backward(gl, q, E, *biases, t, lse, score),
             lambda q, E, gl, lse: ops._ref_ce_backward(gl, q, E, *biases, t, lse, score),
             (q, E, gl.float(), lse.float()))
+
+
+# --------------------------------------------------------------------------- N splits
+
+
+@pytest.mark.parametrize("programs", [4, 10 ** 6], ids=["uneven-splits", "one-tile-splits"])
+def test_n_split_sweeps(monkeypatch, programs):
+    """rank / topk / ce with the N tiles split between programs (the GPU shape at B = 128);
+    the interpreter's 16-wide tiles never split by default, so force it. Ranks and top-k
+    are integer or exact merges: they must equal the same backend's own score matrix."""
+    monkeypatch.setattr(tk, "_MIN_SPLIT_TILES", 1)
+    monkeypatch.setattr(tk, "_SPLIT_PROGRAMS", programs)
+    B, N, d = 19, 70, 2  # 2 row blocks x 5 column tiles in the interpreter
+    c = tk._cfg(torch.empty(0, device=DEV))
+    splits, tps = tk._n_split(-(-B // c["BB"]), -(-N // c["BN"]))
+    assert splits > 1  # (the interpreter's uneven case: 2 splits of 3 + 2 tiles)
+    g = torch.Generator().manual_seed(7)
+    h, r, E, bh, bt = data(B, N, d, torch.float32, seed=17)
+    E[50] = E[3]  # a tie across splits
+    bt[50] = bt[3]
+    t = torch.randint(0, N, (B,), generator=g).to(DEV)
+    t[0] = 3
+    fo, fi = filters(B, N, g, t)
+    for score in ["inner", "distance"]:
+        kw = dict(score=score, **(dict(bias_h=bh, bias_t=bt) if score == "distance" else {}))
+        s = embkern.score_all(h, r, E, backend=BE, **kw)
+        for ties in ref.TIES:
+            ranks = embkern.rank_all(h, r, E, t, filter_index=(fo, fi), ties=ties, backend=BE, **kw)
+            assert torch.equal(ranks, ref.rank_from_scores(s, t, fo, fi, ties)), (score, ties)
+        vals, idx = embkern.topk_all(h, r, E, 6, filter_index=(fo, fi), backend=BE, **kw)
+        ev, ei = ref.topk_from_scores(s, 6, fo, fi)
+        assert torch.equal(idx, ei) and torch.equal(vals, ev), score
+        q = ref.query(h, r)
+        biases = (bh, bt) if score == "distance" else (None, None)
+        testing.assert_parity(lambda q, E: tk.ce_forward(q, E, *biases, t, score),
+                              lambda q, E: ops._ref_ce_forward(q, E, *biases, t, score), (q, E))
+        _, lse = ops._ref_ce_forward(q.double(), E.double(), *[None if b is None else b.double() for b in biases],
+                                     t, score)
+        gl = testing.randn((B,), seed=6).to(DEV)
+        testing.assert_parity(lambda q, E, gl, lse: tk.ce_backward(gl, q, E, *biases, t, lse, score),
+                              lambda q, E, gl, lse: ops._ref_ce_backward(gl, q, E, *biases, t, lse, score),
+                              (q, E, gl, lse.float()))
+
+
+def test_split_cursors_start_at_each_split():
+    fo = torch.tensor([0, 5, 5, 8], device=DEV)
+    fi = torch.tensor([1, 1, 17, 40, 63, 0, 16, 32], device=DEV)  # row 0, (row 1 empty), row 2; sorted per row
+    cur = tk._split_cursors(fo, fi, True, 3, 64, 4, 16)
+    # first id >= 16 * s in each row's slice
+    assert cur.tolist() == [[0, 5, 5], [2, 5, 6], [3, 5, 7], [4, 5, 8]]

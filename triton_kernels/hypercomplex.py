@@ -29,32 +29,40 @@ the same K loop (same BLOCK_K, same constexprs, FMA contraction on), and
 ``tl.dot`` gives each output element the same k-order wherever it sits in a
 tile, so the score of (b, n) is bit-identical across the three.
 
-* ``rank``: one program per block of query rows, never a B x N buffer. Pass 1
-  computes the target scores with the very tile that ``score_forward`` would
-  use for them (only tiles holding a target of the block are computed; the
-  launcher sorts the queries by target so a block's targets fall in few
-  tiles). Pass 2 sweeps all N tiles counting ``s > s_t`` and ``s >= s_t``.
-  Filtered ids are masked inside each tile: the launcher sorts each CSR row,
-  the kernel keeps a per-row cursor and marks the ids that fall in the current
-  tile, so duplicates and a filtered target cost nothing extra and no filtered
-  score is ever recomputed on a different arithmetic path.
-* ``topk``: one program per block of rows keeps a running top-KP list
+* The fused sweeps run over (row blocks x N splits) programs: with one
+  program per row block, B = 128 gave 2 programs on a 132-SM GPU. Each split
+  covers a contiguous range of N tiles (``_n_split``: about 264 programs, at
+  least 4 tiles a split, fixed by (B, N) and not by the device), and the
+  per-split partials are combined in torch in a fixed order.
+* ``rank``: never a B x N buffer. A first launch computes each target score
+  with the very tile that ``score_forward`` would use for it (one program per
+  distinct target tile of a row block; the launcher sorts the queries by
+  target so a block's targets share tiles). The second sweeps each split's
+  tiles counting ``s > s_t`` and ``s >= s_t``; the int32 counts of the splits
+  are summed exactly. Filtered ids are masked inside each tile: the launcher
+  sorts each CSR row and finds where every split's columns begin in it
+  (``searchsorted``), the kernel keeps a per-row cursor and marks the ids that
+  fall in the current tile, so duplicates and a filtered target cost nothing
+  extra and no filtered score is ever recomputed on a different arithmetic path.
+* ``topk``: each (row block, split) program keeps a running top-KP list
   (KP = next power of two >= k) of 64-bit keys (order-preserving score bits,
   then the complement of the entity id, so equal scores put the lower id
   first); each tile is reduced with ``tl.topk`` and merged with a bitonic
-  merge, and tiles with no key above the running minimum are skipped.
-  Filtered ids are never selected. For KP > min(64, BLOCK_N) (k > 64 on the
-  GPU, k > 16 in the interpreter) a two-stage fallback materialises
-  (rows_chunk, N) scores with ``score_forward``, at most 2^24 of them per
-  chunk, and sorts them in torch.
-* ``ce_forward``: online logsumexp over N tiles per block of rows.
+  merge, and tiles with no key above the running minimum are skipped. The
+  splits' lists are merged with ``torch.topk`` on the keys (distinct, so the
+  merge is exact). Filtered ids are never selected. For KP > min(64, BLOCK_N)
+  (k > 64 on the GPU, k > 16 in the interpreter) a two-stage fallback
+  materialises (rows_chunk, N) scores with ``score_forward``, at most 2^24 of
+  them per chunk, and sorts them in torch.
+* ``ce_forward``: online logsumexp over each split's tiles, (max, sum, s_t)
+  partials combined in torch.
 * ``ce_backward``: G = grad_loss (softmax - onehot) is recomputed tile by tile.
-  grad_q (and grad_bias_h = row sums of G) by a kernel parallel over row blocks
-  x output K-chunks; grad_E (and grad_bias_t = column sums) by a kernel
-  parallel over entity blocks x K-chunks. Each output element is owned by one
-  program: no atomics, results do not depend on scheduling. With
-  K > BLOCK_KO the S tile is recomputed once per K-chunk (the price of keeping
-  the accumulator in registers).
+  grad_q (and grad_bias_h = row sums of G) by a kernel over row blocks x
+  output K-chunks x N splits, whose fp32 partials are summed in torch; grad_E
+  (and grad_bias_t = column sums) by a kernel parallel over entity blocks x
+  K-chunks, each output element owned by one program. No atomics: results do
+  not depend on scheduling. With K > BLOCK_KO the S tile is recomputed once
+  per K-chunk (the price of keeping the accumulator in registers).
 * ``query_forward`` / ``query_backward``: elementwise over the (B, d)
   coordinates, both layouts, fp32 arithmetic.
 """
@@ -79,6 +87,23 @@ _TIES = {"realistic": 0, "optimistic": 1, "pessimistic": 2}
 # tile; the chunked fallback takes over.
 _TOPK_FUSED_MAX = 64
 _FALLBACK_CHUNK = 1 << 24  # scores materialised per fallback chunk (64 MiB in fp32)
+
+# The fused sweeps (rank, topk, ce) split the N tiles between programs as well
+# as the row blocks: one program per row block gave 2 programs at B = 128
+# (BLOCK_B = 64) on a 132-SM H100, and 10-20 ms where score_forward took
+# 0.24 ms. Aim for about two waves of 132 SMs. The figure is fixed, not read
+# from the device, so a (B, N) is split the same way on every GPU and the
+# float partials of ce (the only non-integer ones) combine identically.
+_SPLIT_PROGRAMS = 264
+_MIN_SPLIT_TILES = 4  # N tiles per split at least (rank/topk redo a little per split)
+
+
+def _n_split(programs: int, n_tiles: int) -> Tuple[int, int]:
+    """(splits, tiles per split) for a sweep over n_tiles with `programs` programs per split."""
+    want = max(1, -(-_SPLIT_PROGRAMS // max(programs, 1)))
+    s = max(1, min(want, n_tiles // max(_MIN_SPLIT_TILES, 1)))
+    tps = -(-n_tiles // s)
+    return -(-n_tiles // tps), tps
 
 
 def _cfg(t: torch.Tensor) -> dict:
@@ -417,46 +442,77 @@ def _sorted_filter(fo: Optional[torch.Tensor], fi: Optional[torch.Tensor], B: in
     return fo, fi[torch.argsort(key)].contiguous(), True
 
 
+def _split_cursors(fo: torch.Tensor, fi: torch.Tensor, has_f: bool, B: int, N: int, splits: int,
+                   first_col: int) -> torch.Tensor:
+    """(splits, B) int64: where each row's sorted filter ids reach column s * first_col,
+    so split s starts its cursor there instead of walking the ids of earlier splits."""
+    if not has_f or splits == 1:
+        return fo[:B].expand(splits, B).contiguous()
+    rows = torch.repeat_interleave(torch.arange(B, device=fo.device), fo[1:] - fo[:-1])
+    key = rows * N + fi[:rows.numel()]  # sorted: rows ascending, ids ascending within a row
+    c0 = torch.arange(splits, device=fo.device, dtype=torch.int64) * first_col
+    want = torch.arange(B, device=fo.device, dtype=torch.int64)[None, :] * N + c0[:, None]
+    return torch.searchsorted(key, want.reshape(-1)).reshape(splits, B).contiguous()
+
+
 # ---------------------------------------------------------------------------
 # rank
 
 
 @triton.jit
-def _rank_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, t_ptr, perm_ptr, fo_ptr, fi_ptr, out_ptr,
-                 B, N, K,
-                 SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr, HAS_FILTER: tl.constexpr,
-                 TIES: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                 PREC: tl.constexpr, F32DOT: tl.constexpr):
-    slot = tl.program_id(0) * BB + tl.arange(0, BB)
-    rmask = slot < B
-    rows = tl.load(perm_ptr + slot, mask=rmask, other=0)  # queries sorted by target
-    tgt = tl.load(t_ptr + rows, mask=rmask, other=0)
-    ty = q_ptr.dtype.element_ty
-    n_tiles = tl.cdiv(N, BN)
+def _rank_target_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, t_ptr, perm_ptr, st_ptr, B, N, K,
+                        SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
+                        BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                        PREC: tl.constexpr, F32DOT: tl.constexpr):
+    """s_t of every row, from the very tile score_forward would compute it in.
 
-    # Pass 1: s_t from the tile that holds t -- the same tile, position and
-    # arithmetic as score_forward and as pass 2, so ties are exact.
-    ttile = tl.where(rmask, tgt // BN, -1)
-    lo = tl.min(tl.where(rmask, ttile, n_tiles), axis=0)
-    hi = tl.max(ttile, axis=0)
-    st = tl.zeros((BB,), dtype=tl.float32)
-    for j in range(lo, hi + 1):
-        hit = tl.max((ttile == j).to(tl.int32), axis=0)
-        if hit > 0:
-            cols = j * BN + tl.arange(0, BN)
+    Program (i, r): the tile of row block i that holds the target of slot r,
+    computed only by the first slot of the block with that tile (queries are
+    sorted by target, so slots sharing a target tile are adjacent); it stores
+    s_t for every row of the block whose target is in it.
+    """
+    blk = tl.program_id(0)
+    r = tl.program_id(1)
+    me = blk * BB + r
+    if me < B:
+        slot = blk * BB + tl.arange(0, BB)
+        rmask = slot < B
+        rows = tl.load(perm_ptr + slot, mask=rmask, other=0)
+        tgt = tl.load(t_ptr + rows, mask=rmask, other=0)
+        my_tile = tl.load(t_ptr + tl.load(perm_ptr + me)) // BN
+        prev_tile = tl.load(t_ptr + tl.load(perm_ptr + tl.maximum(me - 1, 0))) // BN
+        if (r == 0) | (prev_tile != my_tile):
+            cols = my_tile * BN + tl.arange(0, BN)
             s = _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cols < N, K,
                             SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
-            s = s.to(ty).to(tl.float32)
-            sel = cols[None, :].to(tl.int64) == tgt[:, None]
-            st = tl.where(ttile == j, tl.sum(tl.where(sel, s, 0.0), axis=1), st)
+            s = s.to(q_ptr.dtype.element_ty).to(tl.float32)
+            sel = cols[None, :] == tgt[:, None]
+            st = tl.sum(tl.where(sel, s, 0.0), axis=1)
+            tl.store(st_ptr + rows, st, mask=rmask & (tgt // BN == my_tile))
 
-    # Pass 2: count every other unfiltered entity against s_t.
+
+@triton.jit
+def _rank_count_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, t_ptr, perm_ptr, st_ptr,
+                       fo_ptr, fs_ptr, fi_ptr, gt_ptr, ge_ptr, B, N, K, TPS,
+                       SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr, HAS_FILTER: tl.constexpr,
+                       BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                       PREC: tl.constexpr, F32DOT: tl.constexpr):
+    """Counts of s > s_t and s >= s_t over split program_id(1)'s N tiles."""
+    slot = tl.program_id(0) * BB + tl.arange(0, BB)
+    sp = tl.program_id(1)
+    rmask = slot < B
+    rows = tl.load(perm_ptr + slot, mask=rmask, other=0)
+    tgt = tl.load(t_ptr + rows, mask=rmask, other=0)
+    st = tl.load(st_ptr + rows, mask=rmask, other=0.0)
+    ty = q_ptr.dtype.element_ty
+    j0 = sp * TPS
+    j1 = tl.minimum(j0 + TPS, tl.cdiv(N, BN))
     if HAS_FILTER:
-        cur = tl.load(fo_ptr + rows, mask=rmask, other=0)
+        cur = tl.load(fs_ptr + sp * B + rows, mask=rmask, other=0)
         end = tl.load(fo_ptr + rows + 1, mask=rmask, other=0)
     gt = tl.zeros((BB,), dtype=tl.int32)
     ge = tl.zeros((BB,), dtype=tl.int32)
-    for j in range(0, n_tiles):
+    for j in range(j0, j1):
         cols = j * BN + tl.arange(0, BN)
         cmask = cols < N
         s = _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cmask, K,
@@ -468,15 +524,8 @@ def _rank_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, t_ptr, perm_ptr, 
             keep = keep & (fmask == 0)
         gt += tl.sum((keep & (s > st[:, None])).to(tl.int32), axis=1)
         ge += tl.sum((keep & (s >= st[:, None])).to(tl.int32), axis=1)
-    opt = 1.0 + gt.to(tl.float64)
-    pes = 1.0 + ge.to(tl.float64)
-    if TIES == 1:
-        r = opt
-    elif TIES == 2:
-        r = pes
-    else:
-        r = 0.5 * (opt + pes)
-    tl.store(out_ptr + rows, r, mask=rmask)
+    tl.store(gt_ptr + sp * B + rows, gt, mask=rmask)
+    tl.store(ge_ptr + sp * B + rows, ge, mask=rmask)
 
 
 def rank(q, E, bias_h, bias_t, targets, filter_offsets, filter_index, score: str, ties: str) -> torch.Tensor:
@@ -484,7 +533,10 @@ def rank(q, E, bias_h, bias_t, targets, filter_offsets, filter_index, score: str
 
     optimistic = 1 + #{n: s_n > s_t}, pessimistic = 1 + #{n != t: s_n >= s_t},
     realistic = their mean; ids in the CSR filter (duplicates and the target
-    allowed) never count. Extra memory O(B + nnz).
+    allowed) never count. Two launches: the target scores (one tile per
+    distinct target tile of a row block), then the counts over (row blocks x
+    N splits) programs, summed per row in int64 (exact, so the split does not
+    change the result). Extra memory O(splits * B + nnz).
     """
     q, E = q.contiguous(), E.contiguous()
     B, K = q.shape
@@ -497,13 +549,27 @@ def rank(q, E, bias_h, bias_t, targets, filter_offsets, filter_index, score: str
     fo, fi, has_f = _sorted_filter(filter_offsets, filter_index, B, N, q)
     qq, ee = _sqnorms(q, E, score)
     c = _cfg(q)
+    BB, BN = c["BB"], c["BN"]
+    blocks = triton.cdiv(B, BB)
+    splits, tps = _n_split(blocks, triton.cdiv(N, BN))
+    fs = _split_cursors(fo, fi, has_f, B, N, splits, tps * BN)
+    st = torch.zeros(B, dtype=torch.float32, device=q.device)
+    gt = torch.empty(splits, B, dtype=torch.int32, device=q.device)
+    ge = torch.empty(splits, B, dtype=torch.int32, device=q.device)
+    flags = dict(SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None,
+                 BB=BB, BN=BN, BK=c["BK"], PREC=_prec(q), F32DOT=_f32dot(q), **_launch(q, c))
+    bh, bt = _opt(bias_h, q), _opt(bias_t, q)
     with _device_ctx(q):
-        _rank_kernel[(triton.cdiv(B, c["BB"]),)](
-            q, E, qq, ee, _opt(bias_h, q), _opt(bias_t, q), t, perm, fo, fi, out, B, N, K,
-            SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None, HAS_FILTER=has_f,
-            TIES=_TIES[ties], BB=c["BB"], BN=c["BN"], BK=c["BK"], PREC=_prec(q), F32DOT=_f32dot(q),
-            **_launch(q, c))
-    return out
+        _rank_target_kernel[(blocks, BB)](q, E, qq, ee, bh, bt, t, perm, st, B, N, K, **flags)
+        _rank_count_kernel[(blocks, splits)](q, E, qq, ee, bh, bt, t, perm, st, fo, fs, fi, gt, ge, B, N, K, tps,
+                                             HAS_FILTER=has_f, **flags)
+    opt = 1.0 + gt.sum(0, dtype=torch.int64).to(torch.float64)
+    pes = 1.0 + ge.sum(0, dtype=torch.int64).to(torch.float64)
+    if ties == "optimistic":
+        return opt
+    if ties == "pessimistic":
+        return pes
+    return 0.5 * (opt + pes)
 
 
 # ---------------------------------------------------------------------------
@@ -526,20 +592,24 @@ def _score_key(s, cols):
 
 
 @triton.jit
-def _topk_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, fo_ptr, fi_ptr, val_ptr, idx_ptr,
-                 B, N, K, k,
+def _topk_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, fo_ptr, fs_ptr, fi_ptr, key_ptr,
+                 B, N, K, TPS,
                  SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr, HAS_FILTER: tl.constexpr,
                  KP: tl.constexpr, BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  PREC: tl.constexpr, F32DOT: tl.constexpr):
+    """Running top-KP keys of split program_id(1)'s N tiles -> key_ptr[split, row, :KP]."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    sp = tl.program_id(1)
     rmask = rows < B
     ty = q_ptr.dtype.element_ty
     NONE: tl.constexpr = -9223372036854775807 - 1  # below every real key
     run = tl.full((BB, KP), NONE, dtype=tl.int64)
+    j0 = sp * TPS
+    j1 = tl.minimum(j0 + TPS, tl.cdiv(N, BN))
     if HAS_FILTER:
-        cur = tl.load(fo_ptr + rows, mask=rmask, other=0)
+        cur = tl.load(fs_ptr + sp * B + rows, mask=rmask, other=0)
         end = tl.load(fo_ptr + rows + 1, mask=rmask, other=0)
-    for j in range(0, tl.cdiv(N, BN)):
+    for j in range(j0, j1):
         cols = j * BN + tl.arange(0, BN)
         cmask = cols < N
         s = _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cmask, K,
@@ -558,15 +628,17 @@ def _topk_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, fo_ptr, fi_ptr, v
             # gives a bitonic sequence holding exactly the top KP; sort it.
             run = tl.bitonic_merge(tl.maximum(run, tl.flip(best, 1)), descending=True)
     slots = tl.arange(0, KP)
-    hi = run >> 32  # arithmetic shift: floor(run / 2^32) = k32
-    idx = 2147483647 - (run - (hi << 32))
-    k32 = hi.to(tl.int32)
-    bits = tl.where(k32 >= 0, k32, k32 ^ 0x7FFFFFFF)
-    val = bits.to(tl.float32, bitcast=True)
-    om = rmask[:, None] & (slots[None, :] < k)
-    off = rows.to(tl.int64)[:, None] * k + slots[None, :]
-    tl.store(val_ptr + off, val.to(val_ptr.dtype.element_ty), mask=om)
-    tl.store(idx_ptr + off, idx, mask=om)
+    off = (sp * B + rows).to(tl.int64)[:, None] * KP + slots[None, :]
+    tl.store(key_ptr + off, run, mask=rmask[:, None])
+
+
+def _decode_keys(keys: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of _score_key: (values in `dtype`, int64 ids) of int64 keys."""
+    hi = keys >> 32  # arithmetic shift: floor(key / 2^32) = k32
+    idx = 2147483647 - (keys - (hi << 32))
+    k32 = hi.to(torch.int32)
+    bits = torch.where(k32 >= 0, k32, k32 ^ 0x7FFFFFFF)
+    return bits.view(torch.float32).to(dtype), idx
 
 
 def _topk_chunked(q, E, bias_h, bias_t, k, fo, fi, score):
@@ -619,11 +691,21 @@ def topk(q, E, bias_h, bias_t, k: int, filter_offsets, filter_index, score: str)
     # Same BB/BN/warps as score_forward: a smaller row block would move sm_90
     # from wgmma to mma.sync, and the two need not round alike.
     BB = c["BB"]
+    blocks = triton.cdiv(B, BB)
+    splits, tps = _n_split(blocks, triton.cdiv(N, BN))
+    fs = _split_cursors(fo, fi, has_f, B, N, splits, tps * BN)
+    keys = torch.empty(splits, B, KP, dtype=torch.int64, device=q.device)
     with _device_ctx(q):
-        _topk_kernel[(triton.cdiv(B, BB),)](
-            q, E, qq, ee, _opt(bias_h, q), _opt(bias_t, q), fo, fi, vals, idx, B, N, K, k,
+        _topk_kernel[(blocks, splits)](
+            q, E, qq, ee, _opt(bias_h, q), _opt(bias_t, q), fo, fs, fi, keys, B, N, K, tps,
             SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None, HAS_FILTER=has_f,
             KP=KP, BB=BB, BN=BN, BK=c["BK"], PREC=_prec(q), F32DOT=_f32dot(q), **_launch(q, c))
+    # Keys are distinct (the id is in the low bits), so merging the splits' lists
+    # with torch.topk is exact and its order is the key order whatever the split.
+    top = torch.topk(keys.permute(1, 0, 2).reshape(B, splits * KP), k, dim=1).values
+    v, i = _decode_keys(top, q.dtype)
+    vals.copy_(v)
+    idx.copy_(i)
     return vals, idx
 
 
@@ -632,16 +714,20 @@ def topk(q, E, bias_h, bias_t, k: int, filter_offsets, filter_index, score: str)
 
 
 @triton.jit
-def _ce_fwd_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, t_ptr, loss_ptr, lse_ptr, B, N, K,
+def _ce_fwd_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, t_ptr, m_ptr, l_ptr, st_ptr, B, N, K, TPS,
                    SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
                    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, F32DOT: tl.constexpr):
+    """Online (max, sum of exp, target score) over split program_id(1)'s N tiles."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
+    sp = tl.program_id(1)
     rmask = rows < B
     tgt = tl.load(t_ptr + rows, mask=rmask, other=0)
     m = tl.full((BB,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((BB,), dtype=tl.float32)
     st = tl.zeros((BB,), dtype=tl.float32)
-    for j in range(0, tl.cdiv(N, BN)):
+    j0 = sp * TPS
+    j1 = tl.minimum(j0 + TPS, tl.cdiv(N, BN))
+    for j in range(j0, j1):
         cols = j * BN + tl.arange(0, BN)
         cmask = cols < N
         s = _score_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, rows, rmask, cols, cmask, K,
@@ -654,9 +740,10 @@ def _ce_fwd_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, t_ptr, loss_ptr
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - shift) + tl.sum(tl.exp(s - shift[:, None]), axis=1)
         m = m_new
-    lse = m + tl.log(l)
-    tl.store(lse_ptr + rows, lse, mask=rmask)
-    tl.store(loss_ptr + rows, lse - st, mask=rmask)
+    out = sp * B + rows
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(l_ptr + out, l, mask=rmask)
+    tl.store(st_ptr + out, st, mask=rmask)
 
 
 def ce_forward(q, E, bias_h, bias_t, targets, score: str) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -664,19 +751,25 @@ def ce_forward(q, E, bias_h, bias_t, targets, score: str) -> Tuple[torch.Tensor,
     q, E = q.contiguous(), E.contiguous()
     B, K = q.shape
     N = E.shape[0]
-    loss = torch.empty(B, dtype=torch.float32, device=q.device)
-    lse = torch.empty(B, dtype=torch.float32, device=q.device)
     if B == 0:
-        return loss, lse
+        return (torch.empty(B, dtype=torch.float32, device=q.device),
+                torch.empty(B, dtype=torch.float32, device=q.device))
     t = targets.to(torch.int64).contiguous()
     qq, ee = _sqnorms(q, E, score)
     c = _cfg(q)
+    blocks = triton.cdiv(B, c["BB"])
+    splits, tps = _n_split(blocks, triton.cdiv(N, c["BN"]))
+    m, l, st = (torch.empty(splits, B, dtype=torch.float32, device=q.device) for _ in range(3))
     with _device_ctx(q):
-        _ce_fwd_kernel[(triton.cdiv(B, c["BB"]),)](
-            q, E, qq, ee, _opt(bias_h, q), _opt(bias_t, q), t, loss, lse, B, N, K,
+        _ce_fwd_kernel[(blocks, splits)](
+            q, E, qq, ee, _opt(bias_h, q), _opt(bias_t, q), t, m, l, st, B, N, K, tps,
             SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None,
             BB=c["BB"], BN=c["BN"], BK=c["BK"], PREC=_prec(q), F32DOT=_f32dot(q), **_launch(q, c))
-    return loss, lse
+    # Combine the splits in a fixed order (the split depends on (B, N) only).
+    mx = m.max(0).values
+    shift = torch.where(mx == float("-inf"), torch.zeros_like(mx), mx)
+    lse = mx + torch.log((l * torch.exp(m - shift)).sum(0))
+    return lse - st.sum(0), lse
 
 
 @triton.jit
@@ -698,17 +791,21 @@ def _ce_grad_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr,
 
 @triton.jit
 def _ce_bwd_q_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr, gq_ptr, gbh_ptr,
-                     B, N, K,
+                     B, N, K, TPS,
                      SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
                      BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKO: tl.constexpr,
                      PREC: tl.constexpr, F32DOT: tl.constexpr):
+    """Partial G E (fp32, no epilogue) and row sums of G over split program_id(2)'s N tiles."""
     rows = tl.program_id(0) * BB + tl.arange(0, BB)
     rmask = rows < B
     ko = tl.program_id(1) * BKO + tl.arange(0, BKO)
     kmask = ko < K
+    sp = tl.program_id(2)
     acc = tl.zeros((BB, BKO), dtype=tl.float32)
     rsum = tl.zeros((BB,), dtype=tl.float32)
-    for j in range(0, tl.cdiv(N, BN)):
+    j0 = sp * TPS
+    j1 = tl.minimum(j0 + TPS, tl.cdiv(N, BN))
+    for j in range(j0, j1):
         cols = j * BN + tl.arange(0, BN)
         cmask = cols < N
         G = _ce_grad_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr,
@@ -720,13 +817,10 @@ def _ce_bwd_q_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_p
         # cost ~3 decimal digits on small softmax probabilities.
         acc = tl.dot(G, e, acc, input_precision="ieee")
     qm = rmask[:, None] & kmask[None, :]
-    qoff = rows.to(tl.int64)[:, None] * K + ko[None, :]
-    if SCORE == 1:
-        qv = tl.load(q_ptr + qoff, mask=qm, other=0.0).to(tl.float32)
-        acc = 2.0 * acc - 2.0 * qv * rsum[:, None]
-    tl.store(gq_ptr + qoff, acc.to(gq_ptr.dtype.element_ty), mask=qm)
+    qoff = (sp * B + rows).to(tl.int64)[:, None] * K + ko[None, :]
+    tl.store(gq_ptr + qoff, acc, mask=qm)
     if tl.program_id(1) == 0:
-        tl.store(gbh_ptr + rows, rsum.to(gbh_ptr.dtype.element_ty), mask=rmask)
+        tl.store(gbh_ptr + sp * B + rows, rsum, mask=rmask)
 
 
 @triton.jit
@@ -789,10 +883,24 @@ def ce_backward(grad_loss, q, E, bias_h, bias_t, targets, lse, score: str):
                  F32DOT=_f32dot(q), **_launch(q, c))
     bh, bt = _opt(bias_h, q), _opt(bias_t, q)
     with _device_ctx(q):
-        for kern, which, outs in ((_ce_bwd_q_kernel, "bwd_q", (gq, gbh)), (_ce_bwd_e_kernel, "bwd_e", (gE, gbt))):
-            tiles = dict(c[which])
-            tiles["BKO"] = min(tiles["BKO"], max(16, triton.next_power_of_2(K)))
-            owned = triton.cdiv(B, tiles["BB"]) if which == "bwd_q" else triton.cdiv(N, tiles["BN"])
-            kern[(owned, triton.cdiv(K, tiles["BKO"]))](q, E, qq, ee, bh, bt, gl, ls, t, *outs, B, N, K,
-                                                         **tiles, **flags)
+        # grad_E: one program per (entity block, K chunk) owns its outputs.
+        tiles = dict(c["bwd_e"])
+        tiles["BKO"] = min(tiles["BKO"], max(16, triton.next_power_of_2(K)))
+        _ce_bwd_e_kernel[(triton.cdiv(N, tiles["BN"]), triton.cdiv(K, tiles["BKO"]))](
+            q, E, qq, ee, bh, bt, gl, ls, t, gE, gbt, B, N, K, **tiles, **flags)
+        # grad_q: (row block, K chunk) programs are few at small B, so N is split
+        # too; the fp32 partials are summed in a fixed order below.
+        tiles = dict(c["bwd_q"])
+        tiles["BKO"] = min(tiles["BKO"], max(16, triton.next_power_of_2(K)))
+        owned = (triton.cdiv(B, tiles["BB"]), triton.cdiv(K, tiles["BKO"]))
+        splits, tps = _n_split(owned[0] * owned[1], triton.cdiv(N, tiles["BN"]))
+        part = torch.empty(splits, B, K, dtype=torch.float32, device=q.device)
+        rpart = torch.empty(splits, B, dtype=torch.float32, device=q.device)
+        _ce_bwd_q_kernel[(*owned, splits)](q, E, qq, ee, bh, bt, gl, ls, t, part, rpart, B, N, K, tps,
+                                           **tiles, **flags)
+    acc, rsum = part.sum(0), rpart.sum(0)
+    if score == "distance":
+        acc = 2.0 * acc - 2.0 * q.float() * rsum[:, None]
+    gq.copy_(acc)
+    gbh.copy_(rsum)
     return gq, gE, gbh, gbt

@@ -114,7 +114,7 @@ def query_backward(grad_q, h, r, algebra="quaternion", layout="component", norma
     """
     out_dtype = torch.promote_types(h.dtype, r.dtype)
     acc = _acc_dtype(out_dtype)
-    T = structure(algebra).to(acc)
+    T = structure(algebra).to(device=h.device, dtype=acc)
     g = torch.stack(split(grad_q.to(acc), layout))  # (4, B, d)
     hh = torch.stack(split(h.to(acc), layout))
     rr = torch.stack(split(r.to(acc), layout))
