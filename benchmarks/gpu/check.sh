@@ -14,7 +14,8 @@
 # Environment: PYTHON (default python3), CHECK_BUDGET_S (default 450: the
 # whole script), CUDA_ARCHS (default "native": only the GPU present, the
 # fastest build), RESULTS_DIR (default benchmarks/results), ONLY (steps to
-# run, default "env build import tests timing"; the others are recorded as skipped).
+# run, default "env build import tests timing"; the others are recorded as
+# skipped), TESTS_MAX_S (default 180), TEST_WORKERS (default 4, with xdist).
 #
 # Budget (450 s): build <= 200 s and leaves >= 200 s; tests <= 180 s and leave
 # >= 90 s for the timings; timing.py stops starting new cases 40 s before its
@@ -101,8 +102,12 @@ assert embkern.__file__.startswith(\"$SITE\"), embkern.__file__
 print(\"embkern\", embkern.__file__, \"CUDA devices\", n, c.device_info(0))'"
 
 # 3. GPU tests: Triton compiled for the GPU, not interpreted (TRITON_INTERPRET unset).
-step tests 180 90 env -u TRITON_INTERPRET bash -c \
-  "cd tests && $PY -m pytest -c ../pyproject.toml --rootdir=.. . -m 'cuda or triton' -q -p no:cacheprovider -rfEs"
+# Triton compiles every kernel specialisation on first use (CPU-bound, ~1-3 s
+# each): with pytest-xdist installed the tests run in TEST_WORKERS processes.
+XDIST=""
+if "$PY" -c 'import xdist' >/dev/null 2>&1; then XDIST="-n ${TEST_WORKERS:-4}"; fi
+step tests "${TESTS_MAX_S:-180}" 90 env -u TRITON_INTERPRET bash -c \
+  "cd tests && $PY -m pytest -c ../pyproject.toml --rootdir=.. . -m 'cuda or triton' -q -p no:cacheprovider -rfEs $XDIST"
 
 # 4. Timings (do_bench) -> markdown; the budget left, minus a margin for writing the file.
 SLUG="$($PY -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-"))' 2>/dev/null || echo unknown-gpu)"

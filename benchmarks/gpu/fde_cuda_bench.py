@@ -22,6 +22,7 @@ Runs in ~10 s on an H100 (most of it the CPU cross-check of 64 documents).
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 import torch
@@ -106,7 +107,39 @@ def main() -> int:
     print(f"| {name} | R20 k5 d128 doc fill, {n} tok, B={B} | {ms_kernels:.3f} | {B / ms_kernels * 1e3:,.0f} | "
           f"{ms_api:.3f} | {B / ms_api * 1e3:,.0f} | {bound_ms:.3f} ({bw:.3g}, {bw_src}) | "
           f"{100 * bound_ms / ms_kernels:.0f}% | {'yes' if mismatches == 0 else f'NO: {mismatches} values differ'} |")
+    breakdown = kernel_breakdown(kernels, calls=10)
+    if breakdown:
+        print()
+        print(f"Per-kernel GPU time (torch.profiler, mean of 10 calls, B={B}): " + "; ".join(
+            f"`{k}` {ms:.3f} ms ({100 * ms / sum(breakdown.values()):.0f}%)" for k, ms in breakdown.items()))
     return 0 if mismatches == 0 else 1
+
+
+def kernel_breakdown(fn, calls: int) -> dict:
+    """{kernel name: mean ms per call} of the CUDA kernels `fn` launches (torch.profiler /
+    CUPTI). Tells which stage (codes, write, count sketch) to work on; {} if profiling fails."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        out = {}
+        for ev in prof.key_averages():
+            us = getattr(ev, "device_time_total", None)
+            if us is None:
+                us = getattr(ev, "cuda_time_total", 0.0)
+            if us and ev.count >= calls:
+                m = re.search(r"(\w+)(<[^()]*>)?\(", ev.key.replace("(anonymous namespace)::", ""))
+                short = (m.group(1) + (m.group(2) or "")) if m else ev.key[:60]
+                out[short] = out.get(short, 0.0) + us / 1e3 / calls
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    except Exception as exc:  # report, never fail the bench
+        print(f"(kernel breakdown unavailable: {type(exc).__name__}: {exc})", file=sys.stderr)
+        return {}
 
 
 if __name__ == "__main__":
