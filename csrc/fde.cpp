@@ -164,8 +164,14 @@ void encode(const Plan& plan, py::buffer points_buf, py::buffer offsets_buf, py:
     value_error("offsets: expected offsets[-1] == N_total = " + std::to_string(N) + ", got " +
                 std::to_string(off.data[B]));
   expect_shape(out, "out", {B, fde::output_length(P)});
-  py::gil_scoped_release nogil;
-  fde::encode(P, X.data, off.data, B, out.data);
+  int64_t bad;
+  {
+    py::gil_scoped_release nogil;
+    bad = fde::encode(P, X.data, off.data, B, out.data);
+  }
+  if (bad >= 0)
+    value_error("points: expected finite values, found NaN or inf in row " + std::to_string(bad) +
+                " (NaN would hash to bit 0 and propagate into its partition); out is left partly written");
 }
 
 }  // namespace

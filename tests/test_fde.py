@@ -362,6 +362,44 @@ def test_bad_inputs(cfg8):
         embkern.fde_encode(np.zeros((2, 3, 8), np.float32), None, cfg8, lengths=[1, 4])
 
 
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_nonfinite_points_every_input_form(cfg8, backend):
+    """The cpu backend checks each document's points in C++ as it encodes (no torch.isfinite
+    pass over the batch); every input form and backend still raises, naming the first bad row
+    whatever the thread count."""
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((40, 8)).astype(np.float32)
+    off = np.array([0, 7, 7, 20, 33, 40])
+    mod = embkern._backends.cpu_module()
+    for bad in (np.nan, np.inf, -np.inf, -np.float32("nan")):
+        Y = X.copy()
+        Y[25, 5] = bad  # document 3
+        Y[31, 0] = np.nan  # a later one in the same document
+        Y[38, 7] = bad  # and one in the last document
+        for threads in ([1, 2, 3] if backend == "cpu" else [None]):
+            if threads:
+                old = mod.get_num_threads()
+                mod.set_num_threads(threads)
+            try:
+                with pytest.raises(ValueError, match="finite" + (".*row 25" if backend == "cpu" else "")):
+                    embkern.fde_encode(Y, off, cfg8, backend=backend)
+            finally:
+                if threads:
+                    mod.set_num_threads(old)
+        with pytest.raises(ValueError, match="finite"):
+            embkern.fde_encode([Y[:20], Y[20:]], config=cfg8, backend=backend)
+        with pytest.raises(ValueError, match="finite"):
+            embkern.fde_encode(torch.from_numpy(Y).reshape(5, 8, 8), config=cfg8, lengths=[8, 8, 8, 8, 8],
+                               backend=backend)
+        with pytest.raises(ValueError, match="finite"):
+            embkern.fde_encode(Y, off, cfg8, backend=backend, out=np.empty((5, cfg8.output_dimension), np.float32))
+    # a NaN in a padded slot beyond a document's length is not a point
+    P = np.zeros((2, 3, 8), np.float32)
+    P[0, 2] = np.nan
+    assert np.isfinite(embkern.fde_encode(P, config=cfg8, lengths=[2, 3], backend=backend)).all()
+
+
 def test_auto_backend_error_lists_rejections(monkeypatch, cfg8):
     monkeypatch.setattr(ops, "support", lambda kernel="encode": {})
     with pytest.raises(RuntimeError, match="rejected cpu: .*reference: "):

@@ -4,6 +4,9 @@
 
 #include <omp.h>
 
+#include <atomic>
+#include <climits>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -584,7 +587,31 @@ void release(Prepared* P) {
   P->ams_term_s = nullptr;
 }
 
-void encode(const Prepared& P, const float* points, const int64_t* offsets, int64_t B, float* out) {
+// Index of the first NaN / inf among x[0..count), or -1. Integer exponent test
+// (vectorises without -ffast-math), one 2 KiB block at a time; the points it
+// reads are the ones the encoder reads next, so it costs a few percent where
+// torch.isfinite on the whole batch cost 17 ms of a 55 ms encode (400 docs).
+int64_t first_nonfinite(const float* x, int64_t count) {
+  constexpr int64_t kBlock = 512;
+  for (int64_t i0 = 0; i0 < count; i0 += kBlock) {
+    const int64_t i1 = std::min(count, i0 + kBlock);
+    uint32_t any = 0;
+    for (int64_t i = i0; i < i1; ++i) {
+      uint32_t u;
+      std::memcpy(&u, x + i, sizeof(u));
+      any |= uint32_t((u & 0x7f800000u) == 0x7f800000u);
+    }
+    if (any)
+      for (int64_t i = i0; i < i1; ++i) {
+        uint32_t u;
+        std::memcpy(&u, x + i, sizeof(u));
+        if ((u & 0x7f800000u) == 0x7f800000u) return i;
+      }
+  }
+  return -1;
+}
+
+int64_t encode(const Prepared& P, const float* points, const int64_t* offsets, int64_t B, float* out) {
   const int64_t D = output_length(P);
 #ifdef __linux__
   // A fresh output (R20 k5: 327 KB a document) faults in one 4 KiB page per
@@ -600,14 +627,30 @@ void encode(const Prepared& P, const float* points, const int64_t* offsets, int6
     if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), size_t(hi - lo), MADV_HUGEPAGE);
   }
 #endif
+  // Every document is checked, so the row reported is the lowest bad one
+  // whatever the thread count; once one is found the rest are only checked.
+  int64_t bad = INT64_MAX;
+  std::atomic<bool> failed{false};
 #pragma omp parallel
   {
     Scratch s;
+    int64_t my_bad = INT64_MAX;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
-      encode_doc(P, points + offsets[b] * P.d, offsets[b + 1] - offsets[b], out + b * D, s);
+      const float* x = points + offsets[b] * P.d;
+      const int64_t n = offsets[b + 1] - offsets[b];
+      const int64_t f = first_nonfinite(x, n * P.d);
+      if (f >= 0) {
+        my_bad = std::min(my_bad, offsets[b] + f / P.d);
+        failed.store(true, std::memory_order_relaxed);
+        continue;
+      }
+      if (!failed.load(std::memory_order_relaxed)) encode_doc(P, x, n, out + b * D, s);
     }
+#pragma omp critical(embkern_fde_bad_row)
+    bad = std::min(bad, my_bad);
   }
+  return bad == INT64_MAX ? -1 : bad;
 }
 
 }  // namespace fde

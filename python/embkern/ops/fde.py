@@ -237,7 +237,13 @@ def _as_tensor(x, name: str) -> Tuple[Tensor, bool]:
     raise TypeError(f"{name}: expected a numpy array or torch.Tensor, got {type(x).__name__}")
 
 
-def _points_f32(x: Tensor, name: str, d: int) -> Tensor:
+def _check_finite(x: Tensor, name: str) -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: expected finite values, found NaN or inf (NaN would hash to bit 0 and "
+                         "propagate into its partition)")
+
+
+def _points_f32(x: Tensor, name: str, d: int, check_finite: bool = True) -> Tensor:
     if not (x.is_floating_point()):
         raise TypeError(f"{name}: expected a floating dtype (converted to float32), got {str(x.dtype).replace('torch.', '')}")
     if x.dim() != 2:
@@ -245,9 +251,8 @@ def _points_f32(x: Tensor, name: str, d: int) -> Tensor:
     if x.shape[1] != d:
         raise ValueError(f"{name}: expected shape (N, {d}) (config.dimension = {d}), got {tuple(x.shape)}")
     x = x.to(torch.float32).contiguous()
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: expected finite values, found NaN or inf (NaN would hash to bit 0 and "
-                         "propagate into its partition)")
+    if check_finite:
+        _check_finite(x, name)
     return x
 
 
@@ -270,8 +275,10 @@ def _offsets_i64(o, name: str, n_total: int, device) -> Tensor:
     return o
 
 
-def _ragged(points, offsets, lengths, d: int, name: str = "points") -> Tuple[Tensor, Tensor, bool]:
-    """Normalise the three input forms to (points (N, d) f32, offsets (B+1,) i64, numpy_output)."""
+def _ragged(points, offsets, lengths, d: int, name: str = "points",
+            check_finite: bool = True) -> Tuple[Tensor, Tensor, bool]:
+    """Normalise the three input forms to (points (N, d) f32, offsets (B+1,) i64, numpy_output).
+    check_finite=False leaves the NaN/inf check to the caller (the C++ encoder does it per document)."""
     if isinstance(points, (list, tuple)):
         if offsets is not None or lengths is not None:
             raise ValueError(f"{name}: a list of point clouds carries its own lengths; pass offsets=None, lengths=None")
@@ -281,7 +288,7 @@ def _ragged(points, offsets, lengths, d: int, name: str = "points") -> Tuple[Ten
             was_np = from_np if was_np is None else was_np
             if t.dim() == 1 and t.numel() == 0:
                 t = t.reshape(0, d)
-            parts.append(_points_f32(t, f"{name}[{i}]", d))
+            parts.append(_points_f32(t, f"{name}[{i}]", d, check_finite))
         devs = {p.device for p in parts}
         if len(devs) > 1:
             raise ValueError(f"{name}: expected every point cloud on one device, got {sorted(map(str, devs))}")
@@ -311,11 +318,11 @@ def _ragged(points, offsets, lengths, d: int, name: str = "points") -> Tuple[Ten
         flat = X[mask.to(X.device)]
         off = torch.zeros(X.shape[0] + 1, dtype=torch.int64)
         off[1:] = torch.cumsum(Lt, 0)
-        return _points_f32(flat, name, d), off.to(X.device), was_np
+        return _points_f32(flat, name, d, check_finite), off.to(X.device), was_np
     if offsets is None:
         raise ValueError("offsets: required with CSR points (N_total, d); or pass a list of arrays, "
                          "or a padded (B, L, d) array with lengths")
-    X = _points_f32(X, name, d)
+    X = _points_f32(X, name, d, check_finite)
     return X, _offsets_i64(offsets, "offsets", X.shape[0], X.device), was_np
 
 
@@ -371,8 +378,10 @@ def fde_encode(points, offsets=None, config: Optional[FDEConfig] = None, backend
         numpy input, else a tensor on the input's device.
     """
     c = _check_config(config)
-    X, off, as_np = _ragged(points, offsets, lengths, c.dimension)
+    X, off, as_np = _ragged(points, offsets, lengths, c.dimension, check_finite=False)
     be = _backends.resolve("fde_encode", backend, support("encode"), X.device, X.dtype)
+    if be != "cpu":  # the C++ encoder checks each document's points as it reads them
+        _check_finite(X, "points")
     if out is not None:
         _check_out(out, as_np, X.device, off.shape[0] - 1, c.output_dimension)
         if be == "cpu":

@@ -158,7 +158,13 @@ int64_t output_length(const Prepared& p);  // D if final projection else L
 // Encode B point clouds. out (B, output_length) is fully written. OpenMP over
 // documents; each thread owns whole output rows, so results do not depend on
 // the thread count. offsets must be validated (monotone, ending at N).
-void encode(const Prepared& prep, const float* points, const int64_t* offsets, int64_t B, float* out);
+// Returns -1, or the lowest row of `points` holding a NaN or inf: then the
+// contents of out are unspecified (documents from the first bad one found on
+// are left unwritten).
+int64_t encode(const Prepared& prep, const float* points, const int64_t* offsets, int64_t B, float* out);
+
+// Index of the first NaN / inf among x[0..count), or -1.
+int64_t first_nonfinite(const float* x, int64_t count);
 
 }  // namespace fde
 }  // namespace embkern
