@@ -366,6 +366,15 @@ struct Scratch {
   std::vector<float> raw;       // (L) row before the final projection
 };
 
+// s * v for s = +-1, exactly: v with its sign bit xor-ed by `bit` (0 or 1 << 31).
+inline float flip_sign(float v, uint32_t bit) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  u ^= bit;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
 void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Scratch& s) {
   const int64_t d = P.d, R = P.R, dp = P.dp, ld = P.rk_pad;
   const int k = P.k;
@@ -385,9 +394,21 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
   auto emit = [&](int64_t r, int64_t q, const float* b) {
     if (!sketch) return;
     const int64_t i0 = (r * NP + q) * dp;
-    const int32_t* bk = P.cs_bucket + i0;
-    const float* sg = P.cs_sign + i0;
-    for (int64_t c = 0; c < dp; ++c) out_row[bk[c]] = out_row[bk[c]] + sg[c] * b[c];
+    if (P.cs16 != nullptr) {
+      const uint16_t* t = P.cs16 + i0;
+      for (int64_t c = 0; c < dp; ++c) {
+        out_row[t[c] & 0x7fffu] = out_row[t[c] & 0x7fffu] + flip_sign(b[c], uint32_t(t[c] >> 15) << 31);
+      }
+    } else if (P.cs32 != nullptr) {
+      const uint32_t* t = P.cs32 + i0;
+      for (int64_t c = 0; c < dp; ++c) {
+        out_row[t[c] & 0x7fffffffu] = out_row[t[c] & 0x7fffffffu] + flip_sign(b[c], t[c] & 0x80000000u);
+      }
+    } else {
+      const int32_t* bk = P.cs_bucket + i0;
+      const float* sg = P.cs_sign + i0;
+      for (int64_t c = 0; c < dp; ++c) out_row[bk[c]] = out_row[bk[c]] + sg[c] * b[c];
+    }
   };
 
   // 1. sign bits -> partitions (all repetitions at once: one pass over G)
@@ -583,6 +604,22 @@ bool prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const 
     *error = "final projection without count-sketch tables";
     return false;
   }
+  if (P->final_dim > 0) {
+    const int64_t L = row_length(*P);
+    bool unit = true;
+    for (int64_t i = 0; i < L && unit; ++i) {
+      unit = (cs_sign[i] == 1.0f || cs_sign[i] == -1.0f) && cs_bucket[i] >= 0 && cs_bucket[i] < P->final_dim;
+    }
+    if (unit && P->final_dim <= (int64_t(1) << 15)) {
+      P->cs16 = new uint16_t[size_t(L)];
+      for (int64_t i = 0; i < L; ++i)
+        P->cs16[i] = uint16_t(uint32_t(cs_bucket[i]) | (cs_sign[i] < 0.0f ? 0x8000u : 0u));
+    } else if (unit && P->final_dim <= (int64_t(1) << 31)) {
+      P->cs32 = new uint32_t[size_t(L)];
+      for (int64_t i = 0; i < L; ++i)
+        P->cs32[i] = uint32_t(cs_bucket[i]) | (cs_sign[i] < 0.0f ? 0x80000000u : 0u);
+    }
+  }
   return true;
 }
 
@@ -591,6 +628,10 @@ void release(Prepared* P) {
   delete[] P->ams_col_off;
   delete[] P->ams_term_i;
   delete[] P->ams_term_s;
+  delete[] P->cs16;
+  delete[] P->cs32;
+  P->cs16 = nullptr;
+  P->cs32 = nullptr;
   P->gt = nullptr;
   P->ams_col_off = P->ams_term_i = nullptr;
   P->ams_term_s = nullptr;
