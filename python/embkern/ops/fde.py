@@ -15,8 +15,10 @@ all three; see the reference's docstring for the summation-order contract.
 
 Inputs: float tensors / arrays of any floating dtype are converted to float32
 (the reference's arithmetic); non-finite points raise ``ValueError`` (the
-reference would hash NaN to bit 0 and propagate it; we refuse instead).
-Non-contiguous inputs are copied.
+reference would hash NaN to bit 0 and propagate it; we refuse instead). The
+cpu backend checks each document's points in C++ as it encodes them (naming
+the lowest bad row); a preallocated ``out`` is then left partly written.
+Other backends check the whole batch first. Non-contiguous inputs are copied.
 """
 
 from __future__ import annotations
