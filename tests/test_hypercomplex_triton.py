@@ -286,6 +286,7 @@ def test_n_split_sweeps(monkeypatch, programs):
     monkeypatch.setattr(tk, "_MIN_SPLIT_TILES", 1)
     monkeypatch.setattr(tk, "_SPLIT_PROGRAMS", programs)
     B, N, d = 19, 70, 2  # 2 row blocks x 5 column tiles in the interpreter
+    monkeypatch.setattr(tk, "_CE_CHUNK", 16 * N)  # ce_backward in row chunks of 16 (+ 3) in the interpreter
     c = tk._cfg(torch.empty(0, device=DEV))
     splits, tps = tk._n_split(-(-B // c["BB"]), -(-N // c["BN"]))
     assert splits > 1  # (the interpreter's uneven case: 2 splits of 3 + 2 tiles)
@@ -323,3 +324,20 @@ def test_split_cursors_start_at_each_split():
     cur = tk._split_cursors(fo, fi, True, 3, 64, 4, 16)
     # first id >= 16 * s in each row's slice
     assert cur.tolist() == [[0, 5, 5], [2, 5, 6], [3, 5, 7], [4, 5, 8]]
+
+
+@pytest.mark.parametrize("programs", [4, 10 ** 6], ids=["uneven-splits", "one-tile-splits"])
+def test_mm_strided_and_split(monkeypatch, programs):
+    """ce_backward's fp32 product: strided (transposed) A, bf16 / fp32 B, reduction split."""
+    monkeypatch.setattr(tk, "_MIN_SPLIT_TILES", 1)
+    monkeypatch.setattr(tk, "_SPLIT_PROGRAMS", programs)
+    a = testing.randn((70, 21), seed=1).to(DEV)
+    for b in (testing.randn((70, 9), seed=2).to(DEV), testing.randn((70, 9), seed=3, dtype=torch.bfloat16).to(DEV)):
+        for A, Bm in ((a.t(), b), (a.t().contiguous(), b)):
+            want = A.double() @ Bm.double()
+            got = tk._mm(A, Bm)
+            assert got.dtype == torch.float32 and got.shape == (21, 9)
+            # fp32 products and sums of 70 terms: well inside 70 ulp of the largest partial sum
+            bound = 70 * torch.finfo(torch.float32).eps * (A.abs().double() @ Bm.abs().double())
+            assert bool(((got.double() - want).abs() <= bound).all())
+    assert tk._mm(a[:0], testing.randn((21, 4), seed=4).to(DEV)).shape == (0, 4)

@@ -56,13 +56,13 @@ tile, so the score of (b, n) is bit-identical across the three.
   them per chunk, and sorts them in torch.
 * ``ce_forward``: online logsumexp over each split's tiles, (max, sum, s_t)
   partials combined in torch.
-* ``ce_backward``: G = grad_loss (softmax - onehot) is recomputed tile by tile.
-  grad_q (and grad_bias_h = row sums of G) by a kernel over row blocks x
-  output K-chunks x N splits, whose fp32 partials are summed in torch; grad_E
-  (and grad_bias_t = column sums) by a kernel parallel over entity blocks x
-  K-chunks, each output element owned by one program. No atomics: results do
-  not depend on scheduling. With K > BLOCK_KO the S tile is recomputed once
-  per K-chunk (the price of keeping the accumulator in registers).
+* ``ce_backward``: G = grad_loss (softmax - onehot) is recomputed in fp32 on
+  score_forward's tile for a chunk of rows at a time (at most 2^22 values,
+  16 MiB, so memory is O(chunk x N) and never B x N), then grad_q = G E and
+  grad_E += G^T q_chunk are IEEE fp32 products (``_mm``: one program per
+  output tile, the reduction split between programs when tiles are few and
+  the splits summed in torch). No atomics: results do not depend on
+  scheduling.
 * ``query_forward`` / ``query_backward``: elementwise over the (B, d)
   coordinates, both layouts, fp32 arithmetic.
 """
@@ -115,20 +115,16 @@ def _cfg(t: torch.Tensor) -> dict:
     score_forward, rank, topk and ce_forward -- one shape, so one MMA
     instruction family and the same per-element arithmetic -- is 64 x 128 x 64
     on tensor cores for fp16/bf16 with 8 warps, and 64 x 64 x 32 with ieee
-    FMA for fp32 with 4 warps. The backward kernels also hold a (rows x BKO)
-    fp32 accumulator and an fp32 G tile, so the side they reduce over is
-    halved to 32: at 64 it spilled 300-1700 B per thread on sm_90; at 32, none
-    for fp16/bf16 and 16 B for fp32. The fused rank / topk sweeps carry extra
-    state and spill ~400 B per thread at these shapes (unmeasured cost).
+    FMA for fp32 with 4 warps; ce_backward's G kernel uses it too. The fused
+    rank / topk sweeps carry extra state and spill ~400 B per thread at these
+    shapes. Measured on an H100 (benchmarks/results): fp32 score_all runs at
+    13 TFLOP/s (cuBLAS fp32: 42), bf16 at 54-92 TFLOP/s.
     """
     if t.device.type != "cuda":
-        tile = dict(BB=16, BN=16, BK=16)
-        return dict(tile, warps=1, stages=1, bwd_q=dict(tile, BKO=16), bwd_e=dict(tile, BKO=16))
+        return dict(BB=16, BN=16, BK=16, warps=1, stages=1)
     if t.dtype == torch.float32:
-        small = dict(BB=32, BN=32, BK=32, BKO=64)
-        return dict(BB=64, BN=64, BK=32, warps=4, stages=3, bwd_q=small, bwd_e=small)
-    return dict(BB=64, BN=128, BK=64, warps=8, stages=3,
-                bwd_q=dict(BB=64, BN=32, BK=64, BKO=64), bwd_e=dict(BB=32, BN=64, BK=64, BKO=64))
+        return dict(BB=64, BN=64, BK=32, warps=4, stages=3)
+    return dict(BB=64, BN=128, BK=64, warps=8, stages=3)
 
 
 def _prec(t: torch.Tensor) -> str:
@@ -790,117 +786,129 @@ def _ce_grad_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr,
 
 
 @triton.jit
-def _ce_bwd_q_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr, gq_ptr, gbh_ptr,
-                     B, N, K, TPS,
-                     SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
-                     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKO: tl.constexpr,
-                     PREC: tl.constexpr, F32DOT: tl.constexpr):
-    """Partial G E (fp32, no epilogue) and row sums of G over split program_id(2)'s N tiles."""
-    rows = tl.program_id(0) * BB + tl.arange(0, BB)
-    rmask = rows < B
-    ko = tl.program_id(1) * BKO + tl.arange(0, BKO)
-    kmask = ko < K
-    sp = tl.program_id(2)
-    acc = tl.zeros((BB, BKO), dtype=tl.float32)
-    rsum = tl.zeros((BB,), dtype=tl.float32)
-    j0 = sp * TPS
-    j1 = tl.minimum(j0 + TPS, tl.cdiv(N, BN))
-    for j in range(j0, j1):
-        cols = j * BN + tl.arange(0, BN)
-        cmask = cols < N
-        G = _ce_grad_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr,
-                          rows, rmask, cols, cmask, K, SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
-        rsum += tl.sum(G, axis=1)
-        e = tl.load(e_ptr + cols.to(tl.int64)[:, None] * K + ko[None, :], mask=cmask[:, None] & kmask[None, :],
-                    other=0.0).to(tl.float32)
-        # G stays fp32: rounding it to the input dtype for tensor cores would
-        # cost ~3 decimal digits on small softmax probabilities.
-        acc = tl.dot(G, e, acc, input_precision="ieee")
-    qm = rmask[:, None] & kmask[None, :]
-    qoff = (sp * B + rows).to(tl.int64)[:, None] * K + ko[None, :]
-    tl.store(gq_ptr + qoff, acc, mask=qm)
-    if tl.program_id(1) == 0:
-        tl.store(gbh_ptr + sp * B + rows, rsum, mask=rmask)
+def _ce_g_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr, g_ptr, row0, M, N, K,
+                 SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
+                 BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PREC: tl.constexpr, F32DOT: tl.constexpr):
+    """G[r, n] (fp32) for the M query rows row0.. of one chunk, on score_forward's tile."""
+    local = tl.program_id(0) * BB + tl.arange(0, BB)
+    rows = row0 + local
+    rmask = local < M
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    cmask = cols < N
+    G = _ce_grad_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr,
+                      rows, rmask, cols, cmask, K, SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
+    off = local.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(g_ptr + off, G, mask=rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
-def _ce_bwd_e_kernel(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr, ge_ptr, gbt_ptr,
-                     B, N, K,
-                     SCORE: tl.constexpr, HAS_BH: tl.constexpr, HAS_BT: tl.constexpr,
-                     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BKO: tl.constexpr,
-                     PREC: tl.constexpr, F32DOT: tl.constexpr):
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    cmask = cols < N
-    ko = tl.program_id(1) * BKO + tl.arange(0, BKO)
-    kmask = ko < K
-    acc = tl.zeros((BN, BKO), dtype=tl.float32)
-    csum = tl.zeros((BN,), dtype=tl.float32)
-    for i in range(0, tl.cdiv(B, BB)):
-        rows = i * BB + tl.arange(0, BB)
-        rmask = rows < B
-        G = _ce_grad_tile(q_ptr, e_ptr, qq_ptr, ee_ptr, bh_ptr, bt_ptr, gl_ptr, lse_ptr, t_ptr,
-                          rows, rmask, cols, cmask, K, SCORE, HAS_BH, HAS_BT, BB, BN, BK, PREC, F32DOT)
-        csum += tl.sum(G, axis=0)
-        qv = tl.load(q_ptr + rows.to(tl.int64)[:, None] * K + ko[None, :], mask=rmask[:, None] & kmask[None, :],
-                     other=0.0).to(tl.float32)
-        acc = tl.dot(tl.trans(G), qv, acc, input_precision="ieee")
-    em = cmask[:, None] & kmask[None, :]
-    eoff = cols.to(tl.int64)[:, None] * K + ko[None, :]
-    if SCORE == 1:
-        ev = tl.load(e_ptr + eoff, mask=em, other=0.0).to(tl.float32)
-        acc = 2.0 * acc - 2.0 * ev * csum[:, None]
-    tl.store(ge_ptr + eoff, acc.to(ge_ptr.dtype.element_ty), mask=em)
-    if tl.program_id(1) == 0:
-        tl.store(gbt_ptr + cols, csum.to(gbt_ptr.dtype.element_ty), mask=cmask)
+def _mm_kernel(a_ptr, b_ptr, c_ptr, M, NC, R, sam, sak, sbk, sbn, RPS,
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """C[split] (M, NC) fp32 = A (M, R) @ B (R, NC) over split program_id(2)'s range of R.
+
+    Strided A and B (A = G or G^T), both read as fp32 with IEEE products (G
+    stays fp32: rounding it to bf16 for tensor cores would cost ~3 decimal
+    digits on small softmax probabilities). One program owns each output
+    tile of its split, and the splits are summed in torch: no atomics.
+    """
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    sp = tl.program_id(2)
+    mm = rm < M
+    nm = rn < NC
+    k_lo = sp * RPS
+    k_hi = tl.minimum(k_lo + RPS, R)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        rk = k0 + tl.arange(0, BK)
+        km = rk < k_hi
+        a = tl.load(a_ptr + rm.to(tl.int64)[:, None] * sam + rk.to(tl.int64)[None, :] * sak,
+                    mask=mm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + rk.to(tl.int64)[:, None] * sbk + rn.to(tl.int64)[None, :] * sbn,
+                    mask=km[:, None] & nm[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    off = (sp * M + rm).to(tl.int64)[:, None] * NC + rn[None, :]
+    tl.store(c_ptr + off, acc, mask=mm[:, None] & nm[None, :])
+
+
+def _mm_cfg(t: torch.Tensor) -> dict:
+    if t.device.type != "cuda":
+        return dict(BM=16, BN=16, BK=16, warps=1, stages=1)
+    return dict(BM=64, BN=64, BK=32, warps=4, stages=3)
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """fp32 a @ b (IEEE products, fixed summation order) for a fp32 (M, R) with any strides
+    and b (R, NC) of any float dtype; R is split between programs when the output tiles
+    are too few to fill the GPU."""
+    M, R = a.shape
+    NC = b.shape[1]
+    c = _mm_cfg(a)
+    tiles = triton.cdiv(M, c["BM"]) * triton.cdiv(NC, c["BN"])
+    splits, tps = _n_split(tiles, triton.cdiv(R, c["BK"]))
+    out = torch.empty(splits, M, NC, dtype=torch.float32, device=a.device)
+    if M == 0 or NC == 0:
+        return out.sum(0)
+    opts = dict(num_warps=c["warps"], num_stages=c["stages"])
+    if a.device.type == "cuda":
+        opts["enable_fp_fusion"] = True
+    with _device_ctx(a):
+        _mm_kernel[(triton.cdiv(M, c["BM"]), triton.cdiv(NC, c["BN"]), splits)](
+            a, b, out, M, NC, R, a.stride(0), a.stride(1), b.stride(0), b.stride(1), tps * c["BK"],
+            BM=c["BM"], BN=c["BN"], BK=c["BK"], **opts)
+    return out[0] if splits == 1 else out.sum(0)
+
+
+# Rows of G materialised per chunk in ce_backward: 2^22 fp32 (16 MiB, inside
+# an H100's 50 MB L2) whatever B is, so memory stays O(chunk x N), never B x N.
+_CE_CHUNK = 1 << 22
 
 
 def ce_backward(grad_loss, q, E, bias_h, bias_t, targets, lse, score: str):
     """(grad_q (B, K), grad_E (N, K), grad_bias_h (B,), grad_bias_t (N,)) of sum_b grad_loss_b loss_b.
 
-    G[b, n] = grad_loss[b] (exp(S[b, n] - lse[b]) - [n == t_b]) recomputed per tile in fp32;
+    G[b, n] = grad_loss[b] (exp(S[b, n] - lse[b]) - [n == t_b]) is recomputed in fp32
+    on score_forward's tile for a chunk of rows at a time (at most 2^22 values), then
+    grad_q = G E and grad_E += G^T q_chunk are two IEEE fp32 products (one program per
+    output tile, no atomics; chunks added in order). The fused version that kept G in
+    registers recomputed S once per 64-wide K chunk of the output (7 times at K = 400)
+    and took 32.8 ms at B = 1024 on an H100 where torch autograd took 3.4 ms.
     grad_bias_h / grad_bias_t are the row / column sums of G (always returned),
     all in q.dtype.
     """
     q, E = q.contiguous(), E.contiguous()
     B, K = q.shape
     N = E.shape[0]
-    gq = torch.empty_like(q)
-    gE = torch.empty_like(E)
-    gbh = torch.empty(B, dtype=q.dtype, device=q.device)
-    gbt = torch.empty(N, dtype=q.dtype, device=q.device)
     if B == 0 or N == 0:
-        gE.zero_()
-        gbt.zero_()
-        gq.zero_()
-        gbh.zero_()
-        return gq, gE, gbh, gbt
+        return (torch.zeros_like(q), torch.zeros_like(E), torch.zeros(B, dtype=q.dtype, device=q.device),
+                torch.zeros(N, dtype=q.dtype, device=q.device))
     gl = grad_loss.to(torch.float32).contiguous()
     ls = lse.to(torch.float32).contiguous()
     t = targets.to(torch.int64).contiguous()
     qq, ee = _sqnorms(q, E, score)
     c = _cfg(q)
-    flags = dict(SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None, PREC=_prec(q),
-                 F32DOT=_f32dot(q), **_launch(q, c))
+    BB, BN = c["BB"], c["BN"]
+    flags = dict(SCORE=_SCORE[score], HAS_BH=bias_h is not None, HAS_BT=bias_t is not None, BB=BB, BN=BN,
+                 BK=c["BK"], PREC=_prec(q), F32DOT=_f32dot(q), **_launch(q, c))
     bh, bt = _opt(bias_h, q), _opt(bias_t, q)
-    with _device_ctx(q):
-        # grad_E: one program per (entity block, K chunk) owns its outputs.
-        tiles = dict(c["bwd_e"])
-        tiles["BKO"] = min(tiles["BKO"], max(16, triton.next_power_of_2(K)))
-        _ce_bwd_e_kernel[(triton.cdiv(N, tiles["BN"]), triton.cdiv(K, tiles["BKO"]))](
-            q, E, qq, ee, bh, bt, gl, ls, t, gE, gbt, B, N, K, **tiles, **flags)
-        # grad_q: (row block, K chunk) programs are few at small B, so N is split
-        # too; the fp32 partials are summed in a fixed order below.
-        tiles = dict(c["bwd_q"])
-        tiles["BKO"] = min(tiles["BKO"], max(16, triton.next_power_of_2(K)))
-        owned = (triton.cdiv(B, tiles["BB"]), triton.cdiv(K, tiles["BKO"]))
-        splits, tps = _n_split(owned[0] * owned[1], triton.cdiv(N, tiles["BN"]))
-        part = torch.empty(splits, B, K, dtype=torch.float32, device=q.device)
-        rpart = torch.empty(splits, B, dtype=torch.float32, device=q.device)
-        _ce_bwd_q_kernel[(*owned, splits)](q, E, qq, ee, bh, bt, gl, ls, t, part, rpart, B, N, K, tps,
-                                           **tiles, **flags)
-    acc, rsum = part.sum(0), rpart.sum(0)
+    rows = max(BB, (_CE_CHUNK // max(N, 1)) // BB * BB)
+    gq = torch.empty(B, K, dtype=torch.float32, device=q.device)
+    rsum = torch.empty(B, dtype=torch.float32, device=q.device)
+    gE = None
+    csum = None
+    for b0 in range(0, B, rows):
+        m = min(rows, B - b0)
+        G = torch.empty(m, N, dtype=torch.float32, device=q.device)
+        with _device_ctx(q):
+            _ce_g_kernel[(triton.cdiv(m, BB), triton.cdiv(N, BN))](q, E, qq, ee, bh, bt, gl, ls, t, G, b0, m, N, K,
+                                                                   **flags)
+        gq[b0:b0 + m] = _mm(G, E)
+        part = _mm(G.t(), q[b0:b0 + m])
+        gE = part if gE is None else gE.add_(part)
+        rsum[b0:b0 + m] = G.sum(1)
+        cs = G.sum(0)
+        csum = cs if csum is None else csum.add_(cs)
     if score == "distance":
-        acc = 2.0 * acc - 2.0 * q.float() * rsum[:, None]
-    gq.copy_(acc)
-    gbh.copy_(rsum)
-    return gq, gE, gbh, gbt
+        gq = 2.0 * gq - 2.0 * q.float() * rsum[:, None]
+        gE = 2.0 * gE - 2.0 * E.float() * csum[:, None]
+    return gq.to(q.dtype), gE.to(E.dtype), rsum.to(q.dtype), csum.to(q.dtype)
