@@ -314,7 +314,8 @@ def _case(kind: str, cfg: FDEConfig, n: int, B: int, device: torch.device, salt:
         no_error=tuple(no_error),
         slow=("reference", "muvfde", "fastembed") if not tiny() else (),
         setup=data.setup,
-        teardown=lambda: (_scaling_note(name, calls, threads, B, notes), data.teardown()),
+        teardown=lambda: (_scaling_note(name, calls, threads, B, notes),
+                          _paired_scaling(name, cfg, data, threads, B, notes, "cpu" in run), data.teardown()),
     )
 
 
@@ -329,6 +330,43 @@ def _scaling_note(name: str, calls: Dict[str, List[float]], threads: int, B: int
     t1, tn = statistics.median(one), statistics.median(many)
     notes.append(f"thread scaling, {name}: 1 -> {threads} threads {t1 / tn:.2f}x ({B / t1:.0f} -> {B / tn:.0f} "
                  f"per s; medians of the cpu rows' {len(one)} / {len(many)} timed calls)")
+
+
+def _paired_scaling(name: str, cfg: FDEConfig, data, threads: int, B: int, notes: List[str], have_cpu: bool,
+                    pairs: int = 7) -> None:
+    """1 -> N thread scaling from back-to-back pairs of calls (order alternating inside the
+    pairs). On a shared VM the two cpu rows run tens of seconds apart and their ratio moves
+    by +-25% between runs; a pair sees the same machine state, so the median of the pairs'
+    ratios is the steadier figure. Each call returns a fresh output, as the rows do."""
+    mod = _backends.cpu_module()
+    if not have_cpu or threads < 2 or mod is None:
+        return
+
+    def timed(nt: int, out) -> float:
+        mod.set_num_threads(nt)
+        t0 = time.perf_counter()
+        try:
+            fde_ops.fde_encode(*data.inputs(), cfg, "cpu", out=out)
+        finally:
+            mod.set_num_threads(threads)
+        return time.perf_counter() - t0
+
+    inputs = data.inputs()
+    reuse = fde_ops.fde_encode(*inputs, cfg, "cpu")  # a touched buffer of the right kind for out=
+    for label, out in (("fresh output", None), ("out= reused", reuse)):
+        timed(1, out), timed(threads, out)  # warm-up
+        ratios = []
+        for i in range(pairs):
+            if i % 2 == 0:
+                t1 = timed(1, out)
+                tn = timed(threads, out)
+            else:
+                tn = timed(threads, out)
+                t1 = timed(1, out)
+            ratios.append(t1 / tn)
+        ratios.sort()
+        notes.append(f"thread scaling, {name}, {pairs} back-to-back pairs, {label}: 1 -> {threads} threads "
+                     f"{statistics.median(ratios):.2f}x (min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x)")
 
 
 def workloads(quick: bool, device) -> List[Workload]:
