@@ -646,3 +646,18 @@ def test_encode_into_preallocated_out(backend):
                      (torch.zeros(4, cfg.output_dimension), TypeError)):
         with pytest.raises(exc, match="out"):
             embkern.fde_encode(pts, off, cfg, backend=backend, out=bad)
+
+
+@needs_cpu
+@pytest.mark.parametrize("final", [None, 16])
+def test_overflowing_partition_sums_match_reference(final):
+    """Finite points whose partition sums overflow (inf, and inf - inf = NaN): the cpu kernel
+    reproduces the reference's bits, NaNs included, with and without the count sketch."""
+    cfg = C(8, 3, 2, 3, "query", final_projection_dimension=final)
+    X = (np.clip(np.random.default_rng(0).standard_normal((30, 8)), -2, 2) * 1.5e38).astype(np.float32)
+    off = np.array([0, 10, 30])
+    got = embkern.fde_encode(X, off, cfg, backend="cpu")
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = embkern.fde_encode(X, off, cfg, backend="reference")
+    assert np.isinf(want).any() and (final is None or np.isnan(want).any())
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))

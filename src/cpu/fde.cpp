@@ -404,7 +404,10 @@ struct Scratch {
 };
 
 // s * v for s = +-1, exactly: v with its sign bit xor-ed by `bit` (0 or 1 << 31).
+// A NaN (an overflowed partition sum, inf - inf) is returned unchanged, as the
+// x86 multiply returns its NaN operand.
 inline float flip_sign(float v, uint32_t bit) {
+  if (v != v) return v;
   uint32_t u;
   std::memcpy(&u, &v, sizeof(u));
   u ^= bit;
