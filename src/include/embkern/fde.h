@@ -146,8 +146,9 @@ struct Prepared {
   const float* cs_sign = nullptr;      // (L,) borrowed
   // The count sketch packed into one integer per input: bucket | (sign < 0) in
   // the top bit (16-bit when final_dim <= 2^15, else 32-bit), built when every
-  // sign is +-1 so that s * v is exactly v with its sign bit flipped. Half or a
-  // quarter of the 8 bytes per input that the encoder streams per document.
+  // sign is +-1 (the encoder multiplies by the +-1.0f it encodes, so the
+  // arithmetic is the reference's). Half or a quarter of the 8 bytes per input
+  // that the encoder streams per document.
   uint16_t* cs16 = nullptr;
   uint32_t* cs32 = nullptr;
 };
