@@ -8,6 +8,7 @@ import torch
 
 import embkern
 from embkern import _backends
+from embkern._bench.fde import _muvfde_config
 from embkern.ops import fde as ops
 from embkern.reference import fde as ref
 
@@ -168,19 +169,7 @@ def test_eigen_order_classes_are_distinct():
 
 
 def _muvfde_encode(muvfde, X, cfg):
-    m = muvfde.fixed_dimensional_encoding_config()
-    m.set_num_repetitions(cfg.num_repetitions)
-    m.set_num_simhash_projections(cfg.num_simhash_projections)
-    m.set_seed(int(np.int32(np.uint32(int(cfg.seed) & 0xFFFFFFFF))))
-    if cfg.is_document:
-        m.set_encoding_type(muvfde.encoding_type.AVERAGE)
-    if cfg.projection_type == "ams_sketch":
-        m.set_projection_type(muvfde.projection_type.AMS_SKETCH)
-        m.set_projection_dimension(cfg.projection_dim)
-    if cfg.fill_empty_partitions:
-        m.enable_fill_empty(True)
-    if cfg.final_projection_dimension is not None:
-        m.set_final_projection_dimension(cfg.final_projection_dimension)
+    m = _muvfde_config(muvfde, cfg)
     return np.asarray(muvfde.generate_fixed_dimensional_encoding(np.ascontiguousarray(X), m))
 
 

@@ -265,14 +265,19 @@ def test_ce_kernels_direct(dtype):
     t = torch.randint(0, N, (B,), generator=torch.Generator().manual_seed(4)).to(DEV)
     gl = testing.randn((B,), seed=6).to(DEV)
     for score, biases in [("inner", (None, None)), ("distance", (bh, bt)), ("distance", (None, bt))]:
-        testing.assert_parity(lambda q, E: tk.ce_forward(q, E, *biases, t, score),
-                              lambda q, E: ops._ref_ce_forward(q, E, *biases, t, score), (q, E))
-        _, lse = ops._ref_ce_forward(q.double(), E.double(), *[None if b is None else b.double() for b in biases],
-                                     t, score)
-        testing.assert_parity(
-            lambda q, E, gl, lse: tk.ce_backward(gl, q, E, *biases, t, lse, score),
-            lambda q, E, gl, lse: ops._ref_ce_backward(gl, q, E, *biases, t, lse, score),
-            (q, E, gl.float(), lse.float()))
+        ce_kernels_parity(q, E, biases, t, gl, score)
+
+
+def ce_kernels_parity(q, E, biases, t, gl, score):
+    """tk.ce_forward and tk.ce_backward against the reference (the 2x rule); lse from fp64."""
+    testing.assert_parity(lambda q, E: tk.ce_forward(q, E, *biases, t, score),
+                          lambda q, E: ops._ref_ce_forward(q, E, *biases, t, score), (q, E))
+    _, lse = ops._ref_ce_forward(q.double(), E.double(), *[None if b is None else b.double() for b in biases],
+                                 t, score)
+    testing.assert_parity(
+        lambda q, E, gl, lse: tk.ce_backward(gl, q, E, *biases, t, lse, score),
+        lambda q, E, gl, lse: ops._ref_ce_backward(gl, q, E, *biases, t, lse, score),
+        (q, E, gl.float(), lse.float()))
 
 
 # --------------------------------------------------------------------------- N splits
@@ -308,14 +313,7 @@ def test_n_split_sweeps(monkeypatch, programs):
         assert torch.equal(idx, ei) and torch.equal(vals, ev), score
         q = ref.query(h, r)
         biases = (bh, bt) if score == "distance" else (None, None)
-        testing.assert_parity(lambda q, E: tk.ce_forward(q, E, *biases, t, score),
-                              lambda q, E: ops._ref_ce_forward(q, E, *biases, t, score), (q, E))
-        _, lse = ops._ref_ce_forward(q.double(), E.double(), *[None if b is None else b.double() for b in biases],
-                                     t, score)
-        gl = testing.randn((B,), seed=6).to(DEV)
-        testing.assert_parity(lambda q, E, gl, lse: tk.ce_backward(gl, q, E, *biases, t, lse, score),
-                              lambda q, E, gl, lse: ops._ref_ce_backward(gl, q, E, *biases, t, lse, score),
-                              (q, E, gl, lse.float()))
+        ce_kernels_parity(q, E, biases, t, testing.randn((B,), seed=6).to(DEV), score)
 
 
 def test_split_cursors_start_at_each_split():

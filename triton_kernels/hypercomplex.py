@@ -79,7 +79,6 @@ import triton.language as tl
 _ALG = {"quaternion": 0, "dihedron": 1}
 _LAY = {"component": 0, "interleaved": 1}
 _SCORE = {"inner": 0, "distance": 1}
-_TIES = {"realistic": 0, "optimistic": 1, "pessimistic": 2}
 
 # Above this many padded top-k slots, the running list and the tile's best
 # (2 x 64 x KP int64 keys: 64 KiB per program at KP = 64, already ~400 B per

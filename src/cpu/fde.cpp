@@ -400,7 +400,7 @@ struct Scratch {
   std::vector<int64_t> start;   // (NP+1) partition -> range in members
   std::vector<int64_t> pos;     // (NP) fill cursor of the counting sort
   std::vector<int64_t> members; // (n) points grouped by partition, input order
-  std::vector<float> raw;       // (L) row before the final projection
+  std::vector<float> raw;       // (dp) one block on its way into the count sketch
 };
 
 // The sign of a packed count-sketch entry as the float the reference multiplies
@@ -409,11 +409,18 @@ struct Scratch {
 // R40 k6 document on EPYC: no moves between integer and vector registers).
 constexpr float kSketchSign[2] = {1.0f, -1.0f};
 
+// out[bucket(t[c])] += sign(t[c]) * b[c] for c < dp, t packed bucket | sign in the top bit.
+template <class T>
+inline void sketch_block(const T* t, const float* b, int64_t dp, float* out) {
+  constexpr int kTop = 8 * int(sizeof(T)) - 1;
+  constexpr T kBucket = T(~T(0)) >> 1;
+  for (int64_t c = 0; c < dp; ++c) out[t[c] & kBucket] = out[t[c] & kBucket] + kSketchSign[t[c] >> kTop] * b[c];
+}
+
 void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Scratch& s) {
   const int64_t d = P.d, R = P.R, dp = P.dp, ld = P.rk_pad;
   const int k = P.k;
   const int64_t NP = int64_t(1) << k;
-  const int64_t L = R * NP * dp;
   // Every block of every repetition is written in step 2: no zero pass. With a
   // final projection each block goes through one dp-float buffer straight
   // into the count sketch (step 3 below) instead of a scratch row of L floats
@@ -422,7 +429,6 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
   float* fde = sketch ? (s.raw.resize(size_t(dp)), s.raw.data()) : out_row;
   // streaming stores into the output row when every block is 32-byte aligned
   const bool nt = !sketch && dp % 8 == 0 && (reinterpret_cast<uintptr_t>(out_row) & 31) == 0;
-  (void)L;
   if (sketch) std::fill(out_row, out_row + P.final_dim, 0.0f);
   // 3. count sketch of block (r, q): blocks are emitted in increasing (r, q),
   //    so every bucket's members are added in ascending input index, the
@@ -431,15 +437,9 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
     if (!sketch) return;
     const int64_t i0 = (r * NP + q) * dp;
     if (P.cs16 != nullptr) {
-      const uint16_t* t = P.cs16 + i0;
-      for (int64_t c = 0; c < dp; ++c) {
-        out_row[t[c] & 0x7fffu] = out_row[t[c] & 0x7fffu] + kSketchSign[t[c] >> 15] * b[c];
-      }
+      sketch_block(P.cs16 + i0, b, dp, out_row);
     } else if (P.cs32 != nullptr) {
-      const uint32_t* t = P.cs32 + i0;
-      for (int64_t c = 0; c < dp; ++c) {
-        out_row[t[c] & 0x7fffffffu] = out_row[t[c] & 0x7fffffffu] + kSketchSign[t[c] >> 31] * b[c];
-      }
+      sketch_block(P.cs32 + i0, b, dp, out_row);
     } else {
       const int32_t* bk = P.cs_bucket + i0;
       const float* sg = P.cs_sign + i0;
