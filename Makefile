@@ -15,7 +15,7 @@ VPY  := $(VENV)/bin/python
 PIP  := $(VPY) -m pip
 # Build tools go in first so the package builds without isolation (no second
 # download of scikit-build-core/pybind11, and incremental rebuilds in build/).
-BUILD_DEPS := scikit-build-core>=0.10 pybind11>=2.12 ninja numpy
+BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy
 # KG triples (Nations/Kinships/UMLS) ship in the pykeen wheel; we only read its
 # data files, so it is installed without its dependencies.
 DATA_DEPS  := pykeen==1.11.1
@@ -43,8 +43,19 @@ install: setup
 	$(PIP) install -q --no-build-isolation --config-settings=build-dir=build/release ".[test,bench]"
 	$(PIP) install -q --no-deps $(DATA_DEPS) $(PYKEEN_IMPORT_DEPS) $(MODEL_DEPS)
 
+# The whole suite runs at the best ISA level this CPU has; the cpu-backend
+# parity and exactness files then run again at every lower level it can run
+# (EMBKERN_CPU_ISA), so a kernel that is only right at one level fails here.
+ISA_TEST_FILES := test_hypercomplex_cpu.py test_hypercomplex.py test_fde.py test_cpu_isa.py
+
 test: install
 	cd tests && ../$(VPY) -m pytest -c ../pyproject.toml --rootdir=.. . $(TEST_ARGS)
+	@levels=$$($(VPY) -c "import embkern._C as C; i = C.isa_info(); print(' '.join(l for l in i['available'] if l != i['best']))"); \
+	for level in $$levels; do \
+	  echo "== cpu kernels at EMBKERN_CPU_ISA=$$level"; \
+	  (cd tests && EMBKERN_CPU_ISA=$$level ../$(VPY) -m pytest -q -c ../pyproject.toml --rootdir=.. \
+	     $(ISA_TEST_FILES) -m "not triton and not cuda" $(TEST_ARGS)) || exit 1; \
+	done
 
 # Outside anchors timed by the bench (optional: a failed install is reported by
 # the bench as a skipped column). muvera-python needs nothing beyond numpy;

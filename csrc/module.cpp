@@ -3,20 +3,53 @@
 #include <omp.h>
 
 #include "common.h"
-#include "embkern/build_info.h"
+#include <stdexcept>
+
+#include "embkern/cpu_isa.h"
 
 #ifndef EMBKERN_VERSION
 #define EMBKERN_VERSION "dev"
 #endif
 
 namespace {
+namespace cpu = embkern::cpu;
+
+// The CPU kernels' instruction-set levels: which are built, which this CPU
+// runs, which one is active and why (EMBKERN_CPU_ISA).
+pybind11::dict isa_info() {
+  pybind11::dict d;
+  pybind11::list built, runnable;
+  for (int i = 0; i < cpu::kIsaLevels; ++i) {
+    const auto l = static_cast<cpu::Isa>(i);
+    if (!cpu::isa_compiled(l)) continue;
+    built.append(cpu::isa_name(l));
+    if (cpu::isa_supported(l)) runnable.append(cpu::isa_name(l));
+  }
+  d["compiled"] = built;
+  d["available"] = runnable;
+  d["best"] = cpu::isa_name(cpu::best_isa());
+  d["env_var"] = "EMBKERN_CPU_ISA";
+  d["requested"] = cpu::isa_request();
+  const std::string err = cpu::isa_error();
+  d["error"] = err;
+  d["active"] = err.empty() ? pybind11::object(pybind11::str(cpu::isa_name(cpu::active_isa()))) : pybind11::none();
+  return d;
+}
+
+void set_isa(const std::string& name) {
+  cpu::Isa l;
+  if (!cpu::parse_isa(name, &l))
+    embkern::value_error("isa: expected one of generic, avx2, avx512, native; got '" + name + "'");
+  cpu::set_isa(l);  // std::invalid_argument -> ValueError
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
   d["version"] = EMBKERN_VERSION;
   d["compiler"] = __VERSION__;
   d["openmp"] = _OPENMP;
   d["omp_max_threads"] = omp_get_max_threads();
-  d["compiled_isa"] = embkern::compiled_isa();
+  d["isa"] = isa_info();
   return d;
 }
 }  // namespace
@@ -24,6 +57,10 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "embkern CPU kernels (torch-free)";
   m.def("build_info", &build_info, "Compiler, OpenMP and instruction-set facts of this build");
+  m.def("isa_info", &isa_info, "CPU kernel ISA levels: compiled, available on this CPU, active, EMBKERN_CPU_ISA");
+  m.def("set_isa", &set_isa, pybind11::arg("level"),
+        "Run the CPU kernels at another ISA level (generic|avx2|avx512) from now on; for tests and benchmarks. "
+        "Not safe while kernels run in other threads.");
   m.def("get_num_threads", []() { return omp_get_max_threads(); });
   m.def("set_num_threads", [](int n) {
     if (n < 1) embkern::value_error("num_threads: expected >= 1, got " + std::to_string(n));

@@ -127,7 +127,7 @@ def collect_info() -> Dict[str, Any]:
     if mod is not None:
         try:
             bi = {k: v for k, v in dict(mod.build_info()).items()}
-            bi["compiled_isa"] = str(bi.get("compiled_isa", "")).split()
+            bi["isa"] = {k: (list(v) if isinstance(v, list) else v) for k, v in dict(bi.get("isa", {})).items()}
             info["build"] = {"module": "embkern._C", **bi}
         except Exception as exc:
             info["build"] = {"module": "embkern._C", "error": f"build_info failed: {exc}"}
@@ -186,14 +186,16 @@ def format_info(info: Dict[str, Any]) -> str:
     if "error" in b:
         lines.append(f"build:    embkern._C unavailable: {b['error']}")
     else:
-        isa = b.get("compiled_isa") or []
+        isa = b.get("isa") or {}
         lines.append(f"build:    embkern._C {b.get('version')}, compiler {b.get('compiler')}, OpenMP "
-                     f"{b.get('openmp')} ({b.get('omp_max_threads')} threads), compiled ISA: "
-                     f"{' '.join(isa) or 'baseline (portable)'}")
-        unused = [f for f in ("avx2", "fma", "avx512f") if f in c["features"] and f not in isa]
-        if unused:
-            lines.append(f"          note: this CPU has {' '.join(unused)} but the build does not use it "
-                         f"(EMBKERN_ARCH=portable, or built elsewhere)")
+                     f"{b.get('openmp')} ({b.get('omp_max_threads')} threads)")
+        active = isa.get("active") or f"none: {isa.get('error')}"
+        req = isa.get("requested")
+        lines.append(f"cpu isa:  active {active}"
+                     + (f" (EMBKERN_CPU_ISA={req})" if req else f" (best this CPU runs; {isa.get('env_var')}="
+                        "generic|avx2|avx512 forces a lower level)"))
+        lines.append(f"          built: {', '.join(isa.get('compiled') or [])};  this CPU runs: "
+                     f"{', '.join(isa.get('available') or [])}")
     cu = info["cuda"]
     lines.append(f"cuda:     {cu['module']}" + (f", runtime {cu['runtime_version']}" if "runtime_version" in cu else ""))
     if "device_count" in cu:

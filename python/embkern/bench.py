@@ -538,7 +538,7 @@ def _env_info(device) -> Dict[str, Any]:
             bi = dict(mod.build_info())
             info["omp_threads"] = int(mod.get_num_threads()) if hasattr(mod, "get_num_threads") else bi.get(
                 "omp_max_threads")
-            info["compiled_isa"] = bi.get("compiled_isa", "").strip()
+            info["cpu_isa"] = dict(bi.get("isa", {})).get("active")
         except Exception as exc:
             info["cpu_module"] = f"build_info failed: {exc}"
     else:

@@ -21,6 +21,7 @@
 
 namespace embkern {
 namespace fde {
+EMBKERN_ISA_BEGIN
 namespace {
 
 // ---- mt19937 (the standard engine; written out so no <random> is involved)
@@ -740,5 +741,6 @@ int64_t encode(const Prepared& P, const float* points, const int64_t* offsets, i
   return bad == INT64_MAX ? -1 : bad;
 }
 
+EMBKERN_ISA_END
 }  // namespace fde
 }  // namespace embkern

@@ -30,8 +30,15 @@
 #define EMBKERN_GEMM_AVX2 1
 #endif
 
+#ifndef EMBKERN_ISA_NS
+#error "gemm_kernel.h is compiled once per ISA level: build this source through a per-level object library"
+#endif
+
+// Inside the level's namespace, so that an inline function compiled for avx2
+// is never the copy the linker keeps for a generic caller.
 namespace embkern {
 namespace gemm {
+namespace EMBKERN_ISA_NS {
 
 template <typename T>
 struct Tile;
@@ -49,24 +56,14 @@ struct Tile<double> {
   static constexpr int W = 4;
 };
 
-// One multiply-add with the rounding the vector kernels use: fused where the
-// hardware fuses (AVX2+FMA path, or a target whose libm advertises fast fma),
-// otherwise two roundings -- then the scalar fallback tile uses it too, so the
-// two paths of one build always agree.
-inline float mac(float a, float b, float c) {
-#if defined(EMBKERN_GEMM_AVX2) || defined(FP_FAST_FMAF)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-inline double mac(double a, double b, double c) {
-#if defined(EMBKERN_GEMM_AVX2) || defined(FP_FAST_FMA)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
+// One multiply-add, always fused (one rounding), at every ISA level: the
+// vector kernels use FMA instructions, so the scalar tile must too, or ranks
+// and top-k indices would depend on the CPU. Without hardware FMA in the
+// build flags (the generic level) std::fma is libm's correctly rounded fma:
+// exact, but a call per term (the generic score tile is ~50x slower than
+// avx2; every x86-64 CPU since 2013 runs the avx2 level).
+inline float mac(float a, float b, float c) { return std::fma(a, b, c); }
+inline double mac(double a, double b, double c) { return std::fma(a, b, c); }
 
 // ---------------------------------------------------------------------------
 // 64-byte aligned scratch buffer (std::vector cannot promise the alignment).
@@ -596,5 +593,6 @@ inline void exp_inplace(double* x, int64_t n) {
 #endif
 }
 
+}  // namespace EMBKERN_ISA_NS
 }  // namespace gemm
 }  // namespace embkern

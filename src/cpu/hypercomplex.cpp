@@ -44,6 +44,8 @@
 
 namespace embkern {
 namespace hc {
+EMBKERN_ISA_BEGIN
+namespace gemm = ::embkern::gemm::EMBKERN_ISA_NS;
 namespace {
 
 using gemm::Buffer;
@@ -74,10 +76,28 @@ constexpr int kSign[2][4][4] = {
 };
 
 // The products are O(B d), nothing next to the GEMM, and are kept bit-identical
-// to the reference's separately rounded torch ops (a1*a2 - b1*b2 - ...): no
-// a*b+c contraction into FMA here (the build default is -ffp-contract=fast).
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
+// to the reference's separately rounded torch ops (a1*a2 - b1*b2 - ...) at
+// every ISA level. -ffp-contract=off (this file's build flag) is not enough:
+// GCC 12's SLP vectoriser turns the interleaved layout's mixed lanes
+// (x*y - z in some lanes, x*y + z in others) into vfmaddsub231ps even then,
+// at -march=x86-64-v3 and above; 52 of 572 values came out fused, off by up
+// to 4.8e-7 (and the old `#pragma GCC optimize("fp-contract=off")` made no
+// difference). So every product goes through rounded(): an empty asm that
+// makes the rounded product opaque, which no pass can fuse with the add that
+// follows. Cost: the product loop stays scalar, ~0.1 ms at B = 128, d = 100,
+// next to ~20 ms for the scores that follow.
+template <typename T>
+inline T rounded(T p) {
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__("" : "+x"(p));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(p));
+#else
+  volatile T v = p;
+  p = v;
+#endif
+  return p;
+}
 
 template <int LAY>
 inline int64_t at(int c, int64_t j, int64_t d) {
@@ -99,7 +119,8 @@ void query_forward_impl(const T* h, const T* r, T* q, int64_t B, int64_t d, bool
         y[c] = rb[at<LAY>(c, j, d)];
       }
       if (normalize) {
-        const T inv = T(1) / std::sqrt(y[0] * y[0] + y[1] * y[1] + y[2] * y[2] + y[3] * y[3]);
+        const T inv = T(1) / std::sqrt(rounded(y[0] * y[0]) + rounded(y[1] * y[1]) + rounded(y[2] * y[2]) +
+                                       rounded(y[3] * y[3]));
         for (int c = 0; c < 4; ++c) y[c] *= inv;
       }
       const T a1 = x[0], b1 = x[1], c1 = x[2], d1 = x[3];
@@ -107,15 +128,15 @@ void query_forward_impl(const T* h, const T* r, T* q, int64_t B, int64_t d, bool
       T o[4];
       // The spec's formulas term for term, left to right (reference order).
       if (ALG == 0) {
-        o[0] = a1 * a2 - b1 * b2 - c1 * c2 - d1 * d2;
-        o[1] = a1 * b2 + b1 * a2 + c1 * d2 - d1 * c2;
-        o[2] = a1 * c2 - b1 * d2 + c1 * a2 + d1 * b2;
-        o[3] = a1 * d2 + b1 * c2 - c1 * b2 + d1 * a2;
+        o[0] = rounded(a1 * a2) - rounded(b1 * b2) - rounded(c1 * c2) - rounded(d1 * d2);
+        o[1] = rounded(a1 * b2) + rounded(b1 * a2) + rounded(c1 * d2) - rounded(d1 * c2);
+        o[2] = rounded(a1 * c2) - rounded(b1 * d2) + rounded(c1 * a2) + rounded(d1 * b2);
+        o[3] = rounded(a1 * d2) + rounded(b1 * c2) - rounded(c1 * b2) + rounded(d1 * a2);
       } else {
-        o[0] = a1 * a2 - b1 * b2 + c1 * c2 + d1 * d2;
-        o[1] = a1 * b2 + b1 * a2 - c1 * d2 + d1 * c2;
-        o[2] = a1 * c2 + c1 * a2 + d1 * b2 - b1 * d2;
-        o[3] = a1 * d2 + d1 * a2 + b1 * c2 - c1 * b2;
+        o[0] = rounded(a1 * a2) - rounded(b1 * b2) + rounded(c1 * c2) + rounded(d1 * d2);
+        o[1] = rounded(a1 * b2) + rounded(b1 * a2) - rounded(c1 * d2) + rounded(d1 * c2);
+        o[2] = rounded(a1 * c2) + rounded(c1 * a2) + rounded(d1 * b2) - rounded(b1 * d2);
+        o[3] = rounded(a1 * d2) + rounded(d1 * a2) + rounded(b1 * c2) - rounded(c1 * b2);
       }
       for (int c = 0; c < 4; ++c) qb[at<LAY>(c, j, d)] = o[c];
     }
@@ -159,8 +180,6 @@ void query_backward_impl(const T* g, const T* h, const T* r, T* gh, T* gr, int64
     }
   }
 }
-
-#pragma GCC pop_options
 
 // ---------------------------------------------------------------------------
 // Shared state of one scoring call: packed query panels and the norms.
@@ -787,5 +806,6 @@ void ce_backward(const T* grad_loss, const T* q, const T* E, const T* bias_h, co
 EMBKERN_HC_INSTANTIATE(float)
 EMBKERN_HC_INSTANTIATE(double)
 
+EMBKERN_ISA_END
 }  // namespace hc
 }  // namespace embkern

@@ -32,6 +32,8 @@
 #include <cstdint>
 #include <string>
 
+#include "embkern/cpu_isa.h"
+
 #if defined(__CUDACC__)
 #define EMBKERN_HD __host__ __device__
 #else
@@ -40,18 +42,6 @@
 
 namespace embkern {
 namespace fde {
-
-// ---- random tables (spec "Random tables"; libstdc++ >= 11 algorithms on a
-// ---- raw mt19937 stream, reimplemented: never the platform <random>) ------
-
-// G: out (R, d, k); repetition r from mt19937(uint32(seed + r)).
-void simhash_table(uint32_t seed, int64_t d, int k, int64_t R, float* out);
-// AMS: index (R, d) in [0, dp), sign (R, d).
-void ams_table(uint32_t seed, int64_t d, int64_t dp, int64_t R, int32_t* index, float* sign);
-// Count sketch of `length` inputs to D buckets: bucket (length,), sign (length,).
-void count_sketch_table(uint32_t seed, int64_t length, int64_t D, int32_t* bucket, float* sign);
-// bucket -> input-index CSR: offsets (D+1,), members (length,) ascending per bucket.
-void count_sketch_csr(const int32_t* bucket, int64_t length, int64_t D, int64_t* offsets, int64_t* members);
 
 // ---- Eigen's summation order ------------------------------------------------
 
@@ -153,25 +143,9 @@ struct Prepared {
   uint32_t* cs32 = nullptr;
 };
 
-// Fill `prep` from the spec tables; allocates with new[] (free with release()).
-// Returns false with *error on inconsistent sizes.
-bool prepare(Prepared* prep, const float* simhash, const int32_t* ams_index, const float* ams_sign,
-             const int32_t* cs_bucket, const float* cs_sign, std::string* error);
-void release(Prepared* prep);
-
-int64_t row_length(const Prepared& p);     // L = R * 2^k * d_p
-int64_t output_length(const Prepared& p);  // D if final projection else L
-
-// Encode B point clouds. out (B, output_length) is fully written. OpenMP over
-// documents; each thread owns whole output rows, so results do not depend on
-// the thread count. offsets must be validated (monotone, ending at N).
-// Returns -1, or the lowest row of `points` holding a NaN or inf: then the
-// contents of out are unspecified (documents from the first bad one found on
-// are left unwritten).
-int64_t encode(const Prepared& prep, const float* points, const int64_t* offsets, int64_t B, float* out);
-
-// Index of the first NaN / inf among x[0..count), or -1.
-int64_t first_nonfinite(const float* x, int64_t count);
+EMBKERN_ISA_BEGIN
+#include "embkern/fde_api.inc"
+EMBKERN_ISA_END
 
 }  // namespace fde
 }  // namespace embkern

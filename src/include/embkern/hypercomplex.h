@@ -17,6 +17,8 @@
 #pragma once
 #include <cstdint>
 
+#include "embkern/cpu_isa.h"
+
 namespace embkern {
 namespace hc {
 
@@ -25,54 +27,9 @@ enum class Layout : int { Component = 0, Interleaved = 1 };
 enum class Score : int { Inner = 0, Distance = 1 };
 enum class Ties : int { Realistic = 0, Optimistic = 1, Pessimistic = 2 };
 
-// q = h (x) r_hat, r_hat = r / sqrt(a^2+b^2+c^2+d^2) per coordinate when
-// normalize, else r. Both algebras use the Euclidean 4-norm (spec).
-template <typename T>
-void query_forward(const T* h, const T* r, T* q, int64_t B, int64_t d,
-                   Algebra alg, Layout layout, bool normalize);
-
-// Backward of query_forward: grad_h, grad_r (B, D) from grad_q (B, D).
-template <typename T>
-void query_backward(const T* grad_q, const T* h, const T* r, T* grad_h, T* grad_r,
-                    int64_t B, int64_t d, Algebra alg, Layout layout, bool normalize);
-
-// S (B, N) = epilogue(q E^T).
-template <typename T>
-void score_forward(const T* q, const T* E, const T* bias_h, const T* bias_t, T* S,
-                   int64_t B, int64_t N, int64_t K, Score score);
-
-// Filtered rank of targets[b] among all N entities without a B x N buffer.
-// filter_offsets (B+1) / filter_index (nnz) is a CSR list of known true tails
-// per row (may contain the target; may be null for unfiltered). Filtered
-// entities are excluded from the count; the target itself never counts.
-// optimistic = 1 + #{s > s_t}, pessimistic = 1 + #{s >= s_t, n != t},
-// realistic = mean of the two. ranks: (B,) double.
-template <typename T>
-void rank(const T* q, const T* E, const T* bias_h, const T* bias_t,
-          const int64_t* targets, const int64_t* filter_offsets, const int64_t* filter_index,
-          double* ranks, int64_t B, int64_t N, int64_t K, Score score, Ties ties);
-
-// Top-k per row, descending score, ties broken by lower entity index.
-// Filtered entities (CSR as in rank, may be null) are skipped.
-// values (B, k), indices (B, k). Requires k <= N - (filtered count).
-template <typename T>
-void topk(const T* q, const T* E, const T* bias_h, const T* bias_t,
-          const int64_t* filter_offsets, const int64_t* filter_index,
-          T* values, int64_t* indices, int64_t B, int64_t N, int64_t K, int64_t k, Score score);
-
-// 1-N cross entropy, online logsumexp over N:
-//   loss[b] = logsumexp_n S[b,n] - S[b, targets[b]];   lse[b] saved for backward.
-template <typename T>
-void ce_forward(const T* q, const T* E, const T* bias_h, const T* bias_t, const int64_t* targets,
-                T* loss, T* lse, int64_t B, int64_t N, int64_t K, Score score);
-
-// Backward: G[b,n] = grad_loss[b] * (exp(S[b,n] - lse[b]) - [n == targets[b]]), recomputed
-// tile by tile. grad_q (B,K), grad_E (N,K) always; grad_bias_h (B,), grad_bias_t (N,)
-// when non-null (distance score).
-template <typename T>
-void ce_backward(const T* grad_loss, const T* q, const T* E, const T* bias_h, const T* bias_t,
-                 const int64_t* targets, const T* lse, T* grad_q, T* grad_E,
-                 T* grad_bias_h, T* grad_bias_t, int64_t B, int64_t N, int64_t K, Score score);
+EMBKERN_ISA_BEGIN
+#include "embkern/hypercomplex_api.inc"
+EMBKERN_ISA_END
 
 }  // namespace hc
 }  // namespace embkern

@@ -1,0 +1,56 @@
+// embkern::fde entry points: forward to the active ISA level's kernels
+// (src/cpu/fde.cpp, compiled once per level; see embkern/cpu_isa.h). Every
+// level gives the same bits (the file is built with -ffp-contract=off and its
+// sums have a fixed order), so a Prepared built at one level encodes at any.
+#include "embkern/fde.h"
+
+namespace embkern {
+namespace fde {
+#ifndef EMBKERN_HAVE_NATIVE
+namespace generic {
+#include "embkern/fde_api.inc"
+}
+#endif
+#ifdef EMBKERN_HAVE_AVX2
+namespace avx2 {
+#include "embkern/fde_api.inc"
+}
+#endif
+#ifdef EMBKERN_HAVE_AVX512
+namespace avx512 {
+#include "embkern/fde_api.inc"
+}
+#endif
+#ifdef EMBKERN_HAVE_NATIVE
+namespace native {
+#include "embkern/fde_api.inc"
+}
+#endif
+
+void simhash_table(uint32_t seed, int64_t d, int k, int64_t R, float* out) {
+  EMBKERN_DISPATCH(simhash_table, seed, d, k, R, out);
+}
+void ams_table(uint32_t seed, int64_t d, int64_t dp, int64_t R, int32_t* index, float* sign) {
+  EMBKERN_DISPATCH(ams_table, seed, d, dp, R, index, sign);
+}
+void count_sketch_table(uint32_t seed, int64_t length, int64_t D, int32_t* bucket, float* sign) {
+  EMBKERN_DISPATCH(count_sketch_table, seed, length, D, bucket, sign);
+}
+void count_sketch_csr(const int32_t* bucket, int64_t length, int64_t D, int64_t* offsets, int64_t* members) {
+  EMBKERN_DISPATCH(count_sketch_csr, bucket, length, D, offsets, members);
+}
+bool prepare(Prepared* prep, const float* simhash, const int32_t* ams_index, const float* ams_sign,
+             const int32_t* cs_bucket, const float* cs_sign, std::string* error) {
+  EMBKERN_DISPATCH(prepare, prep, simhash, ams_index, ams_sign, cs_bucket, cs_sign, error);
+}
+// Plain memory release: the level that prepared does not matter.
+void release(Prepared* prep) { EMBKERN_ISA_BASE::release(prep); }
+int64_t row_length(const Prepared& p) { return EMBKERN_ISA_BASE::row_length(p); }
+int64_t output_length(const Prepared& p) { return EMBKERN_ISA_BASE::output_length(p); }
+int64_t encode(const Prepared& prep, const float* points, const int64_t* offsets, int64_t B, float* out) {
+  EMBKERN_DISPATCH(encode, prep, points, offsets, B, out);
+}
+int64_t first_nonfinite(const float* x, int64_t count) { EMBKERN_DISPATCH(first_nonfinite, x, count); }
+
+}  // namespace fde
+}  // namespace embkern

@@ -1,0 +1,90 @@
+// embkern::hc entry points: forward to the active ISA level's kernels
+// (src/cpu/hypercomplex.cpp, compiled once per level; see embkern/cpu_isa.h).
+#include "embkern/hypercomplex.h"
+
+namespace embkern {
+namespace hc {
+#ifndef EMBKERN_HAVE_NATIVE
+namespace generic {
+#include "embkern/hypercomplex_api.inc"
+}
+#endif
+#ifdef EMBKERN_HAVE_AVX2
+namespace avx2 {
+#include "embkern/hypercomplex_api.inc"
+}
+#endif
+#ifdef EMBKERN_HAVE_AVX512
+namespace avx512 {
+#include "embkern/hypercomplex_api.inc"
+}
+#endif
+#ifdef EMBKERN_HAVE_NATIVE
+namespace native {
+#include "embkern/hypercomplex_api.inc"
+}
+#endif
+
+template <typename T>
+void query_forward(const T* h, const T* r, T* q, int64_t B, int64_t d, Algebra alg, Layout layout, bool normalize) {
+  EMBKERN_DISPATCH(query_forward<T>, h, r, q, B, d, alg, layout, normalize);
+}
+
+template <typename T>
+void query_backward(const T* grad_q, const T* h, const T* r, T* grad_h, T* grad_r, int64_t B, int64_t d,
+                    Algebra alg, Layout layout, bool normalize) {
+  EMBKERN_DISPATCH(query_backward<T>, grad_q, h, r, grad_h, grad_r, B, d, alg, layout, normalize);
+}
+
+template <typename T>
+void score_forward(const T* q, const T* E, const T* bias_h, const T* bias_t, T* S, int64_t B, int64_t N, int64_t K,
+                   Score score) {
+  EMBKERN_DISPATCH(score_forward<T>, q, E, bias_h, bias_t, S, B, N, K, score);
+}
+
+template <typename T>
+void rank(const T* q, const T* E, const T* bias_h, const T* bias_t, const int64_t* targets,
+          const int64_t* filter_offsets, const int64_t* filter_index, double* ranks, int64_t B, int64_t N, int64_t K,
+          Score score, Ties ties) {
+  EMBKERN_DISPATCH(rank<T>, q, E, bias_h, bias_t, targets, filter_offsets, filter_index, ranks, B, N, K, score, ties);
+}
+
+template <typename T>
+void topk(const T* q, const T* E, const T* bias_h, const T* bias_t, const int64_t* filter_offsets,
+          const int64_t* filter_index, T* values, int64_t* indices, int64_t B, int64_t N, int64_t K, int64_t k,
+          Score score) {
+  EMBKERN_DISPATCH(topk<T>, q, E, bias_h, bias_t, filter_offsets, filter_index, values, indices, B, N, K, k, score);
+}
+
+template <typename T>
+void ce_forward(const T* q, const T* E, const T* bias_h, const T* bias_t, const int64_t* targets, T* loss, T* lse,
+                int64_t B, int64_t N, int64_t K, Score score) {
+  EMBKERN_DISPATCH(ce_forward<T>, q, E, bias_h, bias_t, targets, loss, lse, B, N, K, score);
+}
+
+template <typename T>
+void ce_backward(const T* grad_loss, const T* q, const T* E, const T* bias_h, const T* bias_t, const int64_t* targets,
+                 const T* lse, T* grad_q, T* grad_E, T* grad_bias_h, T* grad_bias_t, int64_t B, int64_t N, int64_t K,
+                 Score score) {
+  EMBKERN_DISPATCH(ce_backward<T>, grad_loss, q, E, bias_h, bias_t, targets, lse, grad_q, grad_E, grad_bias_h,
+                   grad_bias_t, B, N, K, score);
+}
+
+#define EMBKERN_HC_DISPATCH_INSTANTIATE(T)                                                                          \
+  template void query_forward<T>(const T*, const T*, T*, int64_t, int64_t, Algebra, Layout, bool);                 \
+  template void query_backward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, Algebra, Layout, bool);  \
+  template void score_forward<T>(const T*, const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, Score);    \
+  template void rank<T>(const T*, const T*, const T*, const T*, const int64_t*, const int64_t*, const int64_t*,    \
+                        double*, int64_t, int64_t, int64_t, Score, Ties);                                         \
+  template void topk<T>(const T*, const T*, const T*, const T*, const int64_t*, const int64_t*, T*, int64_t*,      \
+                        int64_t, int64_t, int64_t, int64_t, Score);                                                \
+  template void ce_forward<T>(const T*, const T*, const T*, const T*, const int64_t*, T*, T*, int64_t, int64_t,    \
+                              int64_t, Score);                                                                     \
+  template void ce_backward<T>(const T*, const T*, const T*, const T*, const T*, const int64_t*, const T*, T*, T*, \
+                               T*, T*, int64_t, int64_t, int64_t, Score);
+
+EMBKERN_HC_DISPATCH_INSTANTIATE(float)
+EMBKERN_HC_DISPATCH_INSTANTIATE(double)
+
+}  // namespace hc
+}  // namespace embkern

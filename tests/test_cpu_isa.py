@@ -1,0 +1,144 @@
+"""Runtime ISA dispatch of the C++ CPU kernels (generic / avx2 / avx512).
+
+Every level this CPU runs is exercised in one process through
+``embkern._C.set_isa``; the exact ops must give the same bits at every level
+(FDE, the hypercomplex products, scores and so ranks and top-k indices),
+the rest stays within the numerics contract. The environment variable
+``EMBKERN_CPU_ISA`` is checked in subprocesses (it is read once per process).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import embkern
+from embkern.reference import hypercomplex as ref
+
+C = embkern._backends.cpu_module()
+INFO = dict(C.isa_info())
+LEVELS = list(INFO["available"])
+
+
+@pytest.fixture
+def at_level():
+    """Yields a setter; restores the process's level afterwards."""
+    before = C.isa_info()["active"]
+    yield C.set_isa
+    C.set_isa(before)
+
+
+def _per_level(at_level, fn):
+    out = {}
+    for level in LEVELS:
+        at_level(level)
+        out[level] = fn()
+    return out
+
+
+def _bits(x):
+    x = x.numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    return x.view(np.uint32 if x.dtype == np.float32 else np.uint64 if x.dtype == np.float64 else x.dtype)
+
+
+def test_info_names_levels_and_env_var():
+    assert INFO["env_var"] == "EMBKERN_CPU_ISA"
+    assert "generic" in INFO["compiled"] and "generic" in INFO["available"]
+    assert set(INFO["available"]) <= set(INFO["compiled"])
+    if not os.environ.get("EMBKERN_CPU_ISA"):
+        assert INFO["active"] == INFO["best"] == LEVELS[-1]
+    from embkern.__main__ import collect_info, format_info
+    text = format_info(collect_info())
+    assert "EMBKERN_CPU_ISA" in text and "active " + str(C.isa_info()["active"]) in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("score", ["inner", "distance"])
+def test_hypercomplex_exact_at_every_level(at_level, dtype, score):
+    g = torch.Generator().manual_seed(3)
+    B, N, d = 70, 1003, 13  # crosses the 64-row query block and the 96-entity block
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    h, r, E = mk(B, 4 * d), mk(B, 4 * d), mk(N, 4 * d)
+    bh, bt = (mk(B), mk(N)) if score == "distance" else (None, None)
+    t = torch.randint(0, N, (B,), generator=g)
+    filt = [torch.randint(0, N, (5,), generator=g).tolist() for _ in range(B)]
+    kw = dict(score=score, bias_h=bh, bias_t=bt, backend="cpu")
+
+    def run():
+        q = embkern.hamilton_product(h, r, layout="interleaved", normalize=True, backend="cpu")
+        S = embkern.score_all(h, r, E, **kw)
+        ranks = embkern.rank_all(h, r, E, t, filter_index=filt, **kw)
+        vals, ids = embkern.topk_all(h, r, E, 7, filter_index=filt, **kw)
+        loss = embkern.one_to_n_loss(h, r, E, t, reduction="none", **kw)
+        return q, S, ranks, vals, ids, loss
+
+    res = _per_level(at_level, run)
+    base = res["generic"]
+    assert torch.equal(base[0], ref.query(h, r, "quaternion", "interleaved", True))
+    for level, got in res.items():
+        for name, a, b in zip(("product", "scores", "ranks", "topk values", "topk ids"), got[:5], base[:5]):
+            assert torch.equal(a, b), f"{name} at {level} differ from generic"
+        # the loss uses a vectorised exp at avx2 and above: within the contract, not exact
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(got[5], base[5], rtol=tol, atol=tol)
+
+
+def test_fde_exact_at_every_level(at_level):
+    rng = np.random.default_rng(8)
+    cfgs = [embkern.FDEConfig(dimension=64, num_repetitions=4, num_simhash_projections=4, seed=5,
+                              encoding_type="document", fill_empty_partitions=True),
+            embkern.FDEConfig(dimension=32, num_repetitions=3, num_simhash_projections=3, seed=9,
+                              encoding_type="query", projection_type="ams_sketch", projection_dimension=8,
+                              final_projection_dimension=300)]
+    lens = rng.integers(0, 40, size=9)
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    for cfg in cfgs:
+        X = rng.standard_normal((int(off[-1]), cfg.dimension)).astype(np.float32)
+        res = _per_level(at_level, lambda: embkern.fde_encode(X, off, cfg, backend="cpu"))
+        want = embkern.fde_encode(X, off, cfg, backend="reference")
+        for level, got in res.items():
+            np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=f"FDE at {level}")
+
+
+def test_set_isa_rejects_unknown_and_unbuilt_levels(at_level):
+    with pytest.raises(ValueError, match="expected one of generic, avx2, avx512"):
+        C.set_isa("sse9")
+    missing = [lv for lv in ("avx2", "avx512", "native") if lv not in INFO["available"]]
+    with pytest.raises(ValueError, match="isa: this (build has no|CPU cannot run)"):
+        C.set_isa(missing[-1])
+
+
+def _run_with_env(value, code):
+    env = dict(os.environ, EMBKERN_CPU_ISA=value)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+_CALL = ("import torch, embkern, embkern._C as C\n"
+         "print('active', C.isa_info()['active'])\n"
+         "embkern.hamilton_product(torch.randn(2, 8), torch.randn(2, 8), backend='cpu')\n"
+         "print('ran')\n")
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_env_var_forces_a_level(level):
+    p = _run_with_env(level, _CALL)
+    assert p.returncode == 0, p.stderr
+    assert f"active {level}" in p.stdout and "ran" in p.stdout
+
+
+def test_env_var_unknown_level_errors_at_first_use():
+    p = _run_with_env("avx9000", _CALL)
+    assert "active None" in p.stdout  # import and info still work
+    assert p.returncode != 0 and "ran" not in p.stdout
+    assert "ValueError: EMBKERN_CPU_ISA: expected one of generic, avx2, avx512, auto; got 'avx9000'" in p.stderr
+
+
+def test_env_var_level_this_cpu_lacks_errors_at_first_use():
+    lacking = [lv for lv in ("avx2", "avx512") if lv in INFO["compiled"] and lv not in INFO["available"]]
+    if not lacking:
+        pytest.skip(f"this CPU runs every compiled level ({', '.join(INFO['compiled'])})")
+    p = _run_with_env(lacking[0], _CALL)
+    assert p.returncode != 0 and f"EMBKERN_CPU_ISA={lacking[0]}: this CPU lacks" in p.stderr
