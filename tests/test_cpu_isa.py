@@ -142,3 +142,17 @@ def test_env_var_level_this_cpu_lacks_errors_at_first_use():
         pytest.skip(f"this CPU runs every compiled level ({', '.join(INFO['compiled'])})")
     p = _run_with_env(lacking[0], _CALL)
     assert p.returncode != 0 and f"EMBKERN_CPU_ISA={lacking[0]}: this CPU lacks" in p.stderr
+
+
+def test_set_num_threads_bounds():
+    before = C.get_num_threads()
+    try:
+        for bad in (0, -1, 10**6, 2**40):
+            with pytest.raises(ValueError, match=r"num_threads: expected 1 <= num_threads <= \d+"):
+                C.set_num_threads(bad)
+        with pytest.raises(TypeError):
+            C.set_num_threads(1.5)
+        C.set_num_threads(1)
+        assert C.get_num_threads() == 1
+    finally:
+        C.set_num_threads(before)

@@ -47,7 +47,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 SLOW_CALL_S = 1.0
 MIN_SAMPLE_S = 1e-3
@@ -202,8 +202,33 @@ def _progress(total: int, enabled: bool):
     return _Tqdm()
 
 
-def run_workload(op: str, w, device, repeat: int, peak, bar) -> List[dict]:
-    """Rows (dicts) for one case: each backend, each anchor, each skip."""
+class _AtIsa:
+    """Runs the C++ kernels at one ISA level inside the block (``--cpu-isa``)."""
+
+    def __init__(self, level: Optional[str]):
+        self.level, self.before = level, None
+
+    def __enter__(self):
+        if self.level:
+            from . import _backends
+
+            mod = _backends.cpu_module()
+            self.before = mod.isa_info()["active"]
+            mod.set_isa(self.level)
+
+    def __exit__(self, *exc):
+        if self.level and self.before:
+            from . import _backends
+
+            _backends.cpu_module().set_isa(self.before)
+
+
+def run_workload(op: str, w, device, repeat: int, peak, bar, cpu_isa: Sequence[str] = ()) -> List[dict]:
+    """Rows (dicts) for one case: each backend, each anchor, each skip.
+
+    ``cpu_isa``: ISA levels to time the ``cpu`` backend at, one row each
+    (``cpu[avx2]``...); empty: one ``cpu`` row at the active level.
+    """
     rows = []
     ref64_box: Dict[str, Any] = {}
 
@@ -214,16 +239,26 @@ def run_workload(op: str, w, device, repeat: int, peak, bar) -> List[dict]:
 
     if w.setup is not None:
         w.setup()
-    entries = [("reference" if n == "reference" else "backend", n, fn) for n, fn in w.backends.items()]
-    entries += [("anchor", n, fn) for n, fn in w.anchors.items()]
+    entries = []
+    for n, fn in w.backends.items():
+        kind = "reference" if n == "reference" else "backend"
+        if n == "cpu" and cpu_isa:
+            entries += [(kind, f"cpu[{lv}]", fn, lv) for lv in cpu_isa]
+        else:
+            entries.append((kind, n, fn, None))
+    entries += [("anchor", n, fn, None) for n, fn in w.anchors.items()]
     try:
-        for kind, name, fn in entries:
-            bar.set(f"{op}: {w.name} / {name}")
-            row = {"op": op, "workload": w.name, "group": w.group, "backend": name, "kind": kind,
+        for kind, label, fn, level in entries:
+            name = "cpu" if level else label  # the workload's own per-backend settings
+            bar.set(f"{op}: {w.name} / {label}")
+            row = {"op": op, "workload": w.name, "group": w.group, "backend": label, "kind": kind,
                    "status": "ok", "reason": "", "params": w.params}
+            if level:
+                row["cpu_isa"] = level
             try:
-                times = time_call(fn, device, repeat, slow=name in w.slow)
-                out, nbytes = peak.measure(fn)
+                with _AtIsa(level):
+                    times = time_call(fn, device, repeat, slow=name in w.slow)
+                    out, nbytes = peak.measure(fn)
                 _sync(device)
                 row.update(times_s=times, median_s=statistics.median(times), min_s=min(times),
                            max_s=max(times), peak_extra_bytes=nbytes, max_abs_error=None)
@@ -503,6 +538,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="torch and OpenMP threads (default: leave as is)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device of the inputs (default cpu)")
+    p.add_argument("--cpu-isa", default=None, metavar="LEVELS",
+                   help="time the cpu backend at each of these ISA levels, one row each: a comma list of "
+                        "generic,avx2,avx512, or 'all' for every level this CPU runs (default: the active level)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--no-extra", action="store_true", help="skip the ops' extra reports (real-data runs)")
     # test-suite sizes: every case shrinks so the whole bench runs in seconds
@@ -573,6 +611,21 @@ def run(args: argparse.Namespace) -> int:
     if repeat < 1:
         print(f"bench: --repeat: expected >= 1, got {repeat}", file=sys.stderr)
         return 2
+    cpu_isa: List[str] = []
+    if args.cpu_isa:
+        from . import _backends
+
+        try:
+            runnable = list(_backends.cpu_module().isa_info()["available"])
+        except RuntimeError as exc:
+            print(f"bench: --cpu-isa: {exc}", file=sys.stderr)
+            return 2
+        cpu_isa = runnable if args.cpu_isa == "all" else [x.strip() for x in args.cpu_isa.split(",") if x.strip()]
+        bad = [x for x in cpu_isa if x not in runnable]
+        if bad or not cpu_isa:
+            print(f"bench: --cpu-isa: expected levels this CPU runs ({', '.join(runnable)}) or 'all', got "
+                  f"{args.cpu_isa!r}", file=sys.stderr)
+            return 2
     try:
         mods, missing = _bench.discover(args.op)
     except ValueError as exc:
@@ -587,7 +640,8 @@ def run(args: argparse.Namespace) -> int:
             cases += [(op, w) for w in mod.workloads(args.quick, device)]
         except Exception as exc:
             missing[op] = f"workloads() failed ({type(exc).__name__}: {exc})"
-    total = sum(len(w.backends) + len(w.anchors) for _, w in cases)
+    total = sum(len(w.backends) + len(w.anchors) + (len(cpu_isa) - 1 if cpu_isa and "cpu" in w.backends else 0)
+                for _, w in cases)
     # torch (+ dynamo, pykeen, matplotlib) leave ~10^6 long-lived objects: a full gc.collect()
     # then costs ~0.6 s on 2 cores. Freezing them keeps the per-row collections cheap.
     gc.collect()
@@ -601,7 +655,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         while cases:
             op, w = cases.pop(0)  # drop each case (and its inputs) once it has run
-            r = run_workload(op, w, device, repeat, peak, bar)
+            r = run_workload(op, w, device, repeat, peak, bar, cpu_isa)
             rows += r
             targets += evaluate_targets(r, w)
             for n in w.notes:
@@ -654,7 +708,7 @@ def run(args: argparse.Namespace) -> int:
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "env": env,
         "options": {"ops": list(mods), "quick": bool(args.quick), "repeat": repeat, "device": str(device),
-                    "tiny": _bench.tiny(), "threads": args.threads},
+                    "tiny": _bench.tiny(), "threads": args.threads, "cpu_isa": cpu_isa or None},
         "memory_method": peak.method if peak.ok else f"n/a: {peak.reason}",
         "timing_method": (f"warm-up, then {repeat} samples (<= {SLOW_REPEAT} for calls over {SLOW_CALL_S} s); "
                           f"each sample >= {MIN_SAMPLE_S * 1e3:.0f} ms of back-to-back calls"),
