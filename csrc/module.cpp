@@ -12,6 +12,16 @@
 #define EMBKERN_VERSION "dev"
 #endif
 
+namespace embkern {
+#ifdef EMBKERN_OMP_FORWARD
+void load_openmp_runtime();  // csrc/omp_runtime.cpp
+std::string openmp_runtime_path();
+#else
+inline void load_openmp_runtime() {}
+inline std::string openmp_runtime_path() { return "linked at build time"; }
+#endif
+}  // namespace embkern
+
 namespace {
 namespace cpu = embkern::cpu;
 
@@ -50,12 +60,15 @@ pybind11::dict build_info() {
   d["compiler"] = __VERSION__;
   d["openmp"] = _OPENMP;
   d["omp_max_threads"] = omp_get_max_threads();
+  d["openmp_runtime"] = embkern::openmp_runtime_path();
   d["isa"] = isa_info();
   return d;
 }
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
+  // Before anything can enter an OpenMP region.
+  embkern::load_openmp_runtime();
   m.doc() = "embkern CPU kernels (torch-free)";
   m.def("build_info", &build_info, "Compiler, OpenMP and instruction-set facts of this build");
   m.def("isa_info", &isa_info, "CPU kernel ISA levels: compiled, available on this CPU, active, EMBKERN_CPU_ISA");

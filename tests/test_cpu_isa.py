@@ -158,3 +158,38 @@ def test_set_num_threads_bounds():
         assert C.get_num_threads() == 1
     finally:
         C.set_num_threads(before)
+
+
+def test_kernels_share_torchs_openmp_runtime():
+    """One thread pool per process: _C runs on the OpenMP runtime torch loaded."""
+    rt = C.build_info()["openmp_runtime"]
+    maps = [line.split()[-1] for line in open("/proc/self/maps") if "gomp" in line or "iomp" in line]
+    if rt == "linked at build time":
+        pytest.skip("this build links its own OpenMP library (EMBKERN_OPENMP=linked or not Linux/GCC)")
+    assert rt in maps, (rt, maps)
+    assert len(set(p for p in maps if "gomp" in p)) == 1, f"more than one libgomp loaded: {sorted(set(maps))}"
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert C.get_num_threads() == 1  # torch's setting reaches the embkern kernels
+        C.set_num_threads(2)
+        assert torch.get_num_threads() in (1, 2)  # torch keeps its own copy of the count
+    finally:
+        torch.set_num_threads(before)
+        C.set_num_threads(before)
+
+
+def test_openmp_runtime_override_and_clear_error():
+    code = "import embkern._C as C; print(C.build_info()['openmp_runtime'])"
+    p = _run_with_env_var("EMBKERN_OPENMP_LIB", "libgomp.so.1", code)
+    if "linked at build time" in p.stdout:
+        pytest.skip("this build links its own OpenMP library")
+    assert p.returncode == 0 and p.stdout.strip() == "libgomp.so.1", p.stderr
+    p = _run_with_env_var("EMBKERN_OPENMP_LIB", "/nonexistent/libgomp.so.1", code)
+    assert p.returncode != 0
+    assert "ImportError: embkern._C: EMBKERN_OPENMP_LIB=/nonexistent/libgomp.so.1 could not be loaded" in p.stderr
+
+
+def _run_with_env_var(name, value, code):
+    env = dict(os.environ, **{name: value})
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
