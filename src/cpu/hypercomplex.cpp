@@ -244,8 +244,7 @@ struct Scorer {
     for (int64_t e = 0; e < nb; e += MR) {
       const int rows = static_cast<int>(std::min<int64_t>(MR, nb - e));
       const T* Ae = E + (n0 + e) * K;
-      for (int64_t p = 0; p < np; ++p)
-        gemm::tile_nt(rows, K, Ae, K, qp.data() + (p0 + p) * NR * K, C + e * kMB + p * NR, kMB);
+      gemm::tile_nt_panels(rows, K, Ae, K, qp.data() + p0 * NR * K, np, C + e * kMB, kMB);
     }
     if (dist) {
       const int64_t lanes = np * NR;
