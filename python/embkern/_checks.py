@@ -7,8 +7,10 @@ was given, before any kernel runs.
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -61,12 +63,14 @@ def same_dtype(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> No
 
 def _data_checks_off() -> bool:
     # Value-dependent checks (ranges, NaN, CSR monotonicity) would force a graph
-    # break under torch.compile; there the kernels' own boundary checks apply.
+    # break under torch.compile; there the public functions route the same
+    # checks through the ``embkern::check_*`` ops below, whose bodies run them
+    # on the real tensors when the compiled graph executes.
     return torch.compiler.is_compiling()
 
 
-def index_range(x: torch.Tensor, name: str, upper: int) -> None:
-    if x.numel() == 0 or _data_checks_off():
+def _range_error(x: torch.Tensor, name: str, upper: int) -> None:
+    if x.numel() == 0:
         return
     lo, hi = int(x.min()), int(x.max())
     if lo < 0 or hi >= upper:
@@ -74,25 +78,71 @@ def index_range(x: torch.Tensor, name: str, upper: int) -> None:
         raise ValueError(f"{name}: expected indices in [0, {upper}), got {bad}")
 
 
+def index_range(x: torch.Tensor, name: str, upper: int) -> None:
+    """Eager range check (skipped while tracing; use :func:`ids` where compiled calls must check too)."""
+    if x.numel() == 0 or _data_checks_off():
+        return
+    _range_error(x, name, upper)
+
+
 def finite(x: torch.Tensor, name: str) -> None:
     if x.numel() and not _data_checks_off() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: expected finite values, found NaN or inf")
 
 
-def csr(
-    offsets, index, rows: int, upper: int, name: str = "filter_index", device=None
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Validate a CSR list (offsets (rows+1,), index (nnz,)) and return int64 contiguous copies."""
-    offsets = int_tensor(torch.as_tensor(offsets, device=device) if not isinstance(offsets, torch.Tensor) else offsets,
-                         f"{name} offsets", 1)
-    index = int_tensor(torch.as_tensor(index, dtype=torch.int64, device=device) if not isinstance(index, torch.Tensor) else index,
-                       f"{name} index", 1)
-    if offsets.numel() != rows + 1:
-        raise ValueError(f"{name} offsets: expected {rows + 1} entries (rows + 1), got {offsets.numel()}")
-    offsets = offsets.to(torch.int64).contiguous()
-    index = index.to(torch.int64).contiguous()
-    if _data_checks_off():
-        return offsets, index
+def positive_int(value, name: str, minimum: int = 1) -> int:
+    """An int (numpy integers too, bool never) >= ``minimum``: chunk and batch sizes."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int >= {minimum}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {int(value)}")
+    return int(value)
+
+
+def real_device(x: torch.Tensor, name: str) -> torch.Tensor:
+    """Reject tensors without storage (meta) or on devices no backend runs on."""
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name}: expected a CPU or CUDA tensor (with data), got a tensor on device "
+                         f"{x.device.type!r}")
+    return x
+
+
+# ---------------------------------------------------------------------------
+# CSR lists (filter_index)
+
+
+def _int_ids(x, name: str, device, one_d: bool = True) -> torch.Tensor:
+    """A 1-d integer tensor from a tensor, numpy array or list of Python/numpy ints.
+
+    Floats, bools, strings and nested lists are a TypeError naming the first bad
+    element (``torch.as_tensor`` would truncate floats or fail with its own message)."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(f"{name}: expected integer entity ids, got a numpy array of dtype object")
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    elif isinstance(x, (list, tuple, range)):
+        for j, v in enumerate(x):
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name}[{j}]: expected an integer entity id, got {type(v).__name__} {v!r}")
+        try:
+            t = torch.tensor(list(x), dtype=torch.int64) if len(x) else torch.zeros(0, dtype=torch.int64)
+        except (RuntimeError, OverflowError, ValueError):
+            raise ValueError(f"{name}: expected ids that fit in int64 (|id| < 2**63), got a larger one") from None
+    else:
+        raise TypeError(f"{name}: expected a list, numpy array or torch.Tensor of integer ids, "
+                        f"got {type(x).__name__}")
+    if t.dtype not in INTS:
+        raise TypeError(f"{name}: expected integer ids, got dtype {_dt(t.dtype)}")
+    if one_d and t.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-d list of ids, got shape {tuple(t.shape)}")
+    if device is not None and t.device != torch.device(device):
+        t = t.to(device)
+    return t.to(torch.int64).contiguous()
+
+
+def _csr_values(offsets: torch.Tensor, index: torch.Tensor, rows: int, upper: int, name: str) -> None:
     if int(offsets[0]) != 0:
         raise ValueError(f"{name} offsets: expected offsets[0] == 0, got {int(offsets[0])}")
     if rows > 0 and bool((offsets[1:] < offsets[:-1]).any()):
@@ -101,25 +151,241 @@ def csr(
                          f"{int(offsets[i + 1])} < offsets[{i}] = {int(offsets[i])}")
     if int(offsets[-1]) != index.numel():
         raise ValueError(f"{name} offsets: expected offsets[-1] == len(index) = {index.numel()}, got {int(offsets[-1])}")
-    index_range(index, f"{name} index", upper)
+    _range_error(index, f"{name} index", upper)
+
+
+def csr(
+    offsets, index, rows: int, upper: int, name: str = "filter_index", device=None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Validate a CSR list (offsets (rows+1,), index (nnz,)) and return int64 contiguous copies.
+
+    Under torch.compile the value checks run in the ``embkern::check_csr`` op."""
+    offsets = _int_ids(offsets, f"{name} offsets", device)
+    index = _int_ids(index, f"{name} index", device)
+    if offsets.numel() != rows + 1:
+        raise ValueError(f"{name} offsets: expected {rows + 1} entries (rows + 1), got {offsets.numel()}")
+    if _data_checks_off():
+        return tuple(torch.ops.embkern.check_csr(offsets, index, upper, name))
+    _csr_values(offsets, index, rows, upper, name)
     return offsets, index
 
 
+FILTER_FORMS = ("filter_index: expected None, an (offsets, index) CSR tuple, or a list of B per-row id lists "
+                "(a list, not a tuple: a tuple is always read as a CSR pair)")
+
+
 def filter_to_csr(filter_index, rows: int, upper: int, device) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """Accept None, a (offsets, index) pair, or a length-`rows` sequence of per-row index lists."""
+    """Normalise ``filter_index`` to an int64 CSR pair (or (None, None)).
+
+    Accepted forms, told apart by their Python type only (never by their length):
+
+    * ``None``: no filter;
+    * a **tuple** ``(offsets, index)``: CSR, ``offsets`` (rows + 1,) non-decreasing
+      from 0 to ``len(index)``, ``index`` (nnz,) ids; each a tensor, numpy array
+      or list of ints;
+    * a **list** of ``rows`` per-row id collections (each a list of ints, a 1-d
+      integer tensor or numpy array).
+
+    Ids must be integers in [0, upper): floats, bools, strings and nested lists
+    are a TypeError in every form.
+    """
     if filter_index is None:
         return None, None
-    if isinstance(filter_index, tuple) and len(filter_index) == 2 and not isinstance(filter_index[0], (list, tuple)):
+    if isinstance(filter_index, tuple):
+        if len(filter_index) != 2:
+            raise ValueError(f"{FILTER_FORMS}; got a tuple of length {len(filter_index)}")
         off, idx = filter_index
         return csr(off, idx, rows, upper, "filter_index", device)
-    if isinstance(filter_index, (list, tuple)):
+    if isinstance(filter_index, list):
         if len(filter_index) != rows:
             raise ValueError(f"filter_index: expected {rows} per-row lists (one per query), got {len(filter_index)}")
-        parts = [torch.as_tensor(f, dtype=torch.int64).reshape(-1) for f in filter_index]
+        parts = []
+        for i, f in enumerate(filter_index):
+            if not isinstance(f, (list, tuple, range, torch.Tensor, np.ndarray)):
+                raise TypeError(f"filter_index[{i}]: expected the id list of row {i} (a list, 1-d tensor or array "
+                                f"of ints), got {type(f).__name__} {f!r}")
+            parts.append(_int_ids(f, f"filter_index[{i}]", None).cpu())
         off = torch.zeros(rows + 1, dtype=torch.int64)
         if rows:
-            off[1:] = torch.cumsum(torch.tensor([p.numel() for p in parts]), 0)
+            off[1:] = torch.cumsum(torch.tensor([p.numel() for p in parts], dtype=torch.int64), 0)
         idx = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
         return csr(off.to(device), idx.to(device), rows, upper, "filter_index", device)
-    raise TypeError("filter_index: expected None, an (offsets, index) CSR pair, or a list of per-row index lists, "
-                    f"got {type(filter_index).__name__}")
+    raise TypeError(f"{FILTER_FORMS}; got {type(filter_index).__name__}")
+
+
+def max_filtered(fo: Optional[torch.Tensor], fi: Optional[torch.Tensor], rows: int, upper: int) -> int:
+    """The largest number of distinct filtered ids in one row (duplicates skip nothing extra)."""
+    if fo is None or rows == 0 or fi.numel() == 0:
+        return 0
+    row = torch.repeat_interleave(torch.arange(rows, device=fo.device), fo[1:] - fo[:-1])
+    return int(torch.unique(row * upper + fi).div(upper, rounding_mode="floor").bincount(minlength=rows).max())
+
+
+def topk_bound(k: int, fo, fi, rows: int, upper: int) -> None:
+    m = max_filtered(fo, fi, rows, upper)
+    if k < 0 or k > upper - m:
+        raise ValueError(f"k: expected 0 <= k <= {upper - m} (entities minus the most filtered in a row), got {k}")
+
+
+# ---------------------------------------------------------------------------
+# The same value checks as ops, so that compiled graphs run them too. Each
+# returns fresh copies of what it checked, which the caller then uses, so the
+# compiler cannot drop the check as dead code.
+
+
+@torch.library.custom_op("embkern::check_ids", mutates_args=())
+def _check_ids_op(x: torch.Tensor, upper: int, name: str) -> torch.Tensor:
+    _range_error(x, name, upper)
+    return x.clone()
+
+
+@_check_ids_op.register_fake
+def _(x, upper, name):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("embkern::check_csr", mutates_args=())
+def _check_csr_op(offsets: torch.Tensor, index: torch.Tensor, upper: int,
+                  name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    _csr_values(offsets, index, offsets.numel() - 1, upper, name)
+    return offsets.clone(), index.clone()
+
+
+@_check_csr_op.register_fake
+def _(offsets, index, upper, name):
+    return torch.empty_like(offsets), torch.empty_like(index)
+
+
+@torch.library.custom_op("embkern::check_topk", mutates_args=())
+def _check_topk_op(offsets: torch.Tensor, index: torch.Tensor, k: int, upper: int) -> torch.Tensor:
+    topk_bound(k, offsets, index, offsets.numel() - 1, upper)
+    return index.clone()
+
+
+@_check_topk_op.register_fake
+def _(offsets, index, k, upper):
+    return torch.empty_like(index)
+
+
+@torch.library.custom_op("embkern::check_offsets", mutates_args=())
+def _check_offsets_op(offsets: torch.Tensor, total: int, name: str) -> torch.Tensor:
+    offsets_values(offsets, total, name)
+    return offsets.clone()
+
+
+@_check_offsets_op.register_fake
+def _(offsets, total, name):
+    return torch.empty_like(offsets)
+
+
+@torch.library.custom_op("embkern::check_finite", mutates_args=())
+def _check_finite_op(x: torch.Tensor, name: str, why: str) -> torch.Tensor:
+    finite_values(x, name, why)
+    return x.clone()
+
+
+@_check_finite_op.register_fake
+def _(x, name, why):
+    return torch.empty_like(x)
+
+
+def ids(x: torch.Tensor, name: str, upper: int) -> torch.Tensor:
+    """Range-check integer ids in eager mode and in compiled graphs; returns the ids to use."""
+    if _data_checks_off():
+        return torch.ops.embkern.check_ids(x, upper, name)
+    _range_error(x, name, upper)
+    return x
+
+
+def topk_k(k: int, fo, fi, rows: int, upper: int):
+    """Check 0 <= k <= N - (most distinct filtered ids in a row); returns the filter index to use."""
+    if _data_checks_off() and fo is not None:
+        if k < 0 or k > upper:
+            raise ValueError(f"k: expected 0 <= k <= {upper} (entities minus the most filtered in a row), got {k}")
+        return torch.ops.embkern.check_topk(fo, fi, k, upper)
+    topk_bound(k, fo, fi, rows, upper)
+    return fi
+
+
+def offsets_values(o: torch.Tensor, total: int, name: str) -> None:
+    """offsets (B+1,) int64: starts at 0, non-decreasing, ends at ``total``."""
+    oc = o.cpu()
+    if int(oc[0]) != 0:
+        raise ValueError(f"{name}: expected offsets[0] == 0, got {int(oc[0])}")
+    if oc.numel() > 1 and bool((oc[1:] < oc[:-1]).any()):
+        i = int(torch.nonzero(oc[1:] < oc[:-1])[0, 0])
+        raise ValueError(f"{name}: expected non-decreasing offsets, got offsets[{i + 1}] = {int(oc[i + 1])} < "
+                         f"offsets[{i}] = {int(oc[i])}")
+    if int(oc[-1]) != total:
+        raise ValueError(f"{name}: expected offsets[-1] == N_total = {total}, got {int(oc[-1])}")
+
+
+def offsets(o: torch.Tensor, total: int, name: str) -> torch.Tensor:
+    if _data_checks_off():
+        return torch.ops.embkern.check_offsets(o, total, name)
+    offsets_values(o, total, name)
+    return o
+
+
+def finite_values(x: torch.Tensor, name: str, why: str = "") -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: expected finite values, found NaN or inf{why}")
+
+
+def finite_checked(x: torch.Tensor, name: str, why: str = "") -> torch.Tensor:
+    """NaN/inf check in eager mode and in compiled graphs; returns the tensor to use."""
+    if _data_checks_off():
+        return torch.ops.embkern.check_finite(x, name, why)
+    finite_values(x, name, why)
+    return x
+
+
+# ---------------------------------------------------------------------------
+# Sizes up front
+
+_SMALL = 256 << 20  # below this, an allocation is left to the allocator without asking the OS
+
+
+def _available_host_bytes() -> Optional[int]:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def available_bytes(device) -> Optional[int]:
+    """Memory a new allocation on ``device`` can get (None when unknown)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+            return int(free) + max(int(cached), 0)
+        except (RuntimeError, AssertionError):
+            return None
+    if device.type == "cpu":
+        return _available_host_bytes()
+    return None
+
+
+def gb(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.3g} GB"
+
+
+def fits(nbytes: int, device, what: str) -> None:
+    """Raise MemoryError naming ``what`` (the config or shape) when ``nbytes`` exceed the memory available.
+
+    Skipped while tracing (sizes may be symbolic there)."""
+    if nbytes <= _SMALL or _data_checks_off():
+        return
+    avail = available_bytes(device)
+    if avail is not None and nbytes > avail:
+        raise MemoryError(f"{what} needs {gb(nbytes)} on {torch.device(device)}, more than the {gb(avail)} "
+                          "available")

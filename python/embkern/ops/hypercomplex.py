@@ -72,6 +72,31 @@ def _resolve(public: str, kernels: Sequence[str], backend: Optional[str], x: Ten
 _ref_query_backward = ref.query_backward
 
 
+def _nan_targets(q, E, bias_h, bias_t, targets, score):
+    """Raise when a target's own score is NaN: NaN compares false with everything, so the
+    kernels would give it rank 1. O(B * K): the targets' scores alone, as the reference
+    computes them (accumulation dtype, same epilogue)."""
+    if targets.numel() == 0:
+        return
+    acc = ref._acc_dtype(q.dtype)
+    t = targets.long()
+    qa, et = q.to(acc), E.index_select(0, t).to(acc)
+    st = (qa * et).sum(1)
+    if score == "distance":
+        st = 2.0 * st - (qa * qa).sum(1) - (et * et).sum(1)
+        if bias_h is not None:
+            st = st + bias_h.to(acc)
+        if bias_t is not None:
+            st = st + bias_t.index_select(0, t).to(acc)
+    bad = torch.isnan(st)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad)[:, 0]
+        b = int(rows[0])
+        raise ValueError(f"h, r, entities: the score of row {b}'s target (entity {int(t[b])}) is NaN "
+                         f"({rows.numel()} of {t.numel()} rows); a NaN score has no rank. Expected finite "
+                         "embeddings whose products do not overflow")
+
+
 def _ref_rank(q, E, bias_h, bias_t, targets, fo, fi, score, ties):
     return ref.rank_from_scores(ref.scores(q, E, bias_h, bias_t, score), targets, fo, fi, ties)
 
@@ -244,7 +269,8 @@ def hc_score_backward(grad: Tensor, q: Tensor, E: Tensor, score: str, backend: s
 def hc_rank(q: Tensor, E: Tensor, bias_h: Optional[Tensor], bias_t: Optional[Tensor], targets: Tensor,
             filter_offsets: Optional[Tensor], filter_index: Optional[Tensor], score: str, ties: str,
             backend: str) -> Tensor:
-    """Filtered ranks (B,) float64 of targets among all N entities."""
+    """Filtered ranks (B,) float64 of targets among all N entities; a NaN target score raises."""
+    _nan_targets(q, E, bias_h, bias_t, targets, score)
     return _ref_rank(q, E, bias_h, bias_t, targets, filter_offsets, filter_index, score, ties)
 
 
@@ -268,11 +294,14 @@ def hc_ce_backward(grad_loss: Tensor, q: Tensor, E: Tensor, bias_h: Optional[Ten
     return _ref_ce_backward(grad_loss, q, E, bias_h, bias_t, targets, lse, score)
 
 
-def _route(op, kernel: str):
-    """Register cpu/cuda kernels that run the backend named by the last argument."""
+def _route(op, kernel: str, pre=None):
+    """Register cpu/cuda kernels that run the backend named by the last argument
+    (after ``pre(*args)``, a value check every backend shares)."""
 
     def body(*args):
         *rest, backend = args
+        if pre is not None:
+            pre(*rest)
         return _impl(kernel, backend)(*rest)
 
     op.register_kernel("cpu")(body)
@@ -282,7 +311,7 @@ def _route(op, kernel: str):
 _route(hc_query, "query_forward")
 _route(hc_query_backward, "query_backward")
 _route(hc_score, "score_forward")
-_route(hc_rank, "rank")
+_route(hc_rank, "rank", lambda q, E, bh, bt, t, fo, fi, score, ties: _nan_targets(q, E, bh, bt, t, score))
 _route(hc_topk, "topk")
 _route(hc_ce, "ce_forward")
 _route(hc_ce_backward, "ce_backward")
@@ -481,8 +510,15 @@ def _targets(targets, B, N, device):
         raise ValueError(f"targets: expected shape ({B},) (one per query), got {tuple(targets.shape)}")
     if targets.device != device:
         raise ValueError(f"targets: expected device {device}, got {targets.device}")
-    _checks.index_range(targets, "targets", N)
-    return targets.to(torch.int64).contiguous()
+    return _checks.ids(targets.to(torch.int64).contiguous(), "targets", N)
+
+
+def _reference_scratch(be: str, public: str, B: int, N: int, dtype: torch.dtype, extra: int, device) -> None:
+    """The reference backend materialises (B, N) scores (plus ``extra`` bytes per element)."""
+    if be == "reference":
+        per = torch.empty((), dtype=ref._acc_dtype(dtype)).element_size() + extra
+        _checks.fits(B * N * per, device, f"{public}(backend='reference'): the ({B}, {N}) score matrix and its "
+                     "temporaries")
 
 
 def score_all(h: Tensor, r: Tensor, entities: Tensor, algebra: str = "quaternion", score: str = "inner",
@@ -499,8 +535,12 @@ def score_all(h: Tensor, r: Tensor, entities: Tensor, algebra: str = "quaternion
         bias_h: (B,), bias_t: (N,) optional, distance score only.
     Returns:
         (B, N) scores in the input dtype. Differentiable in h, r, entities, biases.
+    Raises:
+        MemoryError: the (B, N) output is larger than the memory available on the device.
     """
     h, r, E, bias_h, bias_t = _prepare(h, r, entities, algebra, score, layout, bias_h, bias_t)
+    _checks.fits(h.shape[0] * E.shape[0] * h.element_size(), h.device,
+                 f"score_all: the ({h.shape[0]}, {E.shape[0]}) {_checks._dt(h.dtype)} score matrix")
     be = _resolve("score_all", ("query_forward", "query_backward", "score_forward"), backend, h)
     q = hc_query(h, r, algebra, layout, normalize_relation, be)
     return hc_score(q, E, bias_h, bias_t, score, be)
@@ -514,13 +554,30 @@ def rank_all(h: Tensor, r: Tensor, entities: Tensor, targets: Tensor, filter_ind
 
     Args:
         targets: (B,) integer ids of the true tails.
-        filter_index: known true tails to skip (the "filtered" setting): None,
-            an ``(offsets (B+1,), index (nnz,))`` CSR pair, or a list of B
-            per-row id lists. The target itself never counts against itself.
+        filter_index: known true tails to skip (the "filtered" setting). The
+            form is told by its Python type, never by its length:
+
+            * ``None``: raw ranks;
+            * a **tuple** ``(offsets, index)``: always a CSR pair, ``offsets``
+              (B+1,) non-decreasing from 0 to ``len(index)``, ``index`` (nnz,);
+              tensors, numpy arrays or lists of ints (what
+              ``TailFilter.lookup`` returns);
+            * a **list** of B per-row id collections (lists of ints, 1-d integer
+              tensors or arrays), one per query.
+
+            Ids are integers in [0, N); floats, bools, strings and nested lists
+            are a TypeError in every form, a tuple of another length a
+            ValueError. The target itself never counts against itself.
         ties: "optimistic" (1 + #greater), "pessimistic" (1 + #greater-or-equal
             others) or "realistic" (their mean), as PyKEEN defines them.
     Returns:
         (B,) float64 ranks (1 = best). Extra memory O(B + N).
+    Raises:
+        ValueError: bad ids or filter lists (also under ``torch.compile``: the
+            value checks run as ops in the compiled graph), or a row whose
+            target score is NaN (NaN compares false with everything, so it would
+            rank 1); the message names the first such row. Entities other
+            than the target whose score is NaN never count against it.
     """
     h, r, E, bias_h, bias_t = _prepare(h, r, entities, algebra, score, layout, bias_h, bias_t)
     _checks.choice(ties, "ties", TIES)
@@ -528,6 +585,7 @@ def rank_all(h: Tensor, r: Tensor, entities: Tensor, targets: Tensor, filter_ind
     t = _targets(targets, B, N, h.device)
     fo, fi = _checks.filter_to_csr(filter_index, B, N, h.device)
     be = _resolve("rank_all", ("query_forward", "rank"), backend, h)
+    _reference_scratch(be, "rank_all", B, N, h.dtype, 4, h.device)  # + filter mask, comparisons
     with torch.no_grad():
         q = hc_query(h, r, algebra, layout, normalize_relation, be)
         return hc_rank(q, E, bias_h, bias_t, t, fo, fi, score, ties, be)
@@ -540,21 +598,19 @@ def topk_all(h: Tensor, r: Tensor, entities: Tensor, k: int, filter_index=None, 
     """Top-k entities per query, fused: no (B, N) buffer.
 
     Returns ``(values (B, k), indices (B, k) int64)``, descending score, ties
-    broken by the lower entity id; entities in ``filter_index`` are skipped.
+    broken by the lower entity id; entities in ``filter_index`` (the forms of
+    :func:`rank_all`) are skipped. ``k`` may be at most N minus the largest
+    number of distinct filtered ids in a row, in eager and compiled calls alike.
     """
     h, r, E, bias_h, bias_t = _prepare(h, r, entities, algebra, score, layout, bias_h, bias_t)
     B, N = h.shape[0], E.shape[0]
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     fo, fi = _checks.filter_to_csr(filter_index, B, N, h.device)
-    max_filtered = 0
-    if fo is not None and B > 0 and fi.numel() and not torch.compiler.is_compiling():
-        # distinct ids per row: duplicates in a filter list skip nothing extra
-        rows = torch.repeat_interleave(torch.arange(B, device=fo.device), fo[1:] - fo[:-1])
-        max_filtered = int(torch.unique(rows * N + fi).div(N, rounding_mode="floor").bincount(minlength=B).max())
-    if k < 0 or k > N - max_filtered:
-        raise ValueError(f"k: expected 0 <= k <= {N - max_filtered} (entities minus the most filtered in a row), got {k}")
+    # distinct ids per row count: duplicates in a filter list skip nothing extra
+    fi = _checks.topk_k(k, fo, fi, B, N)
     be = _resolve("topk_all", ("query_forward", "topk"), backend, h)
+    _reference_scratch(be, "topk_all", B, N, h.dtype, 25, h.device)  # + two int64 sort orders, mask
     with torch.no_grad():
         q = hc_query(h, r, algebra, layout, normalize_relation, be)
         return hc_topk(q, E, bias_h, bias_t, k, fo, fi, score, be)
@@ -580,6 +636,7 @@ def one_to_n_loss(h: Tensor, r: Tensor, entities: Tensor, targets: Tensor, algeb
         raise ValueError("entities: expected at least one entity for a cross-entropy over N, got N = 0")
     t = _targets(targets, B, N, h.device)
     be = _resolve("one_to_n_loss", ("query_forward", "query_backward", "ce_forward", "ce_backward"), backend, h)
+    _reference_scratch(be, "one_to_n_loss", B, N, h.dtype, 8, h.device)
     q = hc_query(h, r, algebra, layout, normalize_relation, be)
     loss, _ = hc_ce(q, E, bias_h, bias_t, t, score, be)
     if reduction == "mean":
