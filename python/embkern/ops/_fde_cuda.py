@@ -22,7 +22,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .. import _backends
+from .. import _backends, _checks
 
 # Per-chunk scratch cap (sign codes + unprojected rows for the count sketch):
 # 128 MiB keeps one chunk for 4096 documents x 80 points x R=40 codes (52 MB),
@@ -215,9 +215,7 @@ def encode_cuda(
         cs_sgn = _device_tensor(tables["cs_bucket_signs"], "tables['cs_bucket_signs']", torch.float32, (L,), device)
         _check_count_sketch(cs_off, cs_mem, L, D)
 
-    if out is None:
-        out = torch.empty((B, width), dtype=torch.float32, device=device)
-    else:
+    if out is not None:
         _device_tensor(out, "out", torch.float32, (B, width), device)
         if not out.is_contiguous():
             raise ValueError("out: expected a contiguous tensor")
@@ -241,6 +239,11 @@ def encode_cuda(
         chunk_budget_bytes=int(chunk_budget_bytes),
     )
     ws_bytes = mod.workspace_size(**problem)
+    need = max(ws_bytes, 1) + (B * width * 4 if out is None else 0)
+    _checks.fits(need, device, f"fde_encode (cuda): the ({B}, {width}) float32 output and a {_checks.gb(ws_bytes)} "
+                 f"workspace (R={R}, k={k}, projection_dim={dp}, final_projection_dimension={D})")
+    if out is None:
+        out = torch.empty((B, width), dtype=torch.float32, device=device)
     workspace = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=device)
     index = device.index if device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(index):

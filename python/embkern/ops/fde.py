@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _backends
+from .. import _backends, _checks
 from .._backends import OpSupport
 from ..reference import fde as ref
 from ..reference.fde import FDEConfig
@@ -231,7 +231,7 @@ def _op_args(c: FDEConfig) -> tuple:
 def _as_tensor(x, name: str) -> Tuple[Tensor, bool]:
     """(tensor, came_from_numpy)."""
     if isinstance(x, Tensor):
-        return x, False
+        return _checks.real_device(x, name), False
     if isinstance(x, np.ndarray):
         if x.dtype == object:
             raise TypeError(f"{name}: expected a numeric array, got dtype object")
@@ -239,10 +239,33 @@ def _as_tensor(x, name: str) -> Tuple[Tensor, bool]:
     raise TypeError(f"{name}: expected a numpy array or torch.Tensor, got {type(x).__name__}")
 
 
-def _check_finite(x: Tensor, name: str) -> None:
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name}: expected finite values, found NaN or inf (NaN would hash to bit 0 and "
-                         "propagate into its partition)")
+_NAN_WHY = " (NaN would hash to bit 0 and propagate into its partition)"
+
+
+def _check_finite(x: Tensor, name: str) -> Tensor:
+    """The finite check, in eager mode and (as an op) in compiled graphs; returns the tensor to use."""
+    return _checks.finite_checked(x, name, _NAN_WHY)
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _overflow(points, name: str = "points") -> Optional[str]:
+    """On the error path only: why finite wider-than-float32 input became inf (None if it did not)."""
+    srcs = points if isinstance(points, (list, tuple)) else [points]
+    worst = 0.0
+    for p in srcs:
+        if isinstance(p, np.ndarray) and p.dtype.kind == "f" and p.dtype.itemsize > 4 and p.size:
+            a = np.abs(p[np.isfinite(p)])
+            worst = max(worst, float(a.max()) if a.size else 0.0)
+        elif isinstance(p, Tensor) and p.is_floating_point() and p.element_size() > 4 and p.numel() \
+                and p.device.type in ("cpu", "cuda"):
+            a = p.detach().abs()[torch.isfinite(p.detach())]
+            worst = max(worst, float(a.max()) if a.numel() else 0.0)
+    if worst <= _F32_MAX:
+        return None
+    return (f"{name}: expected values within float32 range (|x| <= {_F32_MAX:.4g}), got a finite value of "
+            f"magnitude {worst:.4g}: FDE computes in float32, where it overflows to inf")
 
 
 def _points_f32(x: Tensor, name: str, d: int, check_finite: bool = True) -> Tensor:
@@ -254,7 +277,7 @@ def _points_f32(x: Tensor, name: str, d: int, check_finite: bool = True) -> Tens
         raise ValueError(f"{name}: expected shape (N, {d}) (config.dimension = {d}), got {tuple(x.shape)}")
     x = x.to(torch.float32).contiguous()
     if check_finite:
-        _check_finite(x, name)
+        x = _check_finite(x, name)
     return x
 
 
@@ -265,16 +288,7 @@ def _offsets_i64(o, name: str, n_total: int, device) -> Tensor:
     if o.dim() != 1 or o.numel() < 1:
         raise ValueError(f"{name}: expected a 1-d (B+1,) array with B+1 >= 1, got shape {tuple(o.shape)}")
     o = o.to(device=device, dtype=torch.int64).contiguous()
-    oc = o.cpu()
-    if int(oc[0]) != 0:
-        raise ValueError(f"{name}: expected offsets[0] == 0, got {int(oc[0])}")
-    if oc.numel() > 1 and bool((oc[1:] < oc[:-1]).any()):
-        i = int(torch.nonzero(oc[1:] < oc[:-1])[0, 0])
-        raise ValueError(f"{name}: expected non-decreasing offsets, got offsets[{i + 1}] = {int(oc[i + 1])} < "
-                         f"offsets[{i}] = {int(oc[i])}")
-    if int(oc[-1]) != n_total:
-        raise ValueError(f"{name}: expected offsets[-1] == N_total = {n_total}, got {int(oc[-1])}")
-    return o
+    return _checks.offsets(o, n_total, name)  # under torch.compile: checked by an op when the graph runs
 
 
 def _ragged(points, offsets, lengths, d: int, name: str = "points",
@@ -378,15 +392,35 @@ def fde_encode(points, offsets=None, config: Optional[FDEConfig] = None, backend
     Returns:
         (B, config.output_dimension) float32 (``out`` when given), numpy for
         numpy input, else a tensor on the input's device.
+    Raises:
+        ValueError: bad shapes, offsets or non-finite points (also inside
+            ``torch.compile(fullgraph=True)``, where the checks run as ops); a
+            float64 value beyond float32 range is reported as such.
+        MemoryError: the (B, D) output is larger than the memory available.
     """
+    try:
+        return _fde_encode(points, offsets, config, backend, lengths, out)
+    except ValueError as e:
+        if "NaN or inf" in str(e) and not torch.compiler.is_compiling():
+            why = _overflow(points)
+            if why is not None:
+                raise ValueError(why) from e
+        raise
+
+
+def _fde_encode(points, offsets, config, backend, lengths, out):
     c = _check_config(config)
     X, off, as_np = _ragged(points, offsets, lengths, c.dimension, check_finite=False)
-    be = _backends.resolve("fde_encode", backend, support("encode"), X.device, X.dtype)
+    if torch.compiler.is_compiling():  # cached, a constant of the graph (it only depends on what is installed)
+        be = _backends.resolve_many("fde_encode", KERNELS, support, backend, X.device.type, X.dtype)
+    else:
+        be = _backends.resolve("fde_encode", backend, support("encode"), X.device, X.dtype)
     if be != "cpu":  # the C++ encoder checks each document's points as it reads them
-        _check_finite(X, "points")
+        X = _check_finite(X, "points")
+    B, D = off.shape[0] - 1, c.output_dimension
     if out is not None:
-        _check_out(out, as_np, X.device, off.shape[0] - 1, c.output_dimension)
-        if be == "cpu":
+        _check_out(out, as_np, X.device, B, D)
+        if be == "cpu" and not torch.compiler.is_compiling():
             dst = out if as_np else out.detach().numpy()
             _cpu_mod().encode(tables(c).cpu_plan(c), X.detach().contiguous().numpy(),
                               off.detach().contiguous().numpy(), dst)
@@ -397,8 +431,15 @@ def fde_encode(points, offsets=None, config: Optional[FDEConfig] = None, backend
         else:
             out.copy_(res)
         return out
+    _checks.fits(B * D * 4, X.device, f"fde_encode: the ({B}, {D}) float32 output of {_config_text(c)}")
     res = fde_encode_op(X, off, *_op_args(c), be)
     return res.cpu().numpy() if as_np else res
+
+
+def _config_text(c: FDEConfig) -> str:
+    return (f"FDEConfig(dimension={c.dimension}, num_repetitions={c.num_repetitions}, "
+            f"num_simhash_projections={c.num_simhash_projections}, projection_dim={c.projection_dim}, "
+            f"final_projection_dimension={c.final_projection_dimension})")
 
 
 class FDEEncoder:
@@ -438,10 +479,18 @@ class FDEEncoder:
         order; ``out=None`` collects the batches into one array. ``total``
         (documents) sizes the progress bar (tqdm when installed, else a line on
         stderr every ~2 s).
+
+        ``out`` is checked before any batch is encoded: a writable float32
+        numpy array (``np.memmap`` opened ``"w+"``/``"r+"`` included) of shape
+        (num_docs, D); torch tensors, other dtypes and read-only arrays are
+        rejected (TypeError / ValueError).
         """
-        if out is not None and (getattr(out, "ndim", None) != 2 or out.shape[1] != self.output_dimension):
-            raise ValueError(f"out: expected a 2-d (num_docs, {self.output_dimension}) array, got shape "
-                             f"{getattr(out, 'shape', None)}")
+        D = self.output_dimension
+        _corpus_out(out, D)
+        if out is None and total is not None:
+            _checks.positive_int(total, "total", 0)
+            _checks.fits(int(total) * D * 4, "cpu", f"encode_corpus: the ({int(total)}, {D}) float32 corpus of "
+                         f"{_config_text(self.config)}")
         bar = _progress(total if total is not None else (out.shape[0] if out is not None else None), progress)
         row, collected = 0, []
         try:
@@ -467,10 +516,29 @@ class FDEEncoder:
         finally:
             bar.close()
         if out is None:
-            return np.concatenate(collected) if collected else np.zeros((0, self.output_dimension), np.float32)
+            _checks.fits(row * D * 4, "cpu", f"encode_corpus: the ({row}, {D}) float32 corpus of "
+                         f"{_config_text(self.config)}")
+            return np.concatenate(collected) if collected else np.zeros((0, D), np.float32)
         if hasattr(out, "flush"):
             out.flush()
         return out
+
+
+def _corpus_out(out, D: int) -> None:
+    """encode_corpus's ``out``: checked up front, not after the first batch."""
+    if out is None:
+        return
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected a numpy array or np.memmap of float32 (num_docs, {D}), got "
+                        f"{type(out).__name__}")
+    if out.dtype != np.float32:
+        raise TypeError(f"out: expected dtype float32 (the encodings are float32; other dtypes would round or "
+                        f"truncate them), got {out.dtype}")
+    if out.ndim != 2 or out.shape[1] != D:
+        raise ValueError(f"out: expected a 2-d (num_docs, {D}) array, got shape {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError("out: expected a writable array, got a read-only one (a np.memmap opened with mode='r'? "
+                         "use 'r+' or 'w+')")
 
 
 class _PlainBar:
@@ -558,11 +626,25 @@ def chamfer(q_points, q_offsets, d_points, d_offsets, *, doc_chunk: int = 4096):
 
     Args:
         q_points (Nq, d), q_offsets (Bq+1,); d_points (Nd, d), d_offsets (Bd+1,).
+        doc_chunk: documents per block (an int >= 1); a block holds an
+            (Nq, its document points) float32 similarity matrix.
     Returns:
         (Bq, Bd) float32; numpy for numpy input.
+    Raises:
+        MemoryError: the output plus the largest block exceed the memory available.
     """
+    doc_chunk = _checks.positive_int(doc_chunk, "doc_chunk")
     q, qo, x, xo, as_np = _chamfer_inputs(q_points, q_offsets, d_points, d_offsets)
-    Bd = xo.numel() - 1
+    Bq, Bd = qo.numel() - 1, xo.numel() - 1
+    if Bd:
+        edges = xo[torch.cat([torch.arange(0, Bd, doc_chunk, device=xo.device),
+                              torch.tensor([Bd], device=xo.device)])]
+        block_pts = int((edges[1:] - edges[:-1]).max())
+    else:
+        block_pts = 0
+    need = 4 * (Bq * Bd + q.shape[0] * (block_pts + 2 * min(doc_chunk, Bd)) + Bq * min(doc_chunk, Bd))
+    _checks.fits(need, q.device, f"chamfer: the ({Bq}, {Bd}) float32 output and blocks of {min(doc_chunk, Bd)} "
+                 f"documents ({q.shape[0]} x {block_pts} similarities)")
     parts = []
     for b0 in range(0, max(Bd, 1), doc_chunk):
         b1 = min(b0 + doc_chunk, Bd)
