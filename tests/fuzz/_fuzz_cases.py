@@ -66,7 +66,7 @@ def restore_globals():
 
 
 def _special(dtype, name):
-    if dtype.is_floating_point:
+    if dtype.is_floating_point or dtype.is_complex:
         fi = torch.finfo(dtype)
         return {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf"), "denorm": fi.tiny / 4,
                 "-0": -0.0, "big": fi.max / 4, "tiny": fi.tiny, "one": 1.0}[name]
@@ -113,9 +113,10 @@ def tensor(spec):
         info = torch.iinfo(dt)
         lo, hi = max(lo, info.min), min(hi, info.max)
         flat = torch.randint(int(lo), int(hi) + 1, (n + extra,), generator=g, dtype=torch.int64).to(dt)
-    for pos, name in spec.get("special", ()):
-        if n:
-            flat[extra + int(pos) % n] = _special(dt, name)
+    if view == "expand":  # every visible element is a base element
+        for pos, name in spec.get("special", ()):
+            if n:
+                flat[extra + int(pos) % n] = _special(dt, name)
     if view == "offset":
         t = flat[extra:].view(base_shape)
     else:
@@ -126,6 +127,12 @@ def tensor(spec):
         t = t.transpose(-1, -2)
     elif view == "stride2":
         t = t[..., ::2] if shape else t
+    numel = 1
+    for sz in shape:
+        numel *= sz
+    if view != "expand" and numel:  # specials land on visible elements
+        for pos, name in spec.get("special", ()):
+            t[np.unravel_index(int(pos) % numel, shape)] = _special(dt, name)
     if spec.get("lib") == "numpy":
         if dt == torch.bfloat16:
             raise ValueError("spec: numpy has no bfloat16")
@@ -151,6 +158,9 @@ def small_numel(spec) -> bool:
 # The property
 
 
+SIZE_SYMBOLS = ("R", "d", "k", "d_p", "L", "D", "B", "N", "config")
+
+
 class Unavailable(Exception):
     pass
 
@@ -166,7 +176,9 @@ def attempt(call, names, allow_unavailable=False):
         return "ok", call()
     except (ValueError, TypeError, MemoryError) as e:
         msg = str(e)
-        if not _names_re(names).search(msg):
+        # a size refusal may name the config by its symbols (R, d, k, d_p, L, D, B, N)
+        ok_names = tuple(names) + (SIZE_SYMBOLS if isinstance(e, MemoryError) else ())
+        if not _names_re(ok_names).search(msg):
             raise AssertionError(f"{type(e).__name__} does not name an argument (one of {sorted(set(names))}): "
                                  f"{msg[:600]!r}") from None
         if isinstance(e, MemoryError) and "GB" not in msg:
@@ -591,15 +603,17 @@ def fde_public(spec):
         call = lambda: embkern.fde_encode(config=cfg, backend=be, out=out_arg, **args)  # noqa: E731
     else:
         enc_kind = fn.split(".", 1)[1]
-        enc = embkern.FDEEncoder(cfg, backend=be)
+        # the encoder builds its tables in the constructor: that is part of the call
         if enc_kind == "encode_corpus":
             batches = _corpus_batches(args)
-            call = lambda: enc.encode_corpus(batches, out=out_arg, progress=False)  # noqa: E731
-            cfg_used = enc.document_config
+            call = lambda: embkern.FDEEncoder(cfg, backend=be).encode_corpus(  # noqa: E731
+                batches, out=out_arg, progress=False)
+            cfg_used = cfg.replace(encoding_type="document")
         else:
-            call = lambda: getattr(enc, enc_kind)(**args)  # noqa: E731
-            cfg_used = {"encode": cfg, "encode_queries": enc.query_config,
-                        "encode_documents": enc.document_config}[enc_kind]
+            call = lambda: getattr(embkern.FDEEncoder(cfg, backend=be), enc_kind)(**args)  # noqa: E731
+            cfg_used = {"encode": cfg, "encode_queries": cfg.replace(encoding_type="query",
+                                                                     fill_empty_partitions=False),
+                        "encode_documents": cfg.replace(encoding_type="document")}[enc_kind]
     kind, res = attempt(call, names)
     wall = time.monotonic() - t0
     if not settle(kind, res, spec):
@@ -927,8 +941,16 @@ def _plan_tables(spec):
     seed = p.get("seed", 1)
     t = {}
     broken = dict(p.get("broken", {}))
-    t["simhash"] = broken["simhash"] if "simhash" in broken else rfde.simhash_table(seed, d, k, R)
-    if p.get("ams"):
+    ok = d > 0 and R > 0 and 0 <= k <= 30 and 0 < dp < 2**31
+    t["simhash"] = broken["simhash"] if "simhash" in broken else (
+        rfde.simhash_table(seed, d, k, R) if ok else np.zeros((max(R, 0), max(d, 0), max(k, 0)), np.float32))
+    if not ok:  # a config past its limits: tables of whatever shape can be made, the plan must refuse it
+        D = max(D, 0) if D < 2**20 else 0
+        L = max(R, 0) * (1 << max(min(k, 8), 0)) * min(max(dp, 0), 8)
+    if p.get("ams") and not ok:
+        t["ams_index"] = np.zeros((max(R, 0), max(d, 0)), np.int32)
+        t["ams_sign"] = np.ones((max(R, 0), max(d, 0)), np.float32)
+    elif p.get("ams"):
         ai, asg = rfde.ams_table(seed, d, dp, R)
         t["ams_index"] = broken.get("ams_index", ai)
         t["ams_sign"] = broken.get("ams_sign", asg)
@@ -936,7 +958,8 @@ def _plan_tables(spec):
         t["ams_index"] = broken.get("ams_index", None)
         t["ams_sign"] = broken.get("ams_sign", None)
     if D > 0:
-        L = R * (1 << k) * dp
+        if ok:
+            L = R * (1 << k) * dp
         cb, cs = rfde.count_sketch_table(seed, L, D)
         if p.get("signs") == "arbitrary":
             cs = (np.random.default_rng(p.get("seed", 1) & 0xFFFF).standard_normal(L)).astype(np.float32)

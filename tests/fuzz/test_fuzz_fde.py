@@ -136,7 +136,7 @@ def ragged_input(draw, d, faults, big):
         faults.append("points: float64 beyond float32 range")
     views = ("contig", "contig", "transposed", "offset", "stride2", "expand")
     spec = {"form": form, "B": B}
-    scale = 1e39 if pf == "f64_overflow" else 1.0
+    scale = 1e300 if pf == "f64_overflow" else 1.0  # every value beyond float32's range
     if form == "list":
         spec["parts"] = [draw(tspec((n, width), dt, lib=lib, views=views, specials=False, scale=scale,
                                     special=special)) for n in lens]
@@ -334,7 +334,9 @@ def chamfer_case(draw):
     if fn == "chamfer":
         dc = draw(st.sampled_from(("default", "default", 1, 2, 3, 4096, 0, -1, True, 2.0, None)))
         spec["doc_chunk"] = dc
-        if dc in (0, -1, None) or isinstance(dc, (bool, float)):
+        if isinstance(dc, bool):
+            faults.append(f"soft:doc_chunk: {dc!r}")
+        elif dc in (0, -1, None) or isinstance(dc, float):
             faults.append(f"doc_chunk: {dc!r}")
     else:
         C = draw(st.integers(0, 4)) if Bd else 0
