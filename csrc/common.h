@@ -5,7 +5,16 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
+#include <climits>
+
+#include <sys/resource.h>
+#include <unistd.h>
+
 #include <cstdint>
+#include <cstdio>
+#include <fstream>
+#include <new>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -15,6 +24,84 @@ namespace py = pybind11;
 
 [[noreturn]] inline void value_error(const std::string& msg) { throw py::value_error(msg); }
 [[noreturn]] inline void type_error(const std::string& msg) { throw py::type_error(msg); }
+// Needs the GIL (as every raise here does).
+[[noreturn]] inline void memory_error(const std::string& msg) {
+  PyErr_SetString(PyExc_MemoryError, msg.c_str());
+  throw py::error_already_set();
+}
+
+// ---- sizes up front ----------------------------------------------------------
+
+// "12.3 GB" (10^9 bytes), for the messages.
+inline std::string gb(int64_t bytes) {
+  if (bytes == INT64_MAX) return "more than 9.2e9 GB (the size overflows int64)";
+  char buf[48];
+  std::snprintf(buf, sizeof(buf), "%.3g GB", double(bytes) / 1e9);
+  return buf;
+}
+
+// What one allocation may take: the machine's physical memory, or less when
+// an address-space limit (ulimit -v / RLIMIT_AS) leaves less than that above
+// what the process already maps (read from /proc/self/statm).
+inline int64_t memory_limit_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  int64_t limit = pages > 0 && page > 0 ? int64_t(pages) * int64_t(page) : INT64_MAX;
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+    int64_t mapped = 0;
+    std::ifstream statm("/proc/self/statm");
+    if (statm >> mapped) mapped *= int64_t(page > 0 ? page : 4096);
+    const int64_t left = int64_t(rl.rlim_cur) > mapped ? int64_t(rl.rlim_cur) - mapped : 0;
+    limit = std::min(limit, left);
+  }
+  return limit;
+}
+
+// MemoryError naming `what` (the config and the buffer) and the size in GB
+// when `bytes` cannot be had. Below 256 MB it does not look (the check reads
+// /proc; small calls are the common ones and cannot fail for lack of memory
+// in any setting this library targets).
+inline void check_memory(int64_t bytes, const std::string& what) {
+  if (bytes >= 0 && bytes < (int64_t(1) << 28)) return;
+  const int64_t limit = memory_limit_bytes();
+  if (bytes < 0 || bytes > limit)
+    memory_error(what + " needs " + gb(bytes) + ", more than the " + gb(limit) +
+                 " this process can allocate (physical memory, or the address-space limit)");
+}
+
+// Runs fn() without the GIL; a std::bad_alloc from it (thrown after any
+// parallel region, see src/) becomes MemoryError naming `what` and `bytes`.
+template <class F>
+void run_nogil(int64_t bytes, const std::string& what, F&& fn) {
+  bool oom = false;
+  {
+    py::gil_scoped_release nogil;
+    try {
+      fn();
+    } catch (const std::bad_alloc&) {
+      oom = true;
+    }
+  }
+  if (oom) memory_error(what + ": allocating " + gb(bytes) + " failed (out of memory)");
+}
+
+// ---- shared structure checks ------------------------------------------------
+
+// CSR offsets of `rows` rows over `total` entries: offsets[0] == 0,
+// non-decreasing, offsets[rows] == total (`total_name` says what total is).
+// The one check of every CSR pair at this boundary (FDE points, filters).
+inline void check_csr_offsets(const int64_t* off, int64_t rows, int64_t total, const std::string& name,
+                              const std::string& total_name) {
+  if (off[0] != 0) value_error(name + ": expected " + name + "[0] == 0, got " + std::to_string(off[0]));
+  for (int64_t b = 0; b < rows; ++b)
+    if (off[b + 1] < off[b])
+      value_error(name + ": expected non-decreasing offsets, got " + name + "[" + std::to_string(b + 1) +
+                  "] = " + std::to_string(off[b + 1]) + " < " + name + "[" + std::to_string(b) +
+                  "] = " + std::to_string(off[b]));
+  if (off[rows] != total)
+    value_error(name + ": expected " + name + "[-1] == " + total_name + " = " + std::to_string(total) + ", got " +
+                std::to_string(off[rows]));
+}
 
 inline std::string shape_str(const py::buffer_info& info) {
   std::ostringstream s;

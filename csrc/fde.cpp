@@ -11,11 +11,48 @@
 namespace embkern {
 namespace {
 
-void check_sizes(int64_t d, int64_t R, int k, int64_t dp) {
-  if (d <= 0) value_error("dimension: expected > 0, got " + std::to_string(d));
+// The one check of each FDE size at this boundary (tables and plans alike).
+void check_k(int64_t k) {
+  if (k < 0 || k > fde::kMaxSimhash)
+    value_error("num_simhash_projections: expected 0 <= k <= " + std::to_string(fde::kMaxSimhash) + ", got " +
+                std::to_string(k));
+}
+// d_p and D index int32 tables: one bound, fde::kMaxProjection = 2^31 - 1.
+void check_projection(int64_t v, const char* name) {
+  if (v <= 0 || v > fde::kMaxProjection)
+    value_error(std::string(name) + ": expected in [1, 2^31 - 1 = " + std::to_string(fde::kMaxProjection) +
+                "] (indices are stored as int32), got " + std::to_string(v));
+}
+void check_sizes(int64_t d, int64_t R, int64_t k, int64_t dp) {
+  // d: AMS term indices are int32 too, and identity means d_p = d
+  if (d <= 0 || d > fde::kMaxProjection)
+    value_error("dimension: expected in [1, 2^31 - 1 = " + std::to_string(fde::kMaxProjection) + "], got " +
+                std::to_string(d));
   if (R <= 0) value_error("num_repetitions: expected >= 1, got " + std::to_string(R));
-  if (k < 0 || k > 30) value_error("num_simhash_projections: expected 0 <= k <= 30, got " + std::to_string(k));
-  if (dp <= 0 || dp > 0xffffffffLL) value_error("projection_dimension: expected in [1, 2^32), got " + std::to_string(dp));
+  check_k(k);
+  check_projection(dp, "projection_dimension");
+}
+
+std::string config_str(int64_t d, int64_t R, int64_t k, int64_t dp, int64_t final_dim) {
+  return "FDE config (dimension " + std::to_string(d) + ", num_repetitions " + std::to_string(R) +
+         ", num_simhash_projections " + std::to_string(k) + ", projection_dimension " + std::to_string(dp) +
+         (final_dim > 0 ? ", final_projection_dimension " + std::to_string(final_dim) : std::string()) + ")";
+}
+
+// L = R * 2^k * d_p, checked to stay below fde::kMaxRowLength (2^61).
+int64_t checked_row_length(int64_t d, int64_t R, int64_t k, int64_t dp, int64_t final_dim) {
+  int64_t L;
+  if (__builtin_mul_overflow(R, int64_t(1) << k, &L) || __builtin_mul_overflow(L, dp, &L) || L >= fde::kMaxRowLength)
+    value_error(config_str(d, R, k, dp, final_dim) + ": R * 2^k * d_p values per row is 2^61 or more");
+  return L;
+}
+
+int64_t elems_bytes(std::initializer_list<int64_t> dims, int64_t elem, const std::string& what) {
+  int64_t b = elem;
+  for (int64_t v : dims)
+    if (__builtin_mul_overflow(b, v, &b)) b = INT64_MAX;
+  check_memory(b, what);
+  return b;
 }
 
 uint32_t as_seed(int64_t seed) {
@@ -24,20 +61,23 @@ uint32_t as_seed(int64_t seed) {
   return uint32_t(seed);
 }
 
-py::array_t<float> simhash_table(int64_t seed, int64_t d, int k, int64_t R) {
+py::array_t<float> simhash_table(int64_t seed, int64_t d, int64_t k, int64_t R) {
   check_sizes(d, R, k, 1);
-  py::array_t<float> out({R, d, int64_t(k)});
+  elems_bytes({R, d, k}, 4, "simhash table float32 (R, d, k) = (" + std::to_string(R) + ", " + std::to_string(d) +
+                                ", " + std::to_string(k) + ")");
+  py::array_t<float> out({R, d, k});
   float* p = out.mutable_data();
   const uint32_t s = as_seed(seed);
   {
     py::gil_scoped_release nogil;
-    fde::simhash_table(s, d, k, R, p);
+    fde::simhash_table(s, d, int(k), R, p);
   }
   return out;
 }
 
 py::tuple ams_table(int64_t seed, int64_t d, int64_t dp, int64_t R) {
   check_sizes(d, R, 0, dp);
+  elems_bytes({R, d}, 8, "AMS table int32 + float32 (R, d) = (" + std::to_string(R) + ", " + std::to_string(d) + ")");
   py::array_t<int32_t> idx({R, d});
   py::array_t<float> sgn({R, d});
   int32_t* pi = idx.mutable_data();
@@ -52,7 +92,8 @@ py::tuple ams_table(int64_t seed, int64_t d, int64_t dp, int64_t R) {
 
 py::tuple count_sketch_table(int64_t seed, int64_t length, int64_t D) {
   if (length < 0) value_error("length: expected >= 0, got " + std::to_string(length));
-  if (D <= 0 || D > 0x7fffffffLL) value_error("final_projection_dimension: expected in [1, 2^31), got " + std::to_string(D));
+  check_projection(D, "final_projection_dimension");
+  elems_bytes({length}, 8, "count-sketch table int32 + float32 of length " + std::to_string(length));
   py::array_t<int32_t> idx(length);
   py::array_t<float> sgn(length);
   int32_t* pi = idx.mutable_data();
@@ -67,36 +108,35 @@ py::tuple count_sketch_table(int64_t seed, int64_t length, int64_t D) {
 
 py::tuple count_sketch_csr(py::buffer bucket_buf, int64_t D) {
   auto bucket = view<int32_t>(bucket_buf, "bucket", 1);
-  if (D <= 0) value_error("final_projection_dimension: expected > 0, got " + std::to_string(D));
+  check_projection(D, "final_projection_dimension");
   const int64_t L = bucket.size(0);
   for (int64_t i = 0; i < L; ++i)
     if (bucket.data[i] < 0 || bucket.data[i] >= D)
       value_error("bucket: expected values in [0, " + std::to_string(D) + "), got " + std::to_string(bucket.data[i]) +
                   " at " + std::to_string(i));
+  const int64_t bytes = elems_bytes({D + 1 + L}, 8, "count-sketch CSR int64 (D+1 + L = " + std::to_string(D + 1 + L) + ")");
   py::array_t<int64_t> off(D + 1);
   py::array_t<int64_t> mem(L);
   int64_t* po = off.mutable_data();
   int64_t* pm = mem.mutable_data();
-  {
-    py::gil_scoped_release nogil;
-    fde::count_sketch_csr(bucket.data, L, D, po, pm);
-  }
+  run_nogil(bytes, "count_sketch_csr", [&] { fde::count_sketch_csr(bucket.data, L, D, po, pm); });
   return py::make_tuple(off, mem);
 }
 
-// Prepared tables of one config; keeps the borrowed count-sketch arrays alive.
+// Prepared tables of one config. prepare() copies all it keeps, so nothing of
+// the caller's arrays is referenced after the constructor returns.
 struct Plan {
   fde::Prepared prep;
-  py::object keep_bucket, keep_sign;
   ~Plan() { fde::release(&prep); }
 };
 
-std::unique_ptr<Plan> make_plan(int64_t d, int64_t R, int k, int64_t dp, bool is_document, bool fill,
+std::unique_ptr<Plan> make_plan(int64_t d, int64_t R, int64_t k, int64_t dp, bool is_document, bool fill,
                                 int64_t final_dim, py::buffer simhash, py::object ams_index, py::object ams_sign,
                                 py::object cs_bucket, py::object cs_sign) {
   check_sizes(d, R, k, dp);
   if (fill && !is_document) value_error("fill_empty_partitions: query encodings do not support fill");
-  if (final_dim < 0) value_error("final_projection_dimension: expected > 0 (or 0 for none), got " + std::to_string(final_dim));
+  if (final_dim != 0) check_projection(final_dim, "final_projection_dimension (0 for none)");
+  const int64_t L = checked_row_length(d, R, k, dp, final_dim);
   auto G = view<float>(simhash, "simhash", 3);
   expect_shape(G, "simhash", {R, d, int64_t(k)});
   const int32_t* ai = nullptr;
@@ -116,12 +156,11 @@ std::unique_ptr<Plan> make_plan(int64_t d, int64_t R, int k, int64_t dp, bool is
   auto plan = std::make_unique<Plan>();
   plan->prep.d = d;
   plan->prep.R = R;
-  plan->prep.k = k;
+  plan->prep.k = int(k);
   plan->prep.dp = dp;
   plan->prep.is_document = is_document;
   plan->prep.fill = fill;
   plan->prep.final_dim = final_dim;
-  const int64_t L = fde::row_length(plan->prep);
   const int32_t* cb = nullptr;
   const float* cs = nullptr;
   if (final_dim > 0) {
@@ -136,11 +175,20 @@ std::unique_ptr<Plan> make_plan(int64_t d, int64_t R, int k, int64_t dp, bool is
                     std::to_string(CB.data[i]));
     cb = CB.data;
     cs = CS.data;
-    plan->keep_bucket = cs_bucket;
-    plan->keep_sign = cs_sign;
   }
+  const int64_t bytes = fde::prepare_bytes(plan->prep);
+  const std::string what = config_str(d, R, k, dp, final_dim) + ": prepared tables";
+  check_memory(bytes, what);
+  // With the GIL held: prepare reads the caller's arrays, which another
+  // Python thread could otherwise resize while it copies them.
   std::string err;
-  if (!fde::prepare(&plan->prep, G.data, ai, as, cb, cs, &err)) value_error("fde tables: " + err);
+  bool ok = false;
+  try {
+    ok = fde::prepare(&plan->prep, G.data, ai, as, cb, cs, &err);
+  } catch (const std::bad_alloc&) {
+    memory_error(what + ": allocating " + gb(bytes) + " failed (out of memory)");
+  }
+  if (!ok) value_error("fde tables: " + err);
   return plan;
 }
 
@@ -154,24 +202,19 @@ void encode(const Plan& plan, py::buffer points_buf, py::buffer offsets_buf, py:
                 std::to_string(X.size(0)) + ", " + std::to_string(X.size(1)) + ")");
   if (off.size(0) < 1) value_error("offsets: expected B+1 >= 1 entries, got 0");
   const int64_t B = off.size(0) - 1, N = X.size(0);
-  if (off.data[0] != 0) value_error("offsets: expected offsets[0] == 0, got " + std::to_string(off.data[0]));
-  for (int64_t b = 0; b < B; ++b)
-    if (off.data[b + 1] < off.data[b])
-      value_error("offsets: expected non-decreasing offsets, got offsets[" + std::to_string(b + 1) + "] = " +
-                  std::to_string(off.data[b + 1]) + " < offsets[" + std::to_string(b) + "] = " +
-                  std::to_string(off.data[b]));
-  if (off.data[B] != N)
-    value_error("offsets: expected offsets[-1] == N_total = " + std::to_string(N) + ", got " +
-                std::to_string(off.data[B]));
+  check_csr_offsets(off.data, B, N, "offsets", "N_total");
   expect_shape(out, "out", {B, fde::output_length(P)});
-  int64_t bad;
-  {
-    py::gil_scoped_release nogil;
-    bad = fde::encode(P, X.data, off.data, B, out.data);
-  }
+  const int64_t bytes = fde::encode_scratch_bytes(P, off.data, B);
+  const std::string what = config_str(P.d, P.R, P.k, P.dp, P.final_dim) + ": encode scratch for " +
+                           std::to_string(B) + " documents";
+  check_memory(bytes, what);
+  int64_t bad = -1;
+  run_nogil(bytes, what, [&] { bad = fde::encode(P, X.data, off.data, B, out.data); });
+  // "the output buffer": it may be the caller's `out` or one the Python layer allocated
   if (bad >= 0)
     value_error("points: expected finite values, found NaN or inf in row " + std::to_string(bad) +
-                " (NaN would hash to bit 0 and propagate into its partition); out is left partly written");
+                " (NaN would hash to bit 0 and propagate into its partition); the output buffer is left "
+                "partly written");
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <climits>
+#include <new>
 
 #include <algorithm>
 #include <cmath>
@@ -43,11 +44,18 @@ class MT19937 {
   }
 
  private:
+  // The standard in-place twist, split where (i + 1) and (i + 397) wrap so
+  // the loops carry no % 624 (a count-sketch table of 2^26 entries, 3 draws
+  // each, is bound by this).
+  static uint32_t step(uint32_t a, uint32_t b, uint32_t m) {
+    const uint32_t y = (a & 0x80000000u) | (b & 0x7fffffffu);
+    return m ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+  }
   void twist() {
-    for (int i = 0; i < 624; ++i) {
-      uint32_t y = (mt_[i] & 0x80000000u) | (mt_[(i + 1) % 624] & 0x7fffffffu);
-      mt_[i] = mt_[(i + 397) % 624] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
-    }
+    int i = 0;
+    for (; i < 624 - 397; ++i) mt_[i] = step(mt_[i], mt_[i + 1], mt_[i + 397]);
+    for (; i < 623; ++i) mt_[i] = step(mt_[i], mt_[i + 1], mt_[i + 397 - 624]);
+    mt_[623] = step(mt_[623], mt_[0], mt_[396]);
     idx_ = 0;
   }
   uint32_t mt_[624];
@@ -394,15 +402,94 @@ __attribute__((noinline)) void sign_codes(const float* dots, int64_t n, int64_t 
 struct Scratch {
   std::vector<float> dots;      // (n, rk_pad)
   std::vector<float> grouped;   // (rk_pad)
-  std::vector<float> tmp;       // dots_grouped scratch
+  std::vector<float> tmp;       // dots_grouped scratch (5 rk_pad)
   std::vector<int32_t> part;    // (R, n) partition per point
   std::vector<uint32_t> code;   // (R, n) sign pattern, hyperplane 0 = MSB
   std::vector<float> y;         // (n, dp) AMS-projected points of one repetition
-  std::vector<int64_t> start;   // (NP+1) partition -> range in members
-  std::vector<int64_t> pos;     // (NP) fill cursor of the counting sort
+  std::vector<int64_t> start;   // (NP+1) partition -> range in members (dense path)
+  std::vector<int64_t> pos;     // (NP) fill cursor of the counting sort (dense path)
   std::vector<int64_t> members; // (n) points grouped by partition, input order
+  std::vector<uint64_t> keys;   // (n) partition << 32 | point, sorted (sparse path)
   std::vector<float> raw;       // (dp) one block on its way into the count sketch
 };
+
+// Partitions are bucketed by a counting sort over all NP = 2^k of them while
+// NP <= kDenseRatio * n, else by sorting the n (partition, point) keys and
+// walking the occupied partitions only: the counting sort's two NP-long
+// int64 arrays cost 16 * 2^k bytes a thread (k = 26: 1 GiB, for one-point
+// documents) and O(2^k) time per repetition even where the output is 8
+// floats. At 4 the dense path keeps every benchmarked config (n = 32..80,
+// k <= 6: NP <= 64) and bounds its arrays by 64 bytes a point.
+constexpr int64_t kDenseRatio = 4;
+inline bool dense_buckets(int64_t NP, int64_t n) { return NP <= kDenseRatio * n; }
+
+// Saturating size arithmetic for the byte counts (INT64_MAX = "too big").
+inline int64_t sat_mul(int64_t a, int64_t b) {
+  int64_t r;
+  return (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) ? INT64_MAX : r;
+}
+inline int64_t sat_add(int64_t a, int64_t b) {
+  int64_t r;
+  return __builtin_add_overflow(a, b, &r) ? INT64_MAX : r;
+}
+
+// Elements of each Scratch vector for documents of up to n points (bytes() /
+// reserve() below agree on them, so the size check and the reservation do).
+struct ScratchSizes {
+  int64_t dots = 0, grouped = 0, tmp = 0, part = 0, y = 0, start = 0, pos = 0, members = 0, keys = 0, raw = 0;
+  ScratchSizes(const Prepared& P, int64_t n) {
+    const int64_t NP = int64_t(1) << P.k;
+    if (P.k > 0) {
+      dots = sat_mul(n, P.rk_pad);
+      grouped = P.rk_pad;
+      tmp = sat_mul(5, P.rk_pad);
+    }
+    part = sat_mul(P.R, n);
+    if (P.ams) y = sat_mul(n, P.dp);
+    if (dense_buckets(NP, n)) {
+      start = NP + 1;
+      pos = NP;
+    }
+    members = n;
+    keys = n;
+    if (P.final_dim > 0) raw = P.dp;
+  }
+  int64_t bytes() const {
+    int64_t b = 0;
+    for (int64_t f : {dots, grouped, tmp, y, raw}) b = sat_add(b, sat_mul(f, int64_t(sizeof(float))));
+    b = sat_add(b, sat_mul(part, int64_t(sizeof(int32_t) + sizeof(uint32_t))));  // part + code
+    for (int64_t i : {start, pos, members, keys}) b = sat_add(b, sat_mul(i, int64_t(sizeof(int64_t))));
+    return b;
+  }
+  void reserve(Scratch& s) const {
+    s.dots.reserve(size_t(dots));
+    s.grouped.reserve(size_t(grouped));
+    s.tmp.reserve(size_t(tmp));
+    s.part.reserve(size_t(part));
+    s.code.reserve(size_t(part));
+    s.y.reserve(size_t(y));
+    s.start.reserve(size_t(start));
+    s.pos.reserve(size_t(pos));
+    s.members.reserve(size_t(members));
+    s.keys.reserve(size_t(keys));
+    s.raw.reserve(size_t(raw));
+  }
+};
+
+// Closest point to sign pattern `target` (fewest differing bits; strict <,
+// so ties keep the lowest index), the reference's fill rule.
+inline int64_t nearest_point(const uint32_t* code, int64_t n, uint32_t target) {
+  int best = 99;
+  int64_t arg = 0;
+  for (int64_t p = 0; p < n; ++p) {
+    const int dist = popcount64(uint64_t(code[p] ^ target));
+    if (dist < best) {
+      best = dist;
+      arg = p;
+    }
+  }
+  return arg;
+}
 
 // The sign of a packed count-sketch entry as the float the reference multiplies
 // by: s * v is then the reference's own operation (NaN operands included).
@@ -485,8 +572,14 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
   }
 
   // 2. per-repetition sums in input order, averages, fill
-  s.start.resize(size_t(NP + 1));
-  s.pos.resize(size_t(NP));
+  const bool dense = dense_buckets(NP, n);
+  const bool filled = P.is_document && k > 0 && P.fill && n > 0;
+  if (dense) {
+    s.start.resize(size_t(NP + 1));
+    s.pos.resize(size_t(NP));
+  } else {
+    s.keys.resize(size_t(n));
+  }
   s.members.resize(size_t(n));
   for (int64_t r = 0; r < R; ++r) {
     const float* Y = X;  // identity: the points themselves
@@ -507,48 +600,73 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
       }
       Y = s.y.data();
     }
-    // Bucket the points by partition (stable counting sort, so each bucket
-    // lists its points in input order), then write every block exactly once:
-    // the in-order sum from +0 (divided by the count for documents), the fill
-    // copy, or zeros. Same arithmetic as scattering each point into a zeroed
-    // row, without the zero pass and the read-modify-write of the 327 KB row
-    // (R20 k5 d128) per point (~45% of the encode time, perf on EPYC).
+    // Bucket the points by partition (stable: each bucket lists its points in
+    // input order), then write every block exactly once: the in-order sum
+    // from +0 (divided by the count for documents), the fill copy, or zeros.
+    // Same arithmetic as scattering each point into a zeroed row, without the
+    // zero pass and the read-modify-write of the 327 KB row (R20 k5 d128) per
+    // point (~45% of the encode time, perf on EPYC).
     float* blocks = sketch ? fde : fde + r * NP * dp;
     const int32_t* part = s.part.data() + r * n;
-    int64_t* start = s.start.data();
-    std::fill(start, start + NP + 1, int64_t(0));
-    for (int64_t p = 0; p < n; ++p) ++start[part[p] + 1];
-    for (int64_t q = 0; q < NP; ++q) start[q + 1] += start[q];
-    std::copy(start, start + NP, s.pos.begin());
-    for (int64_t p = 0; p < n; ++p) s.members[size_t(s.pos[size_t(part[p])]++)] = p;
     const uint32_t* code = s.code.data() + r * n;
-    for (int64_t q = 0; q < NP; ++q) {
-      float* b = sketch ? blocks : blocks + q * dp;
-      const int64_t m = start[q + 1] - start[q];
-      if (m == 0) {
-        // empty partition; k == 0 with no points stays zero (the reference gives 0/0)
-        if (P.is_document && k > 0 && P.fill && n > 0) {
-          const uint32_t target = uint32_t(q) ^ (uint32_t(q) >> 1);
-          int best = 99;
-          int64_t arg = 0;
-          for (int64_t p = 0; p < n; ++p) {
-            const int dist = popcount64(uint64_t(code[p] ^ target));
-            if (dist < best) {  // strict: ties keep the lowest index
-              best = dist;
-              arg = p;
-            }
-          }
+    // partitions [q0, q1) hold no point
+    auto empty_run = [&](int64_t q0, int64_t q1) {
+      if (q0 >= q1) return;
+      if (filled) {
+        for (int64_t q = q0; q < q1; ++q) {
+          float* b = sketch ? blocks : blocks + q * dp;
+          const int64_t arg = nearest_point(code, n, uint32_t(q) ^ (uint32_t(q) >> 1));
           copy_out(b, Y + arg * dp, dp, nt);
-        } else {
-          copy_out(b, nullptr, dp, nt);
+          emit(r, q, b);
         }
-        emit(r, q, b);
-        continue;
+        return;
       }
+      // zeros; k == 0 with no points stays zero (the reference gives 0/0)
+      if (!sketch) {
+        copy_out(blocks + q0 * dp, nullptr, (q1 - q0) * dp, nt);  // blocks are contiguous
+        return;
+      }
+      if (P.cs_finite) return;  // adds +-0 to buckets that are never -0: no-op (Prepared::cs_finite)
+      copy_out(blocks, nullptr, dp, false);
+      for (int64_t q = q0; q < q1; ++q) emit(r, q, blocks);
+    };
+    auto full_block = [&](int64_t q, const int64_t* mem, int64_t m) {
+      float* b = sketch ? blocks : blocks + q * dp;
       // The reference counts with float += 1, which stops at 2^24.
       const float cnt = m <= (1 << 24) ? float(m) : 16777216.0f;
-      sum_block(Y, dp, s.members.data() + start[q], m, P.is_document, cnt, b, nt);
+      sum_block(Y, dp, mem, m, P.is_document, cnt, b, nt);
       emit(r, q, b);
+    };
+    if (dense) {
+      int64_t* start = s.start.data();
+      std::fill(start, start + NP + 1, int64_t(0));
+      for (int64_t p = 0; p < n; ++p) ++start[part[p] + 1];
+      for (int64_t q = 0; q < NP; ++q) start[q + 1] += start[q];
+      std::copy(start, start + NP, s.pos.begin());
+      for (int64_t p = 0; p < n; ++p) s.members[size_t(s.pos[size_t(part[p])]++)] = p;
+      for (int64_t q = 0; q < NP; ++q) {
+        const int64_t m = start[q + 1] - start[q];
+        if (m == 0) empty_run(q, q + 1);
+        else full_block(q, s.members.data() + start[q], m);
+      }
+    } else {
+      // n < NP / 4 <= 2^28 here, so the point index fits the low 32 bits and
+      // sorting the keys orders by partition, then input order (stable).
+      uint64_t* keys = s.keys.data();
+      for (int64_t p = 0; p < n; ++p) keys[p] = (uint64_t(uint32_t(part[p])) << 32) | uint64_t(p);
+      std::sort(keys, keys + n);
+      for (int64_t t = 0; t < n; ++t) s.members[size_t(t)] = int64_t(keys[t] & 0xffffffffu);
+      int64_t q = 0;  // next partition not yet written
+      for (int64_t t = 0; t < n;) {
+        const int64_t qo = int64_t(keys[t] >> 32);
+        int64_t t1 = t + 1;
+        while (t1 < n && int64_t(keys[t1] >> 32) == qo) ++t1;
+        empty_run(q, qo);
+        full_block(qo, s.members.data() + t, t1 - t);
+        q = qo + 1;
+        t = t1;
+      }
+      empty_run(q, NP);
     }
   }
 }
@@ -600,7 +718,7 @@ int64_t output_length(const Prepared& p) { return p.final_dim > 0 ? p.final_dim 
 
 bool prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const float* ams_sign,
              const int32_t* cs_bucket, const float* cs_sign, std::string* error) {
-  if (P->d <= 0 || P->R <= 0 || P->k < 0 || P->k > 30 || P->dp <= 0) {
+  if (P->d <= 0 || P->R <= 0 || P->k < 0 || P->k > kMaxSimhash || P->dp <= 0 || P->dp > kMaxProjection) {
     *error = "invalid FDE sizes";
     return false;
   }
@@ -635,29 +753,49 @@ bool prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const 
       }
     }
   }
-  P->cs_bucket = cs_bucket;
-  P->cs_sign = cs_sign;
   if (P->final_dim > 0 && (cs_bucket == nullptr || cs_sign == nullptr)) {
     *error = "final projection without count-sketch tables";
     return false;
   }
   if (P->final_dim > 0) {
     const int64_t L = row_length(*P);
-    bool unit = true;
-    for (int64_t i = 0; i < L && unit; ++i) {
-      unit = (cs_sign[i] == 1.0f || cs_sign[i] == -1.0f) && cs_bucket[i] >= 0 && cs_bucket[i] < P->final_dim;
+    bool unit = true, finite = true;
+    for (int64_t i = 0; i < L; ++i) {
+      unit = unit && (cs_sign[i] == 1.0f || cs_sign[i] == -1.0f) && cs_bucket[i] >= 0 && cs_bucket[i] < P->final_dim;
+      finite = finite && std::isfinite(cs_sign[i]);
     }
+    P->cs_finite = finite;
     if (unit && P->final_dim <= (int64_t(1) << 15)) {
       P->cs16 = new uint16_t[size_t(L)];
       for (int64_t i = 0; i < L; ++i)
         P->cs16[i] = uint16_t(uint32_t(cs_bucket[i]) | (cs_sign[i] < 0.0f ? 0x8000u : 0u));
-    } else if (unit && P->final_dim <= (int64_t(1) << 31)) {
+    } else if (unit) {  // final_dim <= kMaxProjection < 2^31: the bucket fits 31 bits
       P->cs32 = new uint32_t[size_t(L)];
       for (int64_t i = 0; i < L; ++i)
         P->cs32[i] = uint32_t(cs_bucket[i]) | (cs_sign[i] < 0.0f ? 0x80000000u : 0u);
+    } else {
+      // Not +-1: keep the tables as given, in a copy of our own (a pointer
+      // into the caller's arrays dangled once they were resized or freed).
+      P->cs_bucket = new int32_t[size_t(L)];
+      P->cs_sign = new float[size_t(L)];
+      std::memcpy(P->cs_bucket, cs_bucket, sizeof(int32_t) * size_t(L));
+      std::memcpy(P->cs_sign, cs_sign, sizeof(float) * size_t(L));
     }
   }
   return true;
+}
+
+int64_t prepare_bytes(const Prepared& P) {
+  const int64_t rk_pad = std::max<int64_t>(8, ((sat_mul(P.R, P.k) + 7) / 8) * 8);
+  int64_t b = sat_mul(sat_mul(P.d, rk_pad), int64_t(sizeof(float)));  // gt
+  // AMS: column offsets, term index and sign, the counting sort's cursor
+  const int64_t ams = sat_add(sat_add(sat_mul(P.R, P.dp + 1), sat_mul(2, sat_mul(P.R, P.d))), P.dp);
+  b = sat_add(b, sat_mul(ams, 4));
+  if (P.final_dim > 0) {
+    const int64_t L = sat_mul(sat_mul(P.R, int64_t(1) << P.k), P.dp);
+    b = sat_add(b, sat_mul(L, int64_t(sizeof(int32_t) + sizeof(float))));  // the unpacked copy, the largest
+  }
+  return b;
 }
 
 void release(Prepared* P) {
@@ -667,6 +805,10 @@ void release(Prepared* P) {
   delete[] P->ams_term_s;
   delete[] P->cs16;
   delete[] P->cs32;
+  delete[] P->cs_bucket;
+  delete[] P->cs_sign;
+  P->cs_bucket = nullptr;
+  P->cs_sign = nullptr;
   P->cs16 = nullptr;
   P->cs32 = nullptr;
   P->gt = nullptr;
@@ -698,6 +840,15 @@ int64_t first_nonfinite(const float* x, int64_t count) {
   return -1;
 }
 
+namespace {
+int64_t max_points(const int64_t* offsets, int64_t B) {
+  int64_t m = 0;
+  for (int64_t b = 0; b < B; ++b) m = std::max(m, offsets[b + 1] - offsets[b]);
+  return m;
+}
+int encode_threads(int64_t B) { return int(std::max<int64_t>(1, std::min<int64_t>(omp_get_max_threads(), B))); }
+}  // namespace
+
 int64_t encode(const Prepared& P, const float* points, const int64_t* offsets, int64_t B, float* out) {
   const int64_t D = output_length(P);
 #ifdef __linux__
@@ -714,13 +865,21 @@ int64_t encode(const Prepared& P, const float* points, const int64_t* offsets, i
     if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), size_t(hi - lo), MADV_HUGEPAGE);
   }
 #endif
+  // Scratch for the largest document, one per thread, reserved here: an
+  // allocation failure is a std::bad_alloc to the caller, not a throw out of
+  // the parallel region (std::terminate). No thread count above B: idle
+  // threads would only hold scratch.
+  const int team = encode_threads(B);
+  const ScratchSizes sizes(P, max_points(offsets, B));
+  std::vector<Scratch> pool(static_cast<size_t>(team));
+  for (Scratch& s : pool) sizes.reserve(s);
   // Every document is checked, so the row reported is the lowest bad one
   // whatever the thread count; once one is found the rest are only checked.
   int64_t bad = INT64_MAX;
-  std::atomic<bool> failed{false};
-#pragma omp parallel
+  std::atomic<bool> failed{false}, oom{false};
+#pragma omp parallel num_threads(team)
   {
-    Scratch s;
+    Scratch& s = pool[size_t(omp_get_thread_num())];
     int64_t my_bad = INT64_MAX;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < B; ++b) {
@@ -732,13 +891,27 @@ int64_t encode(const Prepared& P, const float* points, const int64_t* offsets, i
         failed.store(true, std::memory_order_relaxed);
         continue;
       }
-      if (!failed.load(std::memory_order_relaxed)) encode_doc(P, x, n, out + b * D, s);
+      if (failed.load(std::memory_order_relaxed) || oom.load(std::memory_order_relaxed)) continue;
+      // Nothing here should allocate past the reservation; should it all the
+      // same, the failure is recorded and rethrown after the region.
+      try {
+        encode_doc(P, x, n, out + b * D, s);
+      } catch (const std::bad_alloc&) {
+        oom.store(true, std::memory_order_relaxed);
+      }
     }
     fence_streaming_stores();  // this thread's rows are complete before anyone reads them
 #pragma omp critical(embkern_fde_bad_row)
     bad = std::min(bad, my_bad);
   }
+  if (oom.load()) throw std::bad_alloc();
   return bad == INT64_MAX ? -1 : bad;
+}
+
+int64_t scratch_bytes(const Prepared& P, int64_t n) { return ScratchSizes(P, n).bytes(); }
+
+int64_t encode_scratch_bytes(const Prepared& P, const int64_t* offsets, int64_t B) {
+  return sat_mul(encode_threads(B), scratch_bytes(P, max_points(offsets, B)));
 }
 
 EMBKERN_ISA_END

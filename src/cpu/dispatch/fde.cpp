@@ -47,6 +47,12 @@ bool prepare(Prepared* prep, const float* simhash, const int32_t* ams_index, con
 void release(Prepared* prep) { EMBKERN_ISA_BASE::release(prep); }
 int64_t row_length(const Prepared& p) { return EMBKERN_ISA_BASE::row_length(p); }
 int64_t output_length(const Prepared& p) { return EMBKERN_ISA_BASE::output_length(p); }
+// Sizes: plain arithmetic, the same at every level.
+int64_t prepare_bytes(const Prepared& p) { return EMBKERN_ISA_BASE::prepare_bytes(p); }
+int64_t scratch_bytes(const Prepared& p, int64_t n) { return EMBKERN_ISA_BASE::scratch_bytes(p, n); }
+int64_t encode_scratch_bytes(const Prepared& p, const int64_t* offsets, int64_t B) {
+  return EMBKERN_ISA_BASE::encode_scratch_bytes(p, offsets, B);
+}
 int64_t encode(const Prepared& prep, const float* points, const int64_t* offsets, int64_t B, float* out) {
   EMBKERN_DISPATCH(encode, prep, points, offsets, B, out);
 }

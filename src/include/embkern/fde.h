@@ -121,9 +121,24 @@ EMBKERN_HD inline DotOrder dot_order(int64_t n, int64_t d, int64_t c, int64_t p)
   return o;
 }
 
+// ---- limits ------------------------------------------------------------------
+
+// The reference's own bound on k (config proto check), B = 2^k partitions.
+constexpr int kMaxSimhash = 30;
+// Projection dimension d_p (identity: d_p = d) and final dimension D: the
+// AMS and count-sketch tables store indices in [0, d_p) / [0, D) as int32,
+// so both are < 2^31 (2^31 - 1 at most). One bound for both, checked once
+// at the csrc boundary.
+constexpr int64_t kMaxProjection = 0x7fffffffLL;
+// R * 2^k * d_p (values per row before the final projection) is kept below
+// 2^61 so that its byte size (x 4) and every offset into it fit in int64.
+constexpr int64_t kMaxRowLength = int64_t(1) << 61;
+
 // ---- encoder ---------------------------------------------------------------
 
 // Tables in the layout the kernel reads, built once per config (Prepared).
+// Everything the encoder reads is owned here (copied by prepare), so the
+// caller may change or free its arrays once prepare returned.
 struct Prepared {
   int64_t d = 0, R = 0, dp = 0, final_dim = 0, rk = 0, rk_pad = 0;
   int k = 0;
@@ -132,8 +147,6 @@ struct Prepared {
   int32_t* ams_col_off = nullptr; // (R, dp+1): per repetition, column -> range in ams_terms
   int32_t* ams_term_i = nullptr;  // (R, d): inputs i grouped by column, ascending i
   float* ams_term_s = nullptr;    // (R, d): their signs
-  const int32_t* cs_bucket = nullptr;  // (L,) borrowed
-  const float* cs_sign = nullptr;      // (L,) borrowed
   // The count sketch packed into one integer per input: bucket | (sign < 0) in
   // the top bit (16-bit when final_dim <= 2^15, else 32-bit), built when every
   // sign is +-1 (the encoder multiplies by the +-1.0f it encodes, so the
@@ -141,6 +154,14 @@ struct Prepared {
   // that the encoder streams per document.
   uint16_t* cs16 = nullptr;
   uint32_t* cs32 = nullptr;
+  // Otherwise (some sign is not +-1) an owned copy of the tables, (L,) each.
+  int32_t* cs_bucket = nullptr;
+  float* cs_sign = nullptr;
+  // Every sign is finite: s * (+-0) is +-0, and adding +-0 to a bucket that
+  // starts at +0 never changes it (x + -0 = x; +0 + -0 = +0, so no bucket is
+  // ever -0), so all-zero blocks may be skipped. An inf or NaN sign turns a
+  // zero block into NaN, so then every block is added, as the reference does.
+  bool cs_finite = true;
 };
 
 EMBKERN_ISA_BEGIN
