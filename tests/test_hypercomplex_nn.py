@@ -399,3 +399,20 @@ def test_kinships_benchmark_learns(one_thread):
     assert res["model"] == "QuatE" and res["train_time_s"] > 0
     # Random ranking of 104 entities gives MRR ~0.05.
     assert res["mrr"] > 0.2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_evaluate_of_a_nan_model_raises_instead_of_a_perfect_score(kind):
+    """An all-NaN entity table used to report MRR = 1.0 (a NaN target score compared false, rank 1)."""
+    m = make(kind)
+    x = torch.stack(_batch(m, B=6, seed=3), 1)
+    x[:, 1] %= m.num_relations  # evaluate takes base relation ids
+    assert evaluate(m, x)["mrr"] < 1.0  # a finite model ranks normally
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name in ("entity", "struct"):
+                p.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"the score of row 0's target \(entity \d+\) is NaN"):
+        evaluate(m, x)
+    with pytest.raises(ValueError, match="is NaN"):
+        m.rank(*_batch(m))

@@ -209,10 +209,11 @@ class HypercomplexKGE(nn.Module):
             h, r, t: (B,) integer ids.
             filter: None (raw ranks); an object with ``lookup(h, r) -> (offsets, index)``
                 such as :class:`embkern.datasets.TailFilter`; an ``(offsets (B+1,),
-                index)`` CSR pair; or B per-row lists of tail ids to skip.
+                index)`` CSR tuple; or a list of B per-row lists of tail ids to skip
+                (the forms of :func:`embkern.rank_all`).
             ties: "realistic" (default) | "optimistic" | "pessimistic".
         Returns:
-            (B,) float64 ranks, 1 = best.
+            (B,) float64 ranks, 1 = best. A NaN true-tail score raises ValueError.
         """
         h, r, T, hv, rv, bh = self._hr(h, r, tables)
         t = _ids(t, "t", self.num_entities, self._device())
@@ -499,6 +500,12 @@ def evaluate(model: HypercomplexKGE, triples: Tensor, filter=None, batch_size: i
     Returns:
         ``{"mrr", "hits@1", "hits@3", "hits@10", "mean_rank", "count"}`` averaged
         over every ranked query (2n for both sides); plus "mrr_tail"/"mrr_head".
+    Raises:
+        ValueError: a test triple whose true tail scores NaN (NaN or inf in the
+            embeddings, or products that overflow). A NaN score has no rank, so
+            no metric is reported for such a model rather than a perfect one;
+            the message names the first such row of the batch (see
+            :func:`embkern.rank_all`).
     """
     if not isinstance(model, HypercomplexKGE):
         raise TypeError(f"model: expected an embkern.nn HypercomplexKGE, got {type(model).__name__}")
