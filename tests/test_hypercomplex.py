@@ -499,3 +499,199 @@ def test_topk_k_bound_counts_distinct_filter_ids(backend):
     assert torch.equal(idx, ei) and not (idx[0] == 1).any() and not (idx[1] == 2).any()
     with pytest.raises(ValueError, match="k: expected 0 <= k <= 4"):
         api(backend).topk_all(h, r, E, 5, filter_index=filt, backend=backend)
+
+
+# --------------------------------------------------------------------------- filter forms, compiled checks, NaN
+
+
+@pytest.mark.parametrize("B", [2, 3])
+def test_filter_tuple_of_lists_is_always_csr(B):
+    """A tuple (offsets, index) is CSR whatever B is; a list is per-row (it was misread when B == 2)."""
+    h, r, E, _, _ = triples(B, 10, 2, torch.float32, seed=4)
+    t = torch.arange(B) * 2
+    a = 7
+    offsets = [0, 1] + [1] * (B - 1)  # row 0 filters entity a, the other rows nothing
+    as_tuple = embkern.rank_all(h, r, E, t, filter_index=(offsets, [a]))
+    as_tensors = embkern.rank_all(h, r, E, t, filter_index=(torch.tensor(offsets), torch.tensor([a])))
+    as_rows = embkern.rank_all(h, r, E, t, filter_index=[[a]] + [[] for _ in range(B - 1)])
+    assert torch.equal(as_tuple, as_tensors) and torch.equal(as_tuple, as_rows)
+    s = ref.scores(ref.query(h, r), E)
+    fo, fi = torch.tensor(offsets), torch.tensor([a])
+    assert torch.equal(as_tuple, ref.rank_from_scores(s, t, fo, fi, "realistic"))
+    with pytest.raises(ValueError, match="a tuple is always read as a CSR pair.*tuple of length 3"):
+        embkern.rank_all(h, r, E, t, filter_index=([0], [1], [2]))
+
+
+@pytest.mark.parametrize("filt,exc,match", [
+    ([[1.7], [], []], TypeError, r"filter_index\[0\]\[0\]: expected an integer entity id, got float 1.7"),
+    ([[True], [], []], TypeError, r"filter_index\[0\]\[0\]: expected an integer entity id, got bool"),
+    ([[1, 2.0], [], []], TypeError, r"filter_index\[0\]\[1\]: expected an integer entity id, got float"),
+    ([[1, [2]], [], []], TypeError, r"filter_index\[0\]\[1\]: expected an integer entity id, got list"),
+    ([["a"], [], []], TypeError, r"filter_index\[0\]\[0\]: expected an integer entity id, got str 'a'"),
+    ([torch.tensor([1.0]), [], []], TypeError, r"filter_index\[0\]: expected integer ids, got dtype float32"),
+    ([torch.tensor([True]), [], []], TypeError, r"filter_index\[0\]: expected integer ids, got dtype bool"),
+    ([[2 ** 70], [], []], ValueError, r"filter_index\[0\]: expected ids that fit in int64"),
+    ([1, 2, 3], TypeError, r"filter_index\[0\]: expected the id list of row 0"),
+    ([[[1, 2]], [], []], TypeError, r"filter_index\[0\]\[0\]: expected an integer entity id, got list"),
+    (([0, 1, 1, 1], [1.5]), TypeError, r"filter_index index\[0\]: expected an integer entity id, got float"),
+    (([0, 1, 1, 1], [True]), TypeError, r"filter_index index\[0\]: expected an integer entity id, got bool"),
+    (([0.0, 1, 1, 1], [1]), TypeError, r"filter_index offsets\[0\]: expected an integer entity id, got float"),
+    ((torch.tensor([0, 1, 1, 1]), torch.tensor([1.0])), TypeError, "filter_index index: expected integer ids"),
+    ({0: [1]}, TypeError, "filter_index: expected None, an \\(offsets, index\\) CSR tuple"),
+])
+def test_filter_ids_must_be_integers_in_every_form(filt, exc, match):
+    h, r, E, _, _ = triples(3, 10, 2, torch.float32, seed=1)
+    t = torch.tensor([0, 4, 9])
+    with pytest.raises(exc, match=match):
+        embkern.rank_all(h, r, E, t, filter_index=filt)
+    with pytest.raises(exc, match=match):
+        embkern.topk_all(h, r, E, 2, filter_index=filt)
+
+
+def test_filter_numpy_rows_and_csr_accepted():
+    np = pytest.importorskip("numpy")
+    h, r, E, _, _ = triples(3, 10, 2, torch.float32, seed=1)
+    t = torch.tensor([0, 4, 9])
+    want = embkern.rank_all(h, r, E, t, filter_index=[[1, 3], [], [2]])
+    got_rows = embkern.rank_all(h, r, E, t, filter_index=[np.array([1, 3]), np.zeros(0, np.int64), (2,)])
+    got_csr = embkern.rank_all(h, r, E, t, filter_index=(np.array([0, 2, 2, 3]), np.array([1, 3, 2], np.int32)))
+    assert torch.equal(want, got_rows) and torch.equal(want, got_csr)
+
+
+COMPILE_MODES = [
+    pytest.param(dict(fullgraph=True, backend="aot_eager"), id="fullgraph-aot_eager"),
+    pytest.param(dict(), id="default"),
+]
+
+
+@pytest.mark.parametrize("mode", COMPILE_MODES)
+@pytest.mark.parametrize("dtype,backend", [(torch.bfloat16, None), (torch.float32, "reference"),
+                                           (torch.float32, "cpu")])
+def test_compiled_calls_reject_what_eager_rejects(mode, dtype, backend):
+    """Under torch.compile the reference path (the default for bf16) ran unchecked: a filter id of -1
+    meant entity N-1 and top-k returned filtered ids. The value checks now run inside the graph."""
+    if backend is not None:
+        need(backend, "rank", dtype)
+    torch._dynamo.reset()
+    B, N = 3, 10
+    h, r, E, _, _ = triples(B, N, 2, dtype, seed=8)
+    t = torch.tensor([0, 4, 9])
+
+    def ranks(h, r, E, t, fo, fi):
+        return embkern.rank_all(h, r, E, t, filter_index=(fo, fi), backend=backend)
+
+    def top(h, r, E, fo, fi):
+        return embkern.topk_all(h, r, E, N - 1, filter_index=(fo, fi), backend=backend)[1]
+
+    c_ranks, c_top = torch.compile(ranks, **mode), torch.compile(top, **mode)
+    fo, fi = torch.tensor([0, 1, 1, 1]), torch.tensor([3])
+    assert torch.equal(c_ranks(h, r, E, t, fo, fi), ranks(h, r, E, t, fo, fi))
+    assert torch.equal(c_top(h, r, E, fo, fi), top(h, r, E, fo, fi))
+    bad = [
+        (lambda f: f(h, r, E, t, fo, torch.tensor([-1])), r"filter_index index: expected indices in \[0, 10\), got -1"),
+        (lambda f: f(h, r, E, t, fo, torch.tensor([10])), r"filter_index index: expected indices in \[0, 10\), got 10"),
+        (lambda f: f(h, r, E, torch.tensor([0, -1, 2]), fo, fi), r"targets: expected indices in \[0, 10\), got -1"),
+        (lambda f: f(h, r, E, t, torch.tensor([0, 1, 0, 1]), fi), "non-decreasing"),
+        (lambda f: f(h, r, E, t, torch.tensor([0, 1, 1, 2]), fi), r"offsets\[-1\] == len\(index\) = 1, got 2"),
+    ]
+    for call, match in bad:
+        for f in (ranks, c_ranks):
+            with pytest.raises(ValueError, match=match):
+                call(f)
+    # two distinct ids filtered in row 0 leave N - 2 < k candidates
+    for f in (top, c_top):
+        with pytest.raises(ValueError, match=r"k: expected 0 <= k <= 8"):
+            f(h, r, E, torch.tensor([0, 2, 2, 2]), torch.tensor([3, 5]))
+        with pytest.raises(ValueError, match=r"filter_index index: expected indices in \[0, 10\), got -1"):
+            f(h, r, E, fo, torch.tensor([-1]))
+    # a NaN target score raises inside the graph too
+    En = E.clone()
+    En[4] = float("nan")
+    for f in (ranks, c_ranks):
+        with pytest.raises(ValueError, match=r"row 1's target \(entity 4\) is NaN"):
+            f(h, r, En, t, fo, fi)
+
+
+def test_compiled_per_row_lists_checked():
+    torch._dynamo.reset()
+    h, r, E, _, _ = triples(3, 10, 2, torch.bfloat16, seed=8)
+    t = torch.tensor([0, 4, 9])
+    f = torch.compile(lambda h, r, E, t: embkern.rank_all(h, r, E, t, filter_index=[[-1], [], []]),
+                      fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match=r"filter_index index: expected indices in \[0, 10\), got -1"):
+        f(h, r, E, t)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("score", ["inner", "distance"])
+def test_nan_target_score_raises_naming_the_row(backend, score):
+    """NaN compares false with everything, so a NaN target used to rank 1 (MRR 1.0 for a NaN model)."""
+    need(backend, "rank")
+    B, N = 4, 12
+    h, r, E, bh, bt = triples(B, N, 2, torch.float32, seed=12)
+    kw = dict(score=score, backend=backend)
+    if score == "distance":
+        kw.update(bias_h=bh, bias_t=bt)
+    t = torch.tensor([0, 5, 7, 11])
+    En = torch.full_like(E, float("nan"))
+    with pytest.raises(ValueError, match=r"h, r, entities: the score of row 0's target \(entity 0\) is NaN "
+                                         r"\(4 of 4 rows\)"):
+        api(backend).rank_all(h, r, En, t, **kw)
+    En = E.clone()
+    En[7, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"row 2's target \(entity 7\) is NaN \(1 of 4 rows\)"):
+        api(backend).rank_all(h, r, En, t, **kw)
+    hn = h.clone()
+    hn[3, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"row 3's target \(entity 11\) is NaN"):
+        api(backend).rank_all(hn, r, E, t, **kw)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("ties", ["optimistic", "pessimistic", "realistic"])
+def test_nan_scores_of_other_entities_never_count(backend, ties):
+    """Entities other than the target that score NaN rank as if filtered, on every backend."""
+    need(backend, "rank")
+    B, N = 5, 14
+    h, r, E, _, _ = triples(B, N, 2, torch.float32, seed=13)
+    t = torch.tensor([0, 3, 6, 9, 13])
+    nan_rows = [1, 2, 8]
+    En = E.clone()
+    En[nan_rows] = float("nan")
+    got = api(backend).rank_all(h, r, En, t, ties=ties, backend=backend)
+    want = api(backend).rank_all(h, r, E, t, ties=ties, backend=backend, filter_index=[nan_rows] * B)
+    assert torch.equal(got, want)
+    assert torch.equal(got, ref.rank_all(h, r, En, t, ties=ties))
+
+
+def test_sizes_up_front():
+    h = torch.randn(2 ** 19, 4)  # (B, N) = 2^19 x 2^19 float32 scores: 1.1 TB
+    with pytest.raises(MemoryError, match=r"score_all: the \(524288, 524288\) float32 score matrix needs 1\.1e\+03 GB"):
+        embkern.score_all(h, h, h)
+    t = torch.zeros(2 ** 19, dtype=torch.long)
+    with pytest.raises(MemoryError, match=r"rank_all\(backend='reference'\): the \(524288, 524288\) score matrix"):
+        embkern.rank_all(h, h, h, t, backend="reference")
+    with pytest.raises(MemoryError, match=r"one_to_n_loss\(backend='reference'\).* GB"):
+        embkern.one_to_n_loss(h, h, h, t, backend="reference")
+    avail = embkern._checks.available_bytes("cpu")
+    assert avail is None or avail > 0
+
+
+def test_sizes_up_front_without_proc_meminfo(monkeypatch):
+    """Where /proc/meminfo cannot be read, os.sysconf gives the available memory."""
+    import builtins
+    import os
+
+    real_open = builtins.open
+
+    def no_meminfo(path, *a, **k):
+        if str(path) == "/proc/meminfo":
+            raise OSError("no /proc here")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_meminfo)
+    want = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert embkern._checks._available_host_bytes() == want
+    h = torch.randn(2 ** 19, 4)
+    with pytest.raises(MemoryError, match="GB"):
+        embkern.score_all(h, h, h)
