@@ -688,3 +688,130 @@ def test_overflowing_partition_sums_match_reference(final):
         want = embkern.fde_encode(X, off, cfg, backend="reference")
     assert np.isinf(want).any() and (final is None or np.isnan(want).any())
     np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
+
+
+# ---------------------------------------------------------------------------
+# Bad input found by probing: checked up front, named
+
+
+def _docs(n=4, d=8, seed=0):
+    g = np.random.default_rng(seed)
+    return [g.standard_normal((int(g.integers(1, 5)), d)).astype(np.float32) for _ in range(n)]
+
+
+def _watched(batches, consumed):
+    for b in batches:
+        consumed.append(1)
+        yield b
+
+
+@pytest.mark.parametrize("make_out,exc,match", [
+    (lambda D: np.zeros((4, D), np.int32), TypeError, "out: expected dtype float32 .* got int32"),
+    (lambda D: np.zeros((4, D), np.float64), TypeError, "out: expected dtype float32 .* got float64"),
+    (lambda D: torch.zeros(4, D), TypeError, r"out: expected a numpy array or np.memmap of float32 \(num_docs, \d+\), "
+                                             "got Tensor"),
+    (lambda D: np.zeros((4, D + 1), np.float32), ValueError, r"out: expected a 2-d \(num_docs, \d+\) array"),
+    (lambda D: np.zeros(4 * D, np.float32), ValueError, r"out: expected a 2-d"),
+    ([1, 2], TypeError, "out: expected a numpy array"),
+])
+def test_encode_corpus_rejects_bad_out_before_encoding(cfg8, make_out, exc, match):
+    """An int32 out used to truncate silently; a tensor out failed only after the first batch."""
+    enc = embkern.FDEEncoder(cfg8.replace(encoding_type="document"))
+    out = make_out(enc.output_dimension) if callable(make_out) else make_out
+    consumed = []
+    with pytest.raises(exc, match=match):
+        enc.encode_corpus(_watched([_docs(2), _docs(2, seed=1)], consumed), out=out, progress=False)
+    assert consumed == []
+
+
+def test_encode_corpus_read_only_memmap_rejected_up_front(cfg8, tmp_path):
+    enc = embkern.FDEEncoder(cfg8.replace(encoding_type="document"))
+    path = tmp_path / "corpus.f32"
+    shape = (4, enc.output_dimension)
+    np.memmap(path, np.float32, "w+", shape=shape).flush()
+    consumed = []
+    with pytest.raises(ValueError, match="out: expected a writable array, got a read-only one"):
+        enc.encode_corpus(_watched([_docs(2)], consumed), out=np.memmap(path, np.float32, "r", shape=shape),
+                          progress=False)
+    assert consumed == []
+    docs = _docs(4)
+    got = enc.encode_corpus([docs[:2], docs[2:]], out=np.memmap(path, np.float32, "r+", shape=shape), progress=False)
+    np.testing.assert_array_equal(np.asarray(got), enc.encode_documents(docs))
+
+
+@pytest.mark.parametrize("doc_chunk,exc", [(-1, ValueError), (0, ValueError), (1.5, TypeError), (True, TypeError),
+                                           ("8", TypeError)])
+def test_chamfer_doc_chunk_validated(doc_chunk, exc):
+    """doc_chunk=-1 used to return shape (Bq, 0); 0 raised range()'s message."""
+    q, qo = np.random.default_rng(1).standard_normal((5, 4)).astype(np.float32), np.array([0, 2, 5])
+    x, xo = np.random.default_rng(2).standard_normal((7, 4)).astype(np.float32), np.array([0, 3, 3, 7])
+    with pytest.raises(exc, match="doc_chunk: expected an int >= 1"):
+        embkern.chamfer(q, qo, x, xo, doc_chunk=doc_chunk)
+    want = _brute_chamfer(torch.from_numpy(q), qo, torch.from_numpy(x), xo).numpy()
+    np.testing.assert_allclose(embkern.chamfer(q, qo, x, xo, doc_chunk=1), want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", [dict(fullgraph=True), dict(fullgraph=True, backend="aot_eager")],
+                         ids=["fullgraph-inductor", "fullgraph-aot_eager"])
+def test_public_fde_encode_compiles_fullgraph(backend, mode):
+    """The public function (not only the raw op) compiles without a graph break, and still checks."""
+    torch._dynamo.reset()
+    c = C(8, 2, 3, 1, "document", fill_empty_partitions=True)
+    X = torch.from_numpy(np.concatenate(_docs(3)))
+    off = torch.tensor([0, 1, 1, X.shape[0]])
+    f = torch.compile(embkern.fde_encode, **mode)
+    torch.testing.assert_close(f(X, off, c, backend), embkern.fde_encode(X, off, c, backend), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="offsets: expected non-decreasing offsets"):
+        f(X, torch.tensor([0, 2, 1, X.shape[0]]), c, backend)
+    with pytest.raises(ValueError, match="offsets: expected offsets.-1. == N_total"):
+        f(X, torch.tensor([0, 1, 1, X.shape[0] - 1]), c, backend)
+    Xn = X.clone()
+    Xn[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="points: expected finite values"):
+        f(Xn, off, c, backend)
+
+
+def test_meta_tensors_rejected_by_name(cfg8):
+    X, off = torch.zeros(3, 8, device="meta"), torch.tensor([0, 3])
+    with pytest.raises(ValueError, match="points: expected a CPU or CUDA tensor .*got a tensor on device 'meta'"):
+        embkern.fde_encode(X, off, cfg8)
+    with pytest.raises(ValueError, match="offsets: expected a CPU or CUDA tensor"):
+        embkern.fde_encode(torch.zeros(3, 8), off.to("meta"), cfg8)
+    with pytest.raises(ValueError, match="q_points: expected a CPU or CUDA tensor"):
+        embkern.chamfer(X, off, torch.zeros(2, 8), off)
+    with pytest.raises(ValueError, match="d_points: expected a CPU or CUDA tensor"):
+        embkern.chamfer(torch.zeros(3, 8), off, X, off)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_float64_beyond_float32_range_reported_as_overflow(cfg8, backend, as_torch):
+    X = np.random.default_rng(3).standard_normal((5, 8))
+    X[3, 2] = 1e39
+    pts = torch.from_numpy(X) if as_torch else X
+    with pytest.raises(ValueError, match=r"points: expected values within float32 range .* got a finite value of "
+                                         r"magnitude 1e\+39: FDE computes in float32, where it overflows to inf"):
+        embkern.fde_encode(pts, [0, 2, 5], cfg8, backend)
+    with pytest.raises(ValueError, match="overflows to inf"):
+        embkern.fde_encode([X[:2], X[2:]], config=cfg8, backend=backend)
+    X[3, 2] = np.nan  # a real NaN is still reported as one
+    with pytest.raises(ValueError, match="points: expected finite values, found NaN or inf"):
+        embkern.fde_encode(X, [0, 2, 5], cfg8, backend)
+
+
+def test_fde_sizes_up_front():
+    big = C(1, 64, 14, 1, "document")  # D = 64 * 2^14 = 2^20 floats per document
+    off = torch.zeros(2 ** 20 + 1, dtype=torch.int64)  # 2^20 empty documents: a 4.4 TB output
+    with pytest.raises(MemoryError, match=r"fde_encode: the \(1048576, 1048576\) float32 output of FDEConfig\("
+                                          r"dimension=1, num_repetitions=64, num_simhash_projections=14.* needs "
+                                          r"4\.4e\+03 GB on cpu"):
+        embkern.fde_encode(torch.zeros(0, 1), off, big)
+    z = torch.zeros(2 ** 19 + 1, dtype=torch.int64)
+    with pytest.raises(MemoryError, match=r"chamfer: the \(524288, 524288\) float32 output .* GB"):
+        embkern.chamfer(torch.zeros(0, 4), z, torch.zeros(0, 4), z)
+    enc = embkern.FDEEncoder(big)
+    consumed = []
+    with pytest.raises(MemoryError, match=r"encode_corpus: the \(1099511627776, 1048576\) float32 corpus"):
+        enc.encode_corpus(_watched([[np.zeros((1, 1))]], consumed), total=2 ** 40, progress=False)
+    assert consumed == []
