@@ -88,19 +88,8 @@ int64_t check_filter(const View<int64_t>& fo, const View<int64_t>& fi, bool has_
   if (!has_fo) return 0;
   expect_shape(fo, "filter_offsets", {B + 1});
   const int64_t nnz = fi.size(0);
-  if (fo.data[0] != 0) value_error("filter_offsets: expected filter_offsets[0] == 0, got " + std::to_string(fo.data[0]));
+  check_csr_offsets(fo.data, B, nnz, "filter_offsets", "len(filter_index)");
   int64_t widest = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    if (fo.data[b + 1] < fo.data[b]) {
-      value_error("filter_offsets: expected non-decreasing offsets, got filter_offsets[" + std::to_string(b + 1) +
-                  "] = " + std::to_string(fo.data[b + 1]) + " < filter_offsets[" + std::to_string(b) +
-                  "] = " + std::to_string(fo.data[b]));
-    }
-  }
-  if (fo.data[B] != nnz) {
-    value_error("filter_offsets: expected filter_offsets[-1] == len(filter_index) = " + std::to_string(nnz) +
-                ", got " + std::to_string(fo.data[B]));
-  }
   for (int64_t i = 0; i < nnz; ++i) {
     if (fi.data[i] < 0 || fi.data[i] >= N) {
       value_error("filter_index: expected entity ids in [0, " + std::to_string(N) + "), got filter_index[" +
@@ -141,6 +130,20 @@ struct ScoreArgs {
     }
   }
 };
+
+// Sizes up front, then the kernel without the GIL: its scratch
+// (hc::scratch_bytes) beyond what the process can allocate is a MemoryError
+// naming the call and the size, and so is a std::bad_alloc from the kernel.
+template <typename T, class F>
+void run_scoring(hc::Kernel kernel, const char* name, int64_t B, int64_t N, int64_t K, int64_t k, int64_t nnz,
+                 F&& fn) {
+  const int64_t bytes = hc::scratch_bytes(kernel, B, N, K, k, nnz, int(sizeof(T)));
+  const std::string what = std::string(name) + " scratch (B " + std::to_string(B) + ", N " + std::to_string(N) +
+                           ", K " + std::to_string(K) + (kernel == hc::Kernel::Topk ? ", k " + std::to_string(k) : "") +
+                           ", " + dtype_name<T>() + ")";
+  check_memory(bytes, what);
+  run_nogil(bytes, what, fn);
+}
 
 // ---------------------------------------------------------------------------
 
@@ -184,8 +187,9 @@ void score_forward_t(py::object q_, py::object E_, py::object bh_, py::object bt
   ScoreArgs<T> a(q_, E_, bh_, bt_, score);
   auto S = req<T>(S_, "S_out", 2, true);
   expect_shape(S, "S_out", {a.B, a.N});
-  py::gil_scoped_release nogil;
-  hc::score_forward<T>(a.q.data, a.E.data, a.bh.data, a.bt.data, S.data, a.B, a.N, a.K, a.score);
+  run_scoring<T>(hc::Kernel::Score, "score_forward", a.B, a.N, a.K, 0, 0, [&] {
+    hc::score_forward<T>(a.q.data, a.E.data, a.bh.data, a.bt.data, S.data, a.B, a.N, a.K, a.score);
+  });
 }
 
 template <typename T>
@@ -201,9 +205,10 @@ void rank_t(py::object q_, py::object E_, py::object bh_, py::object bt_, py::ob
   auto tie = static_cast<hc::Ties>(enum_arg(ties, "ties", 3, "0 realistic, 1 optimistic, 2 pessimistic"));
   check_targets(t, a.N);
   check_filter(fo, fi, !fo_.is_none(), !fi_.is_none(), a.B, a.N);
-  py::gil_scoped_release nogil;
-  hc::rank<T>(a.q.data, a.E.data, a.bh.data, a.bt.data, t.data, fo.data, fi.data, out.data, a.B, a.N, a.K, a.score,
-              tie);
+  run_scoring<T>(hc::Kernel::Rank, "rank", a.B, a.N, a.K, 0, fi.data ? fi.size(0) : 0, [&] {
+    hc::rank<T>(a.q.data, a.E.data, a.bh.data, a.bt.data, t.data, fo.data, fi.data, out.data, a.B, a.N, a.K, a.score,
+                tie);
+  });
 }
 
 template <typename T>
@@ -222,9 +227,10 @@ void topk_t(py::object q_, py::object E_, py::object bh_, py::object bt_, py::ob
     value_error("values_out: expected k = values_out.shape[1] <= " + std::to_string(a.N - widest) +
                 " (entities minus the most filtered in a row), got " + std::to_string(k));
   }
-  py::gil_scoped_release nogil;
-  hc::topk<T>(a.q.data, a.E.data, a.bh.data, a.bt.data, fo.data, fi.data, v.data, idx.data, a.B, a.N, a.K, k,
-              a.score);
+  run_scoring<T>(hc::Kernel::Topk, "topk", a.B, a.N, a.K, k, fi.data ? fi.size(0) : 0, [&] {
+    hc::topk<T>(a.q.data, a.E.data, a.bh.data, a.bt.data, fo.data, fi.data, v.data, idx.data, a.B, a.N, a.K, k,
+                a.score);
+  });
 }
 
 template <typename T>
@@ -238,8 +244,9 @@ void ce_forward_t(py::object q_, py::object E_, py::object bh_, py::object bt_, 
   auto lse = req<T>(lse_, "lse_out", 1, true);
   expect_shape(lse, "lse_out", {a.B});
   check_targets(t, a.N);
-  py::gil_scoped_release nogil;
-  hc::ce_forward<T>(a.q.data, a.E.data, a.bh.data, a.bt.data, t.data, loss.data, lse.data, a.B, a.N, a.K, a.score);
+  run_scoring<T>(hc::Kernel::CeForward, "ce_forward", a.B, a.N, a.K, 0, 0, [&] {
+    hc::ce_forward<T>(a.q.data, a.E.data, a.bh.data, a.bt.data, t.data, loss.data, lse.data, a.B, a.N, a.K, a.score);
+  });
 }
 
 template <typename T>
@@ -261,9 +268,10 @@ void ce_backward_t(py::object gl_, py::object q_, py::object E_, py::object bh_,
   auto gbt = req<T>(gbt_, "grad_bias_t_out", 1, true);
   expect_shape(gbt, "grad_bias_t_out", {a.N});
   check_targets(t, a.N);
-  py::gil_scoped_release nogil;
-  hc::ce_backward<T>(gl.data, a.q.data, a.E.data, a.bh.data, a.bt.data, t.data, lse.data, gq.data, gE.data, gbh.data,
-                     gbt.data, a.B, a.N, a.K, a.score);
+  run_scoring<T>(hc::Kernel::CeBackward, "ce_backward", a.B, a.N, a.K, 0, 0, [&] {
+    hc::ce_backward<T>(gl.data, a.q.data, a.E.data, a.bh.data, a.bt.data, t.data, lse.data, gq.data, gE.data,
+                       gbh.data, gbt.data, a.B, a.N, a.K, a.score);
+  });
 }
 
 // Dispatch on the dtype of the first float array.

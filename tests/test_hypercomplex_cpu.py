@@ -293,3 +293,54 @@ def test_query_kernels(dtype, alg, layout, normalize):
     for o, w in zip(out, want):
         torch.testing.assert_close(torch.from_numpy(o).double(), w, rtol=1e-4 if dtype == torch.float32 else 1e-12,
                                    atol=1e-4 if dtype == torch.float32 else 1e-12)
+
+
+# ---------------------------------------------------------------------------
+# Memory: per-thread scratch is allocated before the parallel regions, so an
+# allocation failure is a MemoryError naming the size, never std::terminate.
+# In a child process under an address-space limit (an abort there fails the
+# test with its input, the suite runs on).
+
+_OOM_CHILD = r"""
+import resource
+import numpy as np, embkern
+HC = embkern._backends.cpu_module().hypercomplex
+
+def vm():
+    return int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+
+rng = np.random.default_rng(0)
+N, K = 1 << 21, 4                       # 32 MB of entities; top-k of all of them
+E = rng.standard_normal((N, K)).astype(np.float32)
+q = rng.standard_normal((1, K)).astype(np.float32)
+vals, idx = np.empty((1, N), np.float32), np.empty((1, N), np.int64)
+HC.topk(q, E[:4096], None, None, None, None, np.empty((1, 8), np.float32), np.empty((1, 8), np.int64), 0)  # warm pool
+top = np.argsort(-(E @ q[0]), kind="stable")[:5]
+outcomes = []
+for extra_mb in (40, 60, 100, 160, 400, 1200):  # old code: 60 and 100 aborted
+    resource.setrlimit(resource.RLIMIT_AS, (vm() + (extra_mb << 20), resource.RLIM_INFINITY))
+    try:
+        HC.topk(q, E, None, None, None, None, vals, idx, 0)
+        outcome = "ok"
+    except MemoryError as e:
+        outcome = "MemoryError"
+        assert "GB" in str(e) and "topk" in str(e), str(e)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    if outcome == "ok":
+        assert (np.diff(vals[0]) <= 0).all() and (idx[0, :5] == top).all()
+    outcomes.append((extra_mb, outcome))
+print("OUTCOMES", outcomes)
+"""
+
+
+def test_topk_scratch_under_address_space_limit_is_memory_error_not_abort():
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", _OOM_CHILD], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (f"child died (rc {p.returncode}) on:\n{_OOM_CHILD}\n"
+                               f"--- stdout\n{p.stdout[-2000:]}\n--- stderr\n{p.stderr[-2000:]}")
+    out = p.stdout
+    assert "OUTCOMES" in out, out
+    # the tightest limit cannot hold the heaps (48 MB) and candidates: refused up front
+    assert "(40, 'MemoryError')" in out, out

@@ -37,7 +37,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "gemm_kernel.h"
@@ -279,6 +281,23 @@ struct Chunks {
   int64_t end(int64_t c) const { return (c + 1) * nblk / nch; }
 };
 
+// Per-thread score blocks C (kNB x kMB, 24 KB fp32 / 48 KB fp64), allocated
+// and zeroed before the parallel region that uses them: a std::bad_alloc
+// thrown inside an OpenMP region cannot leave it (std::terminate), one thrown
+// here reaches the caller (MemoryError at the boundary). A team is never
+// larger than omp_get_max_threads(), nor than 1 when `par` is false.
+template <typename T>
+struct BlockPool {
+  std::vector<Buffer<T>> bufs;
+  explicit BlockPool(bool par) : bufs(static_cast<size_t>(par ? omp_get_max_threads() : 1)) {
+    for (Buffer<T>& b : bufs) {
+      b.resize(static_cast<size_t>(kNB * kMB));
+      b.zero(static_cast<size_t>(kNB * kMB));
+    }
+  }
+  Buffer<T>& mine() { return bufs[static_cast<size_t>(omp_get_thread_num())]; }
+};
+
 // ---------------------------------------------------------------------------
 // Filters: a sorted, de-duplicated copy of each row's CSR segment.
 
@@ -314,10 +333,11 @@ template <typename T>
 void score_impl(const Scorer<T>& sc, T* S) {
   const int64_t B = sc.B, N = sc.N;
   const int64_t nbl = sc.nblocks(), mbl = sc.mblocks();
-#pragma omp parallel if (worth_threads(B * N * sc.K))
+  const bool par = worth_threads(B * N * sc.K);
+  BlockPool<T> pool(par);
+#pragma omp parallel if (par)
   {
-    Buffer<T> C(static_cast<size_t>(kNB * kMB));
-    C.zero(static_cast<size_t>(kNB * kMB));
+    Buffer<T>& C = pool.mine();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t jb = 0; jb < nbl; ++jb) {
       const int64_t n0 = jb * kNB, nb = std::min(kNB, N - n0);
@@ -341,6 +361,7 @@ void rank_impl(const Scorer<T>& sc, const int64_t* targets, const Filter& flt, d
   const bool par = worth_threads(B * N * sc.K);
   const int nt = par ? omp_get_max_threads() : 1;
   std::vector<int64_t> gt(static_cast<size_t>(nt * B), 0), ge(static_cast<size_t>(nt * B), 0);
+  BlockPool<T> pool(par);
 #pragma omp parallel if (par)
   {
 #pragma omp for schedule(static)
@@ -348,8 +369,7 @@ void rank_impl(const Scorer<T>& sc, const int64_t* targets, const Filter& flt, d
     const int tid = omp_get_thread_num();
     int64_t* my_gt = gt.data() + tid * B;
     int64_t* my_ge = ge.data() + tid * B;
-    Buffer<T> C(static_cast<size_t>(kNB * kMB));
-    C.zero(static_cast<size_t>(kNB * kMB));
+    Buffer<T>& C = pool.mine();
     int32_t cg[kMB], ce[kMB];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t jb = 0; jb < nbl; ++jb) {
@@ -470,14 +490,17 @@ void topk_impl(const Scorer<T>& sc, const Filter& flt, T* values, int64_t* indic
   std::vector<T> hv(slots);
   std::vector<int64_t> hi(slots), hn(static_cast<size_t>(nt * B), 0);
   const T ninf = -std::numeric_limits<T>::infinity();
+  BlockPool<T> pool(par);
+  // Merge candidates of one row, per thread: at most nt * k (the per-thread heaps).
+  std::vector<std::vector<std::pair<T, int64_t>>> cands(static_cast<size_t>(nt));
+  for (auto& c : cands) c.reserve(static_cast<size_t>(nt) * static_cast<size_t>(k));
 #pragma omp parallel if (par)
   {
     const int tid = omp_get_thread_num();
-    Buffer<T> C(static_cast<size_t>(kNB * kMB));
-    C.zero(static_cast<size_t>(kNB * kMB));
+    Buffer<T>& C = pool.mine();
     // thr[b]: scores below it cannot enter row b's heap (-inf while not full,
     // so everything, NaN included, takes the slow path).
-    std::vector<T> thr(static_cast<size_t>(kMB));
+    T thr[kMB];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t jb = 0; jb < nbl; ++jb) {
       const int64_t n0 = jb * kNB, nb = std::min(kNB, N - n0);
@@ -505,8 +528,8 @@ void topk_impl(const Scorer<T>& sc, const Filter& flt, T* values, int64_t* indic
         }
       }
     }
-    // Merge the per-thread heaps of each row.
-    std::vector<std::pair<T, int64_t>> cand;
+    // Merge the per-thread heaps of each row (into reserved room: no allocation here).
+    std::vector<std::pair<T, int64_t>>& cand = cands[static_cast<size_t>(tid)];
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       cand.clear();
@@ -553,10 +576,10 @@ void ce_forward_impl(const Scorer<T>& sc, const int64_t* targets, T* loss, T* ls
   std::vector<T> pm(static_cast<size_t>(std::max<int64_t>(nch, 1) * B), ninf),
       ps(static_cast<size_t>(std::max<int64_t>(nch, 1) * B), T(0));
   const bool par = worth_threads(B * N * sc.K);
+  BlockPool<T> pool(par);
 #pragma omp parallel if (par)
   {
-    Buffer<T> C(static_cast<size_t>(kNB * kMB));
-    C.zero(static_cast<size_t>(kNB * kMB));
+    Buffer<T>& C = pool.mine();
     T mx[kMB], sh[kMB], acc[kMB];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < nch; ++c) {
@@ -630,12 +653,12 @@ void ce_backward_impl(const Scorer<T>& sc, const T* grad_loss, const int64_t* ta
     glp[b] = grad_loss[b];
   }
   const bool par = worth_threads(B * N * K);
+  BlockPool<T> pool(par);
 #pragma omp parallel if (par)
   {
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < nch; ++c) std::memset(gqp.data() + c * B * K, 0, sizeof(T) * static_cast<size_t>(B * K));
-    Buffer<T> C(static_cast<size_t>(kNB * kMB));
-    C.zero(static_cast<size_t>(kNB * kMB));
+    Buffer<T>& C = pool.mine();
     T colsum[kNB];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < nch; ++c) {
@@ -787,6 +810,50 @@ void ce_backward(const T* grad_loss, const T* q, const T* E, const T* bias_h, co
   }
   Scorer<T> sc(q, E, bias_h, bias_t, B, N, K, score);
   ce_backward_impl(sc, grad_loss, targets, lse, grad_q, grad_E, grad_bias_h, grad_bias_t);
+}
+
+namespace {
+inline int64_t sat_mul(int64_t a, int64_t b) {
+  int64_t r;
+  return (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) ? INT64_MAX : r;
+}
+inline int64_t sat_sum(std::initializer_list<int64_t> v) {
+  int64_t s = 0;
+  for (int64_t x : v)
+    if (__builtin_add_overflow(s, x, &s)) return INT64_MAX;
+  return s;
+}
+}  // namespace
+
+int64_t scratch_bytes(Kernel kernel, int64_t B, int64_t N, int64_t K, int64_t k, int64_t nnz, int elem_size) {
+  const int64_t es = elem_size, nt = omp_get_max_threads();
+  const int64_t Bpad = (B + 15) / 16 * 16;                                     // NR = 16 (fp32) >= 8 (fp64)
+  const int64_t rows = (B + kMB - 1) / kMB * kMB;                              // Scorer::rows_padded
+  const int64_t nch = std::min<int64_t>((N + kNB - 1) / kNB, kMaxChunks);     // Chunks
+  // Scorer (packed queries, |q|^2, |E|^2) and the per-thread blocks (BlockPool)
+  int64_t b = sat_sum({sat_mul(sat_mul(Bpad, K), es), sat_mul(Bpad + N, es), sat_mul(nt * kNB * kMB, es)});
+  const int64_t filter = sat_mul(sat_sum({B + 1, nnz, nnz}), 8);  // Filter offsets, ids, and one row's copy
+  switch (kernel) {
+    case Kernel::Score:
+      break;
+    case Kernel::Rank:  // target scores, per-thread > / >= counts
+      b = sat_sum({b, sat_mul(rows, es), sat_mul(sat_mul(2 * nt, B), 8), filter});
+      break;
+    case Kernel::Topk: {  // per-thread heaps (value, id), their sizes, the merge candidates
+      const int64_t slots = sat_mul(sat_mul(nt, B), k);
+      b = sat_sum({b, sat_mul(slots, es + 8), sat_mul(nt * B, 8),
+                   sat_mul(sat_mul(nt * nt, k), int64_t(sizeof(std::pair<double, int64_t>))), filter});
+      break;
+    }
+    case Kernel::CeForward:  // per-chunk max and sum
+      b = sat_sum({b, sat_mul(sat_mul(2 * std::max<int64_t>(nch, 1), B), es)});
+      break;
+    case Kernel::CeBackward:  // grad_q partials, row sums, padded lse / grad_loss, bias-gradient stand-ins
+      b = sat_sum({b, sat_mul(sat_mul(std::max<int64_t>(1, nch * B), K), es), sat_mul(nch * B, es),
+                   sat_mul(2 * rows, es), sat_mul(B + N, es)});
+      break;
+  }
+  return b;
 }
 
 #define EMBKERN_HC_INSTANTIATE(T)                                                                                   \

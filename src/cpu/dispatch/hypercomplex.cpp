@@ -70,6 +70,11 @@ void ce_backward(const T* grad_loss, const T* q, const T* E, const T* bias_h, co
                    grad_bias_t, B, N, K, score);
 }
 
+// Plain arithmetic, the same at every level.
+int64_t scratch_bytes(Kernel kernel, int64_t B, int64_t N, int64_t K, int64_t k, int64_t nnz, int elem_size) {
+  return EMBKERN_ISA_BASE::scratch_bytes(kernel, B, N, K, k, nnz, elem_size);
+}
+
 #define EMBKERN_HC_DISPATCH_INSTANTIATE(T)                                                                          \
   template void query_forward<T>(const T*, const T*, T*, int64_t, int64_t, Algebra, Layout, bool);                 \
   template void query_backward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, Algebra, Layout, bool);  \

@@ -26,6 +26,8 @@ enum class Algebra : int { Quaternion = 0, Dihedron = 1 };
 enum class Layout : int { Component = 0, Interleaved = 1 };
 enum class Score : int { Inner = 0, Distance = 1 };
 enum class Ties : int { Realistic = 0, Optimistic = 1, Pessimistic = 2 };
+// The scoring kernels, for scratch_bytes().
+enum class Kernel : int { Score = 0, Rank = 1, Topk = 2, CeForward = 3, CeBackward = 4 };
 
 EMBKERN_ISA_BEGIN
 #include "embkern/hypercomplex_api.inc"
