@@ -247,23 +247,35 @@ def bits_equal(a, b, what="output"):
                              f"first at flat index {i}: {a.reshape(-1)[i].item()!r} vs {b.reshape(-1)[i].item()!r}")
 
 
-def close(fast, ref_lp, ref64, dtype, what="output"):
-    """The 2x rule (embkern.testing.compare), after matching non-finite entries that the reference run in the
-    input dtype also has (overflow in low precision is the reference's answer too)."""
+def close(fast, ref_lp, ref64, dtype, what="output", ref32=None):
+    """The 2x rule (embkern.testing.compare), after matching non-finite entries that the reference also has
+    (overflow in low precision is the reference's answer too; whether inf - inf or an overflow comes first is
+    order-dependent, so NaN and inf count alike there).
+
+    For float64 inputs the reference "in the input dtype" is the float64 reference itself; then the bound
+    also allows twice the float32 reference's error scaled by eps64/eps32 (``ref32``), the error that the
+    problem's conditioning gives any float64 evaluation order."""
     f = fast.detach().cpu().double()
     r = ref_lp.detach().cpu().double()
     r64 = ref64.detach().cpu().double()
     assert f.shape == r64.shape, f"{what}: shape {tuple(f.shape)} != reference {tuple(r64.shape)}"
     bad = ~torch.isfinite(f)
-    same = bad & ((f == r) | (torch.isnan(f) & torch.isnan(r)) | (f == r64) | (torch.isnan(f) & torch.isnan(r64)))
+    ref_bad = ~torch.isfinite(r) | ~torch.isfinite(r64)
+    same = bad & (ref_bad | (f == r) | (f == r64))
     if bool((bad & ~same).any()):
         i = int(torch.nonzero((bad & ~same).reshape(-1))[0, 0])
         raise AssertionError(f"{what}: non-finite {f.reshape(-1)[i].item()} at flat index {i} where the reference "
                              f"gives {r.reshape(-1)[i].item()} (in the input dtype) / {r64.reshape(-1)[i].item()} (float64)")
-    mask = same | ~torch.isfinite(r) | ~torch.isfinite(r64)
+    mask = bad | ref_bad
     f, r, r64 = (x.masked_fill(mask, 0.0) for x in (f, r, r64))
     reps = testing.compare(f, r, r64, dtype, what)
-    badr = [str(x) for x in reps if not x.ok]
+    extra = 0.0
+    if ref32 is not None and dtype == torch.float64:
+        r32 = ref32.detach().cpu().double().masked_fill(mask | ~torch.isfinite(ref32.detach().cpu().double()), 0.0)
+        extra = 2.0 * float((r32 - r64).abs().max()) * (testing.eps(torch.float64) / testing.eps(torch.float32)) \
+            if r32.numel() else 0.0
+    badr = [str(x) + (f" (+ {extra:.3e} from float32 conditioning)" if extra else "")
+            for x in reps if not (x.ok or x.err_fast <= x.bound + extra)]
     assert not badr, "parity failed: " + "; ".join(badr)
 
 
@@ -379,9 +391,14 @@ def hc_public(spec):
     args_64 = tuple(_up(a) for a in args_lp)
     S_lp = rhc.score_all(*args_lp, algebra, score, norm, _c(bh), _c(bt), layout)
     S64 = rhc.score_all(*args_64, algebra, score, norm, _up(bh), _up(bt), layout)
+    S32 = None
+    if h.dtype == torch.float64:
+        a32 = tuple(a.float() for a in args_lp)
+        S32 = rhc.score_all(*a32, algebra, score, norm, None if bh is None else _c(bh).float(),
+                            None if bt is None else _c(bt).float(), layout)
     if fn == "score_all":
         assert out.dtype == h.dtype, f"score_all: dtype {out.dtype}, expected {h.dtype}"
-        close(out, S_lp, S64, h.dtype, "score_all")
+        close(out, S_lp, S64, h.dtype, "score_all", ref32=S32)
         return "ok"
     if fn == "rank_all":
         t = T["targets"].to(torch.int64)
@@ -401,7 +418,12 @@ def hc_public(spec):
         assert out.dtype == want_dt, f"one_to_n_loss: dtype {out.dtype}, expected {want_dt}"
         lp = rhc.one_to_n_loss(*args_lp, t, algebra, score, norm, _c(bh), _c(bt), layout, red)
         r64 = rhc.one_to_n_loss(*args_64, t, algebra, score, norm, _up(bh), _up(bt), layout, red)
-        close(out, lp, r64, h.dtype, "one_to_n_loss")
+        l32 = None
+        if h.dtype == torch.float64:
+            l32 = rhc.one_to_n_loss(*(a.float() for a in args_lp), t, algebra, score, norm,
+                                    None if bh is None else _c(bh).float(), None if bt is None else _c(bt).float(),
+                                    layout, red)
+        close(out, lp, r64, h.dtype, "one_to_n_loss", ref32=l32)
         if spec.get("grad") and out.requires_grad:
             _check_loss_grads(out, T, kw, algebra, score, norm, layout, red, h.dtype)
         return "ok"
@@ -424,10 +446,11 @@ def _check_loss_grads(out, T, kw, algebra, score, norm, layout, red, dtype):
 
     g_lp = ref_grads(lambda d: d)
     g_64 = ref_grads(lambda d: torch.float64)
-    for name, a, b, c in zip(("grad_h", "grad_r", "grad_entities"), g_fast, g_lp, g_64):
+    g_32 = ref_grads(lambda d: torch.float32) if dtype == torch.float64 else [None] * len(g_64)
+    for name, a, b, c, e in zip(("grad_h", "grad_r", "grad_entities"), g_fast, g_lp, g_64, g_32):
         if a is None or b is None or c is None:
             continue
-        close(a, b, c, dtype, f"one_to_n_loss {name}")
+        close(a, b, c, dtype, f"one_to_n_loss {name}", ref32=e)
 
 
 def _mask(B, N, fo, fi):
@@ -799,15 +822,18 @@ def raw_hc(spec):
         a = (_ALG[vals["algebra"]], _LAY[vals["layout"]], bool(vals["normalize"]))
         gh, gr = rhc.query_backward(tt["grad_q"], tt["h"], tt["r"], *a)
         gh64, gr64 = rhc.query_backward(up(tt["grad_q"]), up(tt["h"]), up(tt["r"]), *a)
-        close(tt["grad_h_out"], gh, gh64, tt["h"].dtype, "grad_h_out")
-        close(tt["grad_r_out"], gr, gr64, tt["h"].dtype, "grad_r_out")
+        gh32, gr32 = rhc.query_backward(tt["grad_q"].float(), tt["h"].float(), tt["r"].float(), *a)
+        close(tt["grad_h_out"], gh, gh64, tt["h"].dtype, "grad_h_out", ref32=gh32)
+        close(tt["grad_r_out"], gr, gr64, tt["h"].dtype, "grad_r_out", ref32=gr32)
         return "ok"
     q, E, bh, bt = tt["q"], tt["E"], tt["bias_h"], tt["bias_t"]
     sc = _SC[vals["score"]]
     S = rhc.scores(q, E, bh, bt, sc)
     S64 = rhc.scores(q.double(), E.double(), _up(bh), _up(bt), sc)
+    S32 = rhc.scores(q.float(), E.float(), None if bh is None else bh.float(), None if bt is None else bt.float(),
+                     sc)
     if fn == "score_forward":
-        close(tt["S_out"], S, S64, q.dtype, "S_out")
+        close(tt["S_out"], S, S64, q.dtype, "S_out", ref32=S32)
         return "ok"
     fo, fi = tt.get("filter_offsets"), tt.get("filter_index")
     if fn == "rank":
@@ -836,8 +862,11 @@ def raw_hc(spec):
         lp = ophc._ref_ce_backward(tt["grad_loss"], q, E, bh, bt, t, tt["lse"], sc)
         r64 = ophc._ref_ce_backward(tt["grad_loss"].double(), q.double(), E.double(), _up(bh), _up(bt), t,
                                     tt["lse"].double(), sc)
-        for name, a, b, c in zip(("grad_q_out", "grad_E_out", "grad_bias_h_out", "grad_bias_t_out"), got, lp, r64):
-            close(a, b, c, q.dtype, name)
+        r32 = ophc._ref_ce_backward(tt["grad_loss"].float(), q.float(), E.float(), None if bh is None else bh.float(),
+                                    None if bt is None else bt.float(), t, tt["lse"].float(), sc)
+        for name, a, b, c, e in zip(("grad_q_out", "grad_E_out", "grad_bias_h_out", "grad_bias_t_out"), got, lp, r64,
+                                    r32):
+            close(a, b, c, q.dtype, name, ref32=e)
         return "ok"
     raise AssertionError("unreachable")
 
