@@ -655,7 +655,9 @@ def fde_public(spec):
         res_np = res
     assert res_np.shape == (B, c.output_dimension), \
         f"result shape {res_np.shape}, expected {(B, c.output_dimension)}"
-    if B and _ref_cost(c) > 3000:
+    if B == 0:
+        return "ok (empty batch)"
+    if _ref_cost(c) > 3000:
         # too big for the NumPy reference: shape and time are checked, and that it did not overrun
         assert wall < 20, f"{fn}: {wall:.1f} s for a {res_np.shape} float32 result"
         assert np.isfinite(res_np).all(), f"{fn}: non-finite values in the encoding of finite points"

@@ -1,7 +1,7 @@
 """Fuzz-suite settings: a derandomized hypothesis profile with a fixed example budget, the worker
 process, and the case count printed at the end of the session.
 
-``EMBKERN_FUZZ_EXAMPLES`` sets max_examples per test (default 40: the whole
+``EMBKERN_FUZZ_EXAMPLES`` sets max_examples per test (default 200: the whole
 suite in well under 4 minutes on 2 cores); ``EMBKERN_FUZZ_SHRINK=1`` turns on
 shrinking (off by default: a crash costs a worker restart per shrink step);
 ``EMBKERN_FUZZ_MEM_GB`` the worker's address-space limit (default 3; 0 = none).
@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import _fuzz_harness  # noqa: E402
 
-EXAMPLES = int(os.environ.get("EMBKERN_FUZZ_EXAMPLES", "40"))
+EXAMPLES = int(os.environ.get("EMBKERN_FUZZ_EXAMPLES", "200"))
 _phases = (Phase.explicit, Phase.reuse, Phase.generate, Phase.target)
 if os.environ.get("EMBKERN_FUZZ_SHRINK") == "1":
     _phases = _phases + (Phase.shrink,)
