@@ -135,7 +135,13 @@ const char* dtype_name() {
 // Python layer makes inputs contiguous (a documented copy) before calling.
 template <typename T>
 View<T> view(py::buffer buf, const char* name, int ndim, bool writable = false) {
-  py::buffer_info info = buf.request(writable);
+  // Ask read-only first, so that a read-only output is an error naming it
+  // (pybind11's own says only "buffer source array is read-only").
+  py::buffer_info info = buf.request(false);
+  if (writable) {
+    if (info.readonly) value_error(std::string(name) + ": expected a writable buffer, got a read-only one");
+    info = buf.request(true);
+  }
   if (info.format != py::format_descriptor<T>::format() &&
       !(info.itemsize == static_cast<py::ssize_t>(sizeof(T)) &&
         py::dtype(info).equal(py::dtype::of<T>()))) {

@@ -349,3 +349,12 @@ def test_csr_offsets_check_shared(bad, what):
 def _re(s):
     import re
     return re.escape(s)
+
+
+def test_read_only_out_is_named():
+    o = np.zeros((1, 4), np.float32)
+    o.flags.writeable = False
+    C = embkern._backends.cpu_module()
+    plan = C.fde.Plan(2, 1, 1, 2, True, False, 0, C.fde.simhash_table(1, 2, 1, 1))
+    with pytest.raises(ValueError, match="out: expected a writable buffer, got a read-only one"):
+        C.fde.encode(plan, np.ones((3, 2), np.float32), np.array([0, 3]), o)

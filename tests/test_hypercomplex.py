@@ -695,3 +695,16 @@ def test_sizes_up_front_without_proc_meminfo(monkeypatch):
     h = torch.randn(2 ** 19, 4)
     with pytest.raises(MemoryError, match="GB"):
         embkern.score_all(h, h, h)
+
+
+@pytest.mark.parametrize("fn", ["product", "score_all", "rank_all"])
+def test_expanded_inputs_sized_before_their_copy(fn):
+    # 2^34 x 4 expanded from one row: 64 bytes of storage, a 256 GB contiguous copy
+    big = torch.ones(1, 4).expand(2**34, 4)
+    with pytest.raises(MemoryError, match=r"GB"):
+        if fn == "product":
+            embkern.hamilton_product(big, torch.ones(1, 4), backend="cpu")
+        elif fn == "score_all":
+            embkern.score_all(torch.ones(5, 4), torch.ones(5, 4), big, backend="cpu")
+        else:
+            embkern.rank_all(big, big, torch.ones(8, 4), torch.zeros(1, dtype=torch.long).expand(2**34), backend="cpu")

@@ -346,18 +346,42 @@ def finite_checked(x: torch.Tensor, name: str, why: str = "") -> torch.Tensor:
 _SMALL = 256 << 20  # below this, an allocation is left to the allocator without asking the OS
 
 
+def _address_space_left() -> Optional[int]:
+    """What RLIMIT_AS (ulimit -v) still lets this process map, or None when unlimited."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft == resource.RLIM_INFINITY or soft < 0:
+            return None
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return max(int(soft) - int(line.split()[1]) * 1024, 0)
+    except (ImportError, OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _available_host_bytes() -> Optional[int]:
+    avail = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    avail = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, AttributeError):
-        return None
+    if avail is None:
+        try:
+            avail = int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (OSError, ValueError, AttributeError):
+            avail = None
+    left = _address_space_left()
+    if left is not None:
+        avail = left if avail is None else min(avail, left)
+    return avail
 
 
 def available_bytes(device) -> Optional[int]:
@@ -379,11 +403,21 @@ def gb(nbytes: int) -> str:
     return f"{nbytes / 1e9:.3g} GB"
 
 
+def contiguous(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t.contiguous()``, with the copy's size checked first (an expanded
+    (2^34, 4) view is 64 bytes of storage but a 256 GB copy)."""
+    if t.is_contiguous():
+        return t
+    fits(t.numel() * t.element_size(), t.device, f"{name}: a contiguous copy of the {tuple(t.shape)} "
+         f"{_dt(t.dtype)} input (it is not contiguous)")
+    return t.contiguous()
+
+
 def fits(nbytes: int, device, what: str) -> None:
     """Raise MemoryError naming ``what`` (the config or shape) when ``nbytes`` exceed the memory available.
 
     Skipped while tracing (sizes may be symbolic there)."""
-    if nbytes <= _SMALL or _data_checks_off():
+    if _data_checks_off() or nbytes <= _SMALL:
         return
     avail = available_bytes(device)
     if avail is not None and nbytes > avail:

@@ -23,6 +23,7 @@ argument lets tests run the Triton kernels on CPU tensors under
 from __future__ import annotations
 
 import importlib
+import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -444,6 +445,10 @@ def _product(h, r, algebra, layout, normalize, backend, public):
         shape = torch.broadcast_shapes(h.shape, r.shape)
     except RuntimeError:
         raise ValueError(f"r: shape {tuple(r.shape)} does not broadcast with h: {tuple(h.shape)}") from None
+    n = math.prod(shape)
+    # the (broadcast) output and the two contiguous operand copies
+    _checks.fits(3 * n * h.element_size(), h.device, f"{public}: h {tuple(h.shape)} and r {tuple(r.shape)} "
+                 f"broadcast to {tuple(shape)}: the {_checks._dt(h.dtype)} product and its two operand copies")
     hb = h.expand(shape).reshape(-1, shape[-1]).contiguous()
     rb = r.expand(shape).reshape(-1, shape[-1]).contiguous()
     be = _resolve(public, ("query_forward", "query_backward"), backend, hb)
@@ -500,8 +505,8 @@ def _prepare(h, r, entities, algebra, score, layout, bias_h, bias_t):
         _checks.same_dtype("h", h, name, b)
         if b.shape[0] != n:
             raise ValueError(f"{name}: expected shape ({n},), got {tuple(b.shape)}")
-    c = lambda t: None if t is None else t.contiguous()  # noqa: E731 -- non-contiguous inputs are copied
-    return h.contiguous(), r.contiguous(), entities.contiguous(), c(bias_h), c(bias_t)
+    c = lambda t, n: None if t is None else _checks.contiguous(t, n)  # noqa: E731 -- non-contiguous inputs are copied
+    return (c(h, "h"), c(r, "r"), c(entities, "entities"), c(bias_h, "bias_h"), c(bias_t, "bias_t"))
 
 
 def _targets(targets, B, N, device):
@@ -510,7 +515,7 @@ def _targets(targets, B, N, device):
         raise ValueError(f"targets: expected shape ({B},) (one per query), got {tuple(targets.shape)}")
     if targets.device != device:
         raise ValueError(f"targets: expected device {device}, got {targets.device}")
-    return _checks.ids(targets.to(torch.int64).contiguous(), "targets", N)
+    return _checks.ids(_checks.contiguous(targets.to(torch.int64), "targets"), "targets", N)
 
 
 def _reference_scratch(be: str, public: str, B: int, N: int, dtype: torch.dtype, extra: int, device) -> None:
