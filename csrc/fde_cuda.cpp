@@ -13,6 +13,7 @@
 #include <string>
 
 #include "common.h"
+#include "embkern/fde.h"
 #include "embkern/fde_cuda.h"
 
 namespace embkern {
@@ -50,8 +51,9 @@ Problem make_problem(uintptr_t points, int64_t num_points, int64_t dimension, ui
   if (offsets_host.shape.size() != 1 || offsets_host.size(0) < 1)
     value_error("offsets: expected a 1-d buffer of B+1 >= 1 values");
   if (num_repetitions < 1) value_error("num_repetitions: expected >= 1, got " + std::to_string(num_repetitions));
-  if (num_simhash_projections < 0 || num_simhash_projections > 30)
-    value_error("num_simhash_projections: expected 0..30, got " + std::to_string(num_simhash_projections));
+  if (num_simhash_projections < 0 || num_simhash_projections > fde::kMaxSimhash)
+    value_error("num_simhash_projections: expected 0 <= k <= " + std::to_string(fde::kMaxSimhash) + ", got " +
+                std::to_string(num_simhash_projections));
   if (projection_dim < 1) value_error("projection_dim: expected >= 1, got " + std::to_string(projection_dim));
   if (fill_empty_partitions && !is_document)
     value_error("fill_empty_partitions: queries cannot fill empty partitions (documents only)");

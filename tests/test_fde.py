@@ -815,3 +815,13 @@ def test_fde_sizes_up_front():
     with pytest.raises(MemoryError, match=r"encode_corpus: the \(1099511627776, 1048576\) float32 corpus"):
         enc.encode_corpus(_watched([[np.zeros((1, 1))]], consumed), total=2 ** 40, progress=False)
     assert consumed == []
+
+
+def test_config_projection_bounds_match_the_kernels():
+    # d_p and D index int32 tables: one bound, 2^31 - 1, as the C++ boundary
+    with pytest.raises(ValueError, match=r"projection_dimension: expected 1 <= d_p <= 2\^31 - 1"):
+        embkern.FDEConfig(dimension=8, num_repetitions=1, num_simhash_projections=1,
+                          projection_type="ams_sketch", projection_dimension=2**31)
+    with pytest.raises(ValueError, match=r"final_projection_dimension: expected 1 <= D <= 2\^31 - 1"):
+        embkern.FDEConfig(dimension=8, num_repetitions=1, num_simhash_projections=1,
+                          final_projection_dimension=2**31)

@@ -45,7 +45,7 @@ namespace {
 using fde::DotOrder;
 
 constexpr unsigned kFullMask = 0xffffffffu;
-constexpr int kMaxSimhash = 30;
+constexpr int kMaxSimhash = fde::kMaxSimhash;  // one bound with the CPU encoder
 
 // ---------------------------------------------------------------------------
 // Eigen's summation order (fde.h): one (row, column) sum at a time.
@@ -699,7 +699,8 @@ bool validate(const Problem& p, std::string* error) {
     return fail(error, "num_repetitions: expected 1.." + std::to_string(kMaxReps) + ", got " +
                            std::to_string(p.num_repetitions));
   if (p.num_simhash < 0 || p.num_simhash > kMaxSimhash)
-    return fail(error, "num_simhash_projections: expected 0..30, got " + std::to_string(p.num_simhash));
+    return fail(error, "num_simhash_projections: expected 0 <= k <= " + std::to_string(fde::kMaxSimhash) + ", got " +
+                           std::to_string(p.num_simhash));
   if (p.projection_dim <= 0 || p.projection_dim >= (int64_t(1) << 31) - 1)
     return fail(error, "projection_dim: expected 1..2^31-2, got " + std::to_string(p.projection_dim));
   if (p.dim >= (int64_t(1) << 31))

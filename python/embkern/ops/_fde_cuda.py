@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _checks
+from ..reference import fde as ref
 
 # Per-chunk scratch cap (sign codes + unprojected rows for the count sketch):
 # 128 MiB keeps one chunk for 4096 documents x 80 points x R=40 codes (52 MB),
@@ -177,8 +178,8 @@ def encode_cuda(
     R, k, dp = num_repetitions, num_simhash_projections, projection_dim
     if R < 1:
         raise ValueError(f"num_repetitions: expected >= 1, got {R}")
-    if not 0 <= k <= 30:
-        raise ValueError(f"num_simhash_projections: expected 0 <= k <= 30, got {k}")
+    if not 0 <= k <= ref.MAX_SIMHASH:
+        raise ValueError(f"num_simhash_projections: expected 0 <= k <= {ref.MAX_SIMHASH}, got {k}")
     if dp < 1:
         raise ValueError(f"projection_dim: expected >= 1, got {dp}")
     if fill_empty_partitions and not is_document:

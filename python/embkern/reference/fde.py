@@ -67,6 +67,8 @@ import numpy as np
 ENCODING_TYPES = ("query", "document")
 PROJECTION_TYPES = ("identity", "ams_sketch")
 MAX_SIMHASH = 30
+# d_p and the final dimension D index int32 tables (AMS, count sketch): < 2^31.
+MAX_PROJECTION = 2**31 - 1
 
 # Cache sizes that steer Eigen's GEMM blocking (see module docstring).
 EIGEN_L1 = 32 * 1024
@@ -136,8 +138,9 @@ class FDEConfig:
             if self.projection_dimension is None:
                 raise ValueError("projection_dimension: required (> 0) for projection_type='ams_sketch', got None")
             dp = _int(self.projection_dimension, "projection_dimension")
-            if dp <= 0:
-                raise ValueError(f"projection_dimension: expected > 0 for projection_type='ams_sketch', got {dp}")
+            if not 0 < dp <= MAX_PROJECTION:
+                raise ValueError(f"projection_dimension: expected 1 <= d_p <= 2^31 - 1 for "
+                                 f"projection_type='ams_sketch', got {dp}")
         elif self.projection_dimension is not None:
             dp = _int(self.projection_dimension, "projection_dimension")
             if dp != d:
@@ -150,8 +153,8 @@ class FDEConfig:
                              "use encoding_type='document'")
         if self.final_projection_dimension is not None:
             D = _int(self.final_projection_dimension, "final_projection_dimension")
-            if D <= 0:
-                raise ValueError(f"final_projection_dimension: expected > 0 or None, got {D}")
+            if not 0 < D <= MAX_PROJECTION:
+                raise ValueError(f"final_projection_dimension: expected 1 <= D <= 2^31 - 1 or None, got {D}")
         n = self.fde_dimension_before_projection
         if n > 2**40:
             raise ValueError(f"config: R * 2^k * d_p = {n} values per encoding is too large")
