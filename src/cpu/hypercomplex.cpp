@@ -856,19 +856,6 @@ int64_t scratch_bytes(Kernel kernel, int64_t B, int64_t N, int64_t K, int64_t k,
   return b;
 }
 
-#define EMBKERN_HC_INSTANTIATE(T)                                                                                   \
-  template void query_forward<T>(const T*, const T*, T*, int64_t, int64_t, Algebra, Layout, bool);                 \
-  template void query_backward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, Algebra, Layout, bool);  \
-  template void score_forward<T>(const T*, const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, Score);    \
-  template void rank<T>(const T*, const T*, const T*, const T*, const int64_t*, const int64_t*, const int64_t*,    \
-                        double*, int64_t, int64_t, int64_t, Score, Ties);                                         \
-  template void topk<T>(const T*, const T*, const T*, const T*, const int64_t*, const int64_t*, T*, int64_t*,      \
-                        int64_t, int64_t, int64_t, int64_t, Score);                                                \
-  template void ce_forward<T>(const T*, const T*, const T*, const T*, const int64_t*, T*, T*, int64_t, int64_t,    \
-                              int64_t, Score);                                                                     \
-  template void ce_backward<T>(const T*, const T*, const T*, const T*, const T*, const int64_t*, const T*, T*, T*, \
-                               T*, T*, int64_t, int64_t, int64_t, Score);
-
 EMBKERN_HC_INSTANTIATE(float)
 EMBKERN_HC_INSTANTIATE(double)
 

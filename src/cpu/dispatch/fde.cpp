@@ -6,26 +6,8 @@
 
 namespace embkern {
 namespace fde {
-#ifndef EMBKERN_HAVE_NATIVE
-namespace generic {
-#include "embkern/fde_api.inc"
-}
-#endif
-#ifdef EMBKERN_HAVE_AVX2
-namespace avx2 {
-#include "embkern/fde_api.inc"
-}
-#endif
-#ifdef EMBKERN_HAVE_AVX512
-namespace avx512 {
-#include "embkern/fde_api.inc"
-}
-#endif
-#ifdef EMBKERN_HAVE_NATIVE
-namespace native {
-#include "embkern/fde_api.inc"
-}
-#endif
+#define EMBKERN_API_INC "embkern/fde_api.inc"
+#include "embkern/isa_levels.inc"
 
 void simhash_table(uint32_t seed, int64_t d, int k, int64_t R, float* out) {
   EMBKERN_DISPATCH(simhash_table, seed, d, k, R, out);

@@ -4,26 +4,8 @@
 
 namespace embkern {
 namespace hc {
-#ifndef EMBKERN_HAVE_NATIVE
-namespace generic {
-#include "embkern/hypercomplex_api.inc"
-}
-#endif
-#ifdef EMBKERN_HAVE_AVX2
-namespace avx2 {
-#include "embkern/hypercomplex_api.inc"
-}
-#endif
-#ifdef EMBKERN_HAVE_AVX512
-namespace avx512 {
-#include "embkern/hypercomplex_api.inc"
-}
-#endif
-#ifdef EMBKERN_HAVE_NATIVE
-namespace native {
-#include "embkern/hypercomplex_api.inc"
-}
-#endif
+#define EMBKERN_API_INC "embkern/hypercomplex_api.inc"
+#include "embkern/isa_levels.inc"
 
 template <typename T>
 void query_forward(const T* h, const T* r, T* q, int64_t B, int64_t d, Algebra alg, Layout layout, bool normalize) {
@@ -75,21 +57,8 @@ int64_t scratch_bytes(Kernel kernel, int64_t B, int64_t N, int64_t K, int64_t k,
   return EMBKERN_ISA_BASE::scratch_bytes(kernel, B, N, K, k, nnz, elem_size);
 }
 
-#define EMBKERN_HC_DISPATCH_INSTANTIATE(T)                                                                          \
-  template void query_forward<T>(const T*, const T*, T*, int64_t, int64_t, Algebra, Layout, bool);                 \
-  template void query_backward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, Algebra, Layout, bool);  \
-  template void score_forward<T>(const T*, const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, Score);    \
-  template void rank<T>(const T*, const T*, const T*, const T*, const int64_t*, const int64_t*, const int64_t*,    \
-                        double*, int64_t, int64_t, int64_t, Score, Ties);                                         \
-  template void topk<T>(const T*, const T*, const T*, const T*, const int64_t*, const int64_t*, T*, int64_t*,      \
-                        int64_t, int64_t, int64_t, int64_t, Score);                                                \
-  template void ce_forward<T>(const T*, const T*, const T*, const T*, const int64_t*, T*, T*, int64_t, int64_t,    \
-                              int64_t, Score);                                                                     \
-  template void ce_backward<T>(const T*, const T*, const T*, const T*, const T*, const int64_t*, const T*, T*, T*, \
-                               T*, T*, int64_t, int64_t, int64_t, Score);
-
-EMBKERN_HC_DISPATCH_INSTANTIATE(float)
-EMBKERN_HC_DISPATCH_INSTANTIATE(double)
+EMBKERN_HC_INSTANTIATE(float)
+EMBKERN_HC_INSTANTIATE(double)
 
 }  // namespace hc
 }  // namespace embkern

@@ -33,5 +33,20 @@ EMBKERN_ISA_BEGIN
 #include "embkern/hypercomplex_api.inc"
 EMBKERN_ISA_END
 
+// Explicit instantiations of the templates above, for float and double: one
+// list for the kernels (per level) and the dispatcher.
+#define EMBKERN_HC_INSTANTIATE(T)                                                                                   \
+  template void query_forward<T>(const T*, const T*, T*, int64_t, int64_t, Algebra, Layout, bool);                 \
+  template void query_backward<T>(const T*, const T*, const T*, T*, T*, int64_t, int64_t, Algebra, Layout, bool);  \
+  template void score_forward<T>(const T*, const T*, const T*, const T*, T*, int64_t, int64_t, int64_t, Score);    \
+  template void rank<T>(const T*, const T*, const T*, const T*, const int64_t*, const int64_t*, const int64_t*,    \
+                        double*, int64_t, int64_t, int64_t, Score, Ties);                                         \
+  template void topk<T>(const T*, const T*, const T*, const T*, const int64_t*, const int64_t*, T*, int64_t*,      \
+                        int64_t, int64_t, int64_t, int64_t, Score);                                                \
+  template void ce_forward<T>(const T*, const T*, const T*, const T*, const int64_t*, T*, T*, int64_t, int64_t,    \
+                              int64_t, Score);                                                                     \
+  template void ce_backward<T>(const T*, const T*, const T*, const T*, const T*, const int64_t*, const T*, T*, T*, \
+                               T*, T*, int64_t, int64_t, int64_t, Score);
+
 }  // namespace hc
 }  // namespace embkern
