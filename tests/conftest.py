@@ -24,11 +24,20 @@ def pytest_report_header(config):
             f"{'ok' if info.ok else info.reason}; TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"]
 
 
+# make test-sanitize preloads ASan, whose shadow memory needs terabytes of
+# address space: an RLIMIT_AS child cannot even start under it. Those tests
+# run in the plain `make test`.
+UNDER_ASAN = "libasan" in os.environ.get("LD_PRELOAD", "")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+    skip_asan = pytest.mark.skip(reason="RLIMIT_AS child under ASan (terabytes of shadow memory): run by make test")
     for item in items:
         if "cuda" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_cuda)
+        if "address_space" in item.keywords and UNDER_ASAN:
+            item.add_marker(skip_asan)
 
 
 def backend_params(*names):

@@ -132,6 +132,7 @@ def test_large_k_same_bits_at_every_isa_level(mode, fill, final):
         np.testing.assert_array_equal(outs[level], first, err_msg=level)
 
 
+@pytest.mark.address_space
 def test_k26_one_point_documents_under_3gib_address_space():
     """The issue's case: was SIGABRT under ulimit -v 3145728 (std::bad_alloc in the parallel region), 3.1 GB."""
     out = _run_child("""
@@ -179,6 +180,7 @@ def test_large_k_fill_matches_reference():
 # ---------------------------------------------------------------------------
 # Allocation failure and sizes up front: MemoryError naming the size, never an abort.
 
+@pytest.mark.address_space
 def test_encode_scratch_beyond_address_space_is_memory_error():
     """AMS d_p 2^20 with 600 points needs 2.5 GB of projected points a thread (was: abort in the region)."""
     out = _run_child("""
@@ -204,6 +206,7 @@ def test_encode_scratch_beyond_address_space_is_memory_error():
     assert "GB" in out and "projection_dimension 1048576" in out, out
 
 
+@pytest.mark.address_space
 def test_plan_tables_beyond_address_space_is_memory_error():
     """An identity plan of d = 2^28 (zero-size k = 0 SimHash) needs 8.6 GB of padded tables."""
     out = _run_child("""

@@ -334,6 +334,7 @@ print("OUTCOMES", outcomes)
 """
 
 
+@pytest.mark.address_space
 def test_topk_scratch_under_address_space_limit_is_memory_error_not_abort():
     import subprocess
     import sys
