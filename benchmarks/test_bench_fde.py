@@ -76,7 +76,7 @@ def _run(benchmark, fn, n, B, final):
 
 @pytest.mark.parametrize("n,B,final", POINTS)
 def test_fde_documents_cpu(benchmark, n, B, final):
-    st = _backends.check("fde_encode", "cpu", fde_ops.support("encode"), torch.device("cpu"), torch.float32)
+    st = _backends.check(fde_ops.DESCRIPTOR, "cpu", ("encode",), "cpu", torch.float32)
     if not st.ok:
         pytest.skip(f"cpu: {st.reason}")
     X, off, docs = _docs(n, B)

@@ -24,7 +24,6 @@ FULL = [(b, n) for b in (32, 128, 512, 2048) for n in (1_000, 5_000, 14_505, 50_
 POINTS = [pytest.param(b, n, id=f"B{b}-N{n}") for b, n in MODEST] + [
     pytest.param(b, n, id=f"B{b}-N{n}", marks=pytest.mark.large) for b, n in FULL if (b, n) not in MODEST]
 
-KERNELS_OF = {"score_all": ("query_forward", "query_backward", "score_forward"), "rank_all": ("query_forward", "rank")}
 
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.cuda)]
 # per device: the embkern backends worth timing (Triton on CPU is the interpreter: not a benchmark)
@@ -73,10 +72,9 @@ def _run(benchmark, fn, device, B, N, group):
 
 
 def _need(backend, group, device):
-    for k in KERNELS_OF[group]:
-        st = _backends.check(k, backend, hc_ops.support(k), torch.device(device), torch.float32)
-        if not st.ok:
-            pytest.skip(f"{backend}: {st.reason}")
+    st = _backends.check(hc_ops.DESCRIPTOR, backend, hc_ops.DESCRIPTOR.kernels_of(group), device, torch.float32)
+    if not st.ok:
+        pytest.skip(f"{backend}: {st.reason}")
 
 
 @pytest.mark.hypercomplex

@@ -49,19 +49,19 @@ def backend_params(*names):
     return out
 
 
-def require_backend(op_support, backend, device, dtype):
+def require_backend(desc, kernel, backend, device, dtype):
     """Skip when the backend is legitimately absent (no triton, no GPU); fail otherwise.
 
     The C++ CPU module is built by `make test`, so a missing cpu kernel is a failure,
     not a skip.
     """
-    st = _backends.check("test", backend, op_support, torch.device(device), dtype)
+    st = _backends.check(desc, backend, (kernel,), torch.device(device).type, dtype)
     if st.ok:
         return
     if backend == "triton" and not _backends._triton_import().ok:
         pytest.skip(st.reason)
     if backend == "cuda" and not HAS_CUDA:
         pytest.skip(st.reason)
-    if "supports dtypes" in st.reason or "tensors, got" in st.reason:
+    if desc.backends.get(backend) is None or "supports dtypes" in st.reason or "tensors, got" in st.reason:
         pytest.skip(st.reason)
     pytest.fail(f"backend {backend} unavailable: {st.reason}")

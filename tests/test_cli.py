@@ -57,8 +57,7 @@ def test_info_json_matches_backend_status(capsys):
                 assert s["reason"], f"{op}/{be} is inactive without a reason"
         # per-kernel answers agree with the resolver the ops use
         for k, (ok, _) in st["cpu"]["kernels"].items():
-            if hasattr(mod, "support"):
-                assert ok == _backends.check(k, "cpu", mod.support(k), torch.device("cpu"), torch.float32).ok
+            assert ok == _backends.check(mod.DESCRIPTOR, "cpu", (k,), "cpu", torch.float32).ok
 
 
 def test_info_text_shows_partial_backends_per_kernel(monkeypatch):

@@ -36,7 +36,7 @@ def device_of(backend):
 
 
 def need(backend, kernel, dtype=torch.float32):
-    require_backend(ops.support(kernel), backend, device_of(backend), dtype)
+    require_backend(ops.DESCRIPTOR, kernel, backend, device_of(backend), dtype)
 
 
 class api:

@@ -177,12 +177,12 @@ def main() -> int:
         n_ent, d = (N_ENT, D) if cuda else (500, 16)
         kk = 4 * d
         batches = BATCHES if cuda else (32,)
-        from embkern._bench.hypercomplex import KERNELS_OF
 
         def fast_for(group):
             """["triton"] when it implements every kernel `group` needs; else a row saying why not."""
-            bad = [f"{k}: {st.reason}" for k in KERNELS_OF[group]
-                   for st in [_backends.check(k, "triton", hc_ops.support(k), device, torch.float32)] if not st.ok]
+            bad = [f"{k}: {st.reason}" for k in hc_ops.DESCRIPTOR.kernels_of(group)
+                   for st in [_backends.check(hc_ops.DESCRIPTOR, "triton", (k,), device.type, torch.float32)]
+                   if not st.ok]
             if bad:
                 if group not in reported:
                     rows.add(section="hypercomplex", case=group, impl="triton", status="not available: " + bad[0])

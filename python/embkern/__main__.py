@@ -56,49 +56,12 @@ def _version(dist: str) -> Optional[str]:
         return None
 
 
-def _kernel_supports(mod) -> Dict[str, dict]:
-    """kernel -> {backend: OpSupport} for one op module (SUPPORT/KERNELS, optional support(kernel))."""
-    kernels = list(getattr(mod, "KERNELS", ()) or ())
-    fn = getattr(mod, "support", None)
-    sup = getattr(mod, "SUPPORT", None)
-    if kernels and callable(fn):
-        try:
-            return {k: fn(k) for k in kernels}
-        except Exception:
-            pass
-    if isinstance(sup, dict) and sup and all(isinstance(v, dict) for v in sup.values()):
-        return dict(sup)  # already kernel -> support
-    if kernels:
-        return {k: sup or {} for k in kernels}
-    return {"(op)": sup or {}}
-
-
 def op_status(name: str, mod) -> Dict[str, Any]:
-    """{backend: {"active": "yes"|"no"|"partial", "reason": str, "kernels": {kernel: [ok, reason]}}}."""
+    """{backend: {"active": "yes"|"no"|"partial", "reason": str, "kernels": {kernel: [ok, reason]}}},
+    read from the op module's descriptor."""
     from . import _backends
 
-    per_kernel = _kernel_supports(mod)
-    out: Dict[str, Any] = {}
-    for be in _backends.BACKENDS:
-        ks = {}
-        for k, sup in per_kernel.items():
-            st = _backends.available(f"{name}.{k}", sup).get(be)
-            ks[k] = [bool(st.ok), st.reason]
-        n_ok = sum(ok for ok, _ in ks.values())
-        if n_ok == len(ks):
-            active, reasons = "yes", sorted({r for _, r in ks.values() if r})
-            reason = "; ".join(reasons)
-        elif n_ok == 0:
-            active = "no"
-            reasons = list(dict.fromkeys(r for _, r in ks.values()))
-            reason = reasons[0] if len(reasons) == 1 else (
-                f"0/{len(ks)} kernels available; first: {reasons[0]}")
-        else:
-            active = "partial"
-            missing = [k for k, (ok, _) in ks.items() if not ok]
-            reason = f"{n_ok}/{len(ks)} kernels; missing {', '.join(missing)}"
-        out[be] = {"active": active, "reason": reason, "kernels": ks}
-    return out
+    return _backends.report(mod.DESCRIPTOR)
 
 
 def collect_info() -> Dict[str, Any]:

@@ -20,8 +20,8 @@ import functools
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -136,136 +136,241 @@ def status(backend: str, device: Optional[torch.device] = None) -> Availability:
 
 
 # ---------------------------------------------------------------------------
-# Backend resolution shared by every op
+# The op protocol: one descriptor per op, one resolver for every op
 
 
 @dataclass(frozen=True)
-class OpSupport:
-    """What one backend of one op supports, beyond the backend being loaded."""
+class BackendSupport:
+    """What one backend of one op supports, beyond the backend being loaded.
+
+    ``symbol`` is a template with ``{kernel}``: the attribute path in the
+    compiled module (cpu/cuda, e.g. ``"hypercomplex.{kernel}"``) or
+    ``"<module>.{kernel}"`` in ``embkern.triton_kernels``; None means the
+    backend is implemented in Python. ``kernels`` names the kernels this
+    backend implements (None: all of the op's kernels).
+    """
 
     dtypes: frozenset
     devices: frozenset  # device types: "cpu", "cuda"
-    # name of the attribute in the compiled module (cpu/cuda backends), or of
-    # the Triton launcher module; None = implemented in Python.
     symbol: Optional[str] = None
+    kernels: Optional[frozenset] = None
     note: str = ""
 
 
-def _has_symbol(backend: str, symbol: Optional[str]) -> Availability:
-    if symbol is None:
-        return Availability(True)
-    if backend in ("cpu", "cuda"):
-        mod, why = (_load_cpu() if backend == "cpu" else _load_cuda())
-        if mod is None:
-            return Availability(False, why)
-        obj = mod
-        for part in symbol.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                return Availability(False, f"{backend} kernel {symbol!r} is not implemented in this build")
-        return Availability(True)
-    if backend == "triton":
-        modname, _, fn = symbol.rpartition(".")
+@dataclass(frozen=True, eq=False)  # hashed by identity: one descriptor object per op, usable as a cache key
+class OpDescriptor:
+    """Everything the resolver, ``embkern info`` and the bench need to know about one op.
+
+    name:        the op's file stem ("hypercomplex", "fde", ...).
+    kernels:     the kernel names every backend may implement.
+    backends:    backend name -> :class:`BackendSupport`.
+    entry_points: public function name -> the kernels one call of it needs (a
+                 backend serves the call only if it implements all of them).
+    """
+
+    name: str
+    kernels: Tuple[str, ...]
+    backends: Mapping[str, BackendSupport]
+    entry_points: Mapping[str, Tuple[str, ...]] = field(default_factory=dict)
+
+    def symbol(self, backend: str, kernel: str) -> Optional[str]:
+        spec = self.backends.get(backend)
+        return None if spec is None or spec.symbol is None else spec.symbol.format(kernel=kernel)
+
+    def kernels_of(self, entry: str) -> Tuple[str, ...]:
         try:
-            mod = importlib.import_module(f"embkern.triton_kernels.{modname}")
-        except Exception as exc:
-            return Availability(False, f"embkern.triton_kernels.{modname} failed to import ({exc})")
-        if not hasattr(mod, fn):
-            return Availability(False, f"Triton kernel {symbol!r} is not implemented")
-        return Availability(True)
-    return Availability(True)
+            return tuple(self.entry_points[entry])
+        except KeyError:
+            raise KeyError(f"{self.name}: no entry point {entry!r}; known: {sorted(self.entry_points)}") from None
 
 
-def check(op: str, backend: str, support: dict, device: torch.device, dtype: torch.dtype) -> Availability:
-    """Can `backend` run `op` on tensors of this device and dtype?"""
+def _dtype_name(d: torch.dtype) -> str:
+    return str(d).replace("torch.", "")
+
+
+def _missing_symbols(desc: OpDescriptor, backend: str, kernels: Sequence[str]) -> List[str]:
+    """Why each of `kernels` is missing from a loaded backend (empty: all present)."""
+    spec = desc.backends[backend]
+    out = []
+    for k in kernels:
+        if spec.kernels is not None and k not in spec.kernels:
+            out.append(f"{desc.name} has no {backend} kernel {k!r}")
+            continue
+        symbol = desc.symbol(backend, k)
+        if symbol is None:
+            continue
+        if backend in ("cpu", "cuda"):
+            mod, why = (_load_cpu() if backend == "cpu" else _load_cuda())
+            if mod is None:
+                return [why]
+            obj = mod
+            for part in symbol.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+            if obj is None:
+                out.append(f"{backend} kernel {symbol!r} is not implemented in this build")
+        elif backend == "triton":
+            modname, _, fn = symbol.rpartition(".")
+            try:
+                mod = importlib.import_module(f"embkern.triton_kernels.{modname}")
+            except Exception as exc:
+                return [f"embkern.triton_kernels.{modname} failed to import ({type(exc).__name__}: {exc})"]
+            if not hasattr(mod, fn):
+                out.append(f"Triton kernel {symbol!r} is not implemented")
+    return out
+
+
+def check(desc: OpDescriptor, backend: str, kernels: Sequence[str], device_type: str,
+          dtype: torch.dtype) -> Availability:
+    """Can `backend` run every kernel in `kernels` of this op on tensors of this device type and
+    dtype? On no, ``reason`` gives every reason, joined by "; "."""
     if backend not in BACKENDS:
         return Availability(False, f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    spec: Optional[OpSupport] = support.get(backend)
+    spec = desc.backends.get(backend)
     if spec is None:
-        return Availability(False, f"{op} has no {backend} kernel")
-    if device.type not in spec.devices:
-        return Availability(False, f"{backend} runs {op} on {sorted(spec.devices)} tensors, got {device.type}")
+        return Availability(False, f"{desc.name} has no {backend} kernels")
+    reasons = []
+    if device_type not in spec.devices:
+        reasons.append(f"runs on {sorted(spec.devices)} tensors, got {device_type}")
     if dtype not in spec.dtypes:
-        names = ", ".join(sorted(str(d).replace("torch.", "") for d in spec.dtypes))
-        return Availability(False, f"{backend} supports dtypes {{{names}}} for {op}, got {str(dtype).replace('torch.', '')}")
-    st = status(backend, device)
+        names = ", ".join(sorted(_dtype_name(d) for d in spec.dtypes))
+        reasons.append(f"supports dtypes {{{names}}}, got {_dtype_name(dtype)}")
+    st = status(backend, torch.device(device_type)) if device_type in ("cpu", "cuda") else \
+        Availability(False, f"device type {device_type!r} is not supported")
     if not st.ok:
-        return st
-    return _has_symbol(backend, spec.symbol)
+        reasons.append(st.reason)
+    elif backend != "reference":
+        reasons.extend(_missing_symbols(desc, backend, kernels))
+    if reasons:
+        return Availability(False, "; ".join(dict.fromkeys(reasons)))
+    return Availability(True, st.reason)
 
 
-def auto_order(device: torch.device) -> Sequence[str]:
+def auto_order(device_type: str) -> Sequence[str]:
     # Triton on CPU (the interpreter) is a testing tool, never an automatic choice.
-    if device.type == "cuda":
+    if device_type == "cuda":
         return ("cuda", "triton", "reference")
     return ("cpu", "reference")
 
 
-def resolve(op: str, backend: Optional[str], support: dict, device: torch.device, dtype: torch.dtype) -> str:
-    """Pick the backend for one call, or raise saying why each was rejected."""
-    if backend is not None:
-        if not isinstance(backend, str):
-            raise TypeError(f"backend: expected None or one of {BACKENDS}, got {type(backend).__name__}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
-        st = check(op, backend, support, device, dtype)
-        if not st.ok:
-            raise RuntimeError(f"embkern.{op}: backend={backend!r} is unavailable: {st.reason}")
-        return backend
-    rejected = []
-    for name in auto_order(device):
-        st = check(op, name, support, device, dtype)
-        if st.ok:
-            return name
-        rejected.append(f"{name}: {st.reason}")
-    raise RuntimeError(f"embkern.{op}: no backend can run on {device} {dtype}; rejected " + "; ".join(rejected))
-
-
-def available(op: str, support: dict, devices: Iterable[str] = ("cpu", "cuda")) -> dict:
-    """For `embkern info`: backend -> Availability on its natural device, fp32."""
-    out = {}
-    for name in BACKENDS:
-        spec = support.get(name)
-        if spec is None:
-            out[name] = Availability(False, "no kernel for this op")
-            continue
-        dev = "cuda" if name in ("cuda",) or (name == "triton" and not triton_interpret()) else "cpu"
-        if name == "reference":
-            dev = "cpu"
-        out[name] = check(op, name, support, torch.device(dev), torch.float32)
-    return out
-
-
-@functools.lru_cache(maxsize=4096)
-def _resolve_many_cached(public: str, kernels: tuple, support_fn, backend: Optional[str], device_type: str,
-                         dtype: torch.dtype) -> str:
-    device = torch.device(device_type)
-    if backend is not None:
-        for k in kernels:
-            resolve(f"{public} ({k})", backend, support_fn(k), device, dtype)
-        return backend
-    rejected = []
-    for name in auto_order(device):
-        bad = [f"{k}: {st.reason}" for k in kernels
-               for st in [check(k, name, support_fn(k), device, dtype)] if not st.ok]
-        if not bad:
-            return name
-        rejected.append(f"{name} ({bad[0]})")
-    raise RuntimeError(f"embkern.{public}: no backend can run on {device_type} {dtype}; rejected " + "; ".join(rejected))
-
-
-@torch.compiler.assume_constant_result
-def resolve_many(public: str, kernels: tuple, support_fn, backend: Optional[str], device_type: str,
-                 dtype: torch.dtype) -> str:
-    """The backend for a call that needs every kernel in `kernels` (each looked up with
-    support_fn(kernel)); raise naming each rejected backend and why.
-
-    Cached per (call, device type, dtype) and constant under torch.compile: the
-    answer depends only on what is installed, which does not change in a process
-    (TRITON_INTERPRET is read once, before triton is imported).
-    """
+def check_backend_arg(backend) -> Optional[str]:
+    """The ``backend=`` argument every public function takes: None or one of BACKENDS."""
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend: expected None or one of {BACKENDS}, got {type(backend).__name__}")
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend: expected None or one of {BACKENDS}, got {backend!r}")
-    return _resolve_many_cached(public, kernels, support_fn, backend, device_type, dtype)
+    return backend
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolve_cached(desc: OpDescriptor, entry: str, backend: Optional[str], device_type: str,
+                    dtype: torch.dtype) -> str:
+    kernels = desc.kernels_of(entry)
+    if backend is not None:
+        st = check(desc, backend, kernels, device_type, dtype)
+        if not st.ok:
+            raise RuntimeError(f"embkern.{entry}: backend={backend!r} is unavailable for {device_type} "
+                               f"{_dtype_name(dtype)} tensors: {st.reason}")
+        return backend
+    order = auto_order(device_type)
+    rejected = []
+    for name in order:
+        st = check(desc, name, kernels, device_type, dtype)
+        if st.ok:
+            return name
+        rejected.append(f"{name}: {st.reason}")
+    for name in BACKENDS:  # the backends never chosen automatically, for a complete picture
+        if name not in order:
+            st = check(desc, name, kernels, device_type, dtype)
+            rejected.append(f"{name}: " + (st.reason if not st.ok else f"not chosen automatically; pass "
+                                           f"backend={name!r}"))
+    raise RuntimeError(f"embkern.{entry}: no backend can run on {device_type} {_dtype_name(dtype)} tensors; "
+                       "rejected " + " | ".join(rejected))
+
+
+@torch.compiler.assume_constant_result
+def resolve(desc: OpDescriptor, entry: str, backend: Optional[str], device_type: str,
+            dtype: torch.dtype) -> str:
+    """The backend that runs one call of the public function `entry` of op `desc`.
+
+    A backend qualifies only if it implements every kernel the call needs
+    (``desc.entry_points[entry]``) for this device type and dtype. With
+    ``backend`` given, that one or a RuntimeError saying every reason it cannot;
+    with None, the first of :func:`auto_order` that qualifies, or a RuntimeError
+    listing every rejected backend with every reason.
+
+    Cached per (op, call, backend, device type, dtype) and constant under
+    torch.compile: the answer depends only on what is installed, which does not
+    change in a process (TRITON_INTERPRET is read once, before triton is imported).
+    """
+    return _resolve_cached(desc, entry, check_backend_arg(backend), device_type, dtype)
+
+
+def _natural_device(backend: str) -> str:
+    if backend == "cuda" or (backend == "triton" and not triton_interpret()):
+        return "cuda"
+    return "cpu"
+
+
+def report(desc: OpDescriptor) -> Dict[str, Any]:
+    """For `embkern info`: {backend: {"active": "yes"|"no"|"partial", "reason": str,
+    "kernels": {kernel: [ok, reason]}}}, each backend on its natural device, fp32."""
+    out: Dict[str, Any] = {}
+    for be in BACKENDS:
+        dev = _natural_device(be)
+        ks = {}
+        for k in desc.kernels:
+            st = check(desc, be, (k,), dev, torch.float32)
+            ks[k] = [bool(st.ok), st.reason]
+        n_ok = sum(ok for ok, _ in ks.values())
+        if n_ok == len(ks):
+            active = "yes"
+            reason = "; ".join(sorted({r for _, r in ks.values() if r}))
+        elif n_ok == 0:
+            active = "no"
+            reasons = list(dict.fromkeys(r for _, r in ks.values()))
+            reason = reasons[0] if len(reasons) == 1 else f"0/{len(ks)} kernels available; first: {reasons[0]}"
+        else:
+            active = "partial"
+            missing = [k for k, (ok, _) in ks.items() if not ok]
+            reason = f"{n_ok}/{len(ks)} kernels; missing {', '.join(missing)}"
+        out[be] = {"active": active, "reason": reason, "kernels": ks}
+    return out
+
+
+def route(op, implementations: Mapping[str, Any], pre: Optional[Callable] = None, adapt: Optional[Callable] = None):
+    """Register the cpu and cuda kernels of a torch.library op whose last argument is the
+    resolved backend name: the call runs ``implementations[backend]``.
+
+    implementations: backend -> callable, or ``"module:attribute"`` imported on first use
+        (so that importing embkern never imports triton).
+    pre:   ``pre(*args)`` runs first on every backend (a value check they all share).
+    adapt: ``adapt(*args) -> args`` turns the op's flat schema arguments into the
+        implementation's (e.g. rebuild a config object).
+    """
+    resolved: Dict[str, Callable] = {}
+
+    def impl(backend: str) -> Callable:
+        fn = resolved.get(backend)
+        if fn is None:
+            target = implementations.get(backend)
+            if target is None:
+                raise RuntimeError(f"{op}: no {backend!r} implementation")
+            if isinstance(target, str):
+                modname, _, attr = target.partition(":")
+                target = getattr(importlib.import_module(modname), attr)
+            fn = resolved[backend] = target
+        return fn
+
+    def body(*args):
+        *rest, backend = args
+        if pre is not None:
+            pre(*rest)
+        if adapt is not None:
+            rest = adapt(*rest)
+        return impl(backend)(*rest)
+
+    op.register_kernel("cpu")(body)
+    op.register_kernel("cuda")(body)
+    return body

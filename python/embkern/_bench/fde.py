@@ -168,9 +168,8 @@ def _muvfde_encode(muvfde, m, docs) -> np.ndarray:
 def _fast_backends(device: torch.device, threads: int):
     """(names -> backend id, {name: why not}) for the fast embkern backends on this device."""
     run, skipped = {}, {}
-    sup = fde_ops.support("encode")
     if device.type == "cpu":
-        st = _backends.check("fde_encode", "cpu", sup, device, torch.float32)
+        st = _backends.check(fde_ops.DESCRIPTOR, "cpu", ("encode",), device.type, torch.float32)
         if st.ok:
             run["cpu"] = "cpu"
             if threads > 1:
@@ -182,7 +181,7 @@ def _fast_backends(device: torch.device, threads: int):
         if torch.cuda.is_available():
             skipped["cuda"] = "inputs on the CPU; run with --device cuda"
     else:
-        st = _backends.check("fde_encode", "cuda", sup, device, torch.float32)
+        st = _backends.check(fde_ops.DESCRIPTOR, "cuda", ("encode",), device.type, torch.float32)
         if st.ok:
             run["cuda"] = "cuda"
         else:

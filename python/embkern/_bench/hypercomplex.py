@@ -41,14 +41,8 @@ from ..ops import hypercomplex as hc_ops
 from ..reference import hypercomplex as ref
 from . import Target, Workload, tiny
 
-# The kernels each public function resolves (mirrors ops/hypercomplex.py):
-# a backend is timed for a case only if it implements all of them.
-KERNELS_OF = {
-    "score_all": ("query_forward", "query_backward", "score_forward"),
-    "rank_all": ("query_forward", "rank"),
-    "topk_all": ("query_forward", "topk"),
-    "one_to_n_loss": ("query_forward", "query_backward", "ce_forward", "ce_backward"),
-}
+# The kernels each public function resolves: a backend is timed for a case only if it implements all of them.
+KERNELS_OF = hc_ops.DESCRIPTOR.entry_points
 
 FB15K237_N = 14_505
 FB15K237_D = 100
@@ -136,10 +130,10 @@ def _availability(group: str, device: torch.device, quick_skip: Optional[str] = 
     """(backends to time, {backend: why not}) for one public function on this device, fp32."""
     run, skipped = ["reference"], {}
     for be in _fast_backends(device):
-        if all(hc_ops.support(k).get(be) is None for k in KERNELS_OF[group]):
+        if be not in hc_ops.DESCRIPTOR.backends:
             continue  # the op has no such backend at all (e.g. hypercomplex has no CUDA-C path)
         bad = {k: st.reason for k in KERNELS_OF[group]
-               for st in [_backends.check(k, be, hc_ops.support(k), device, torch.float32)] if not st.ok}
+               for st in [_backends.check(hc_ops.DESCRIPTOR, be, (k,), device.type, torch.float32)] if not st.ok}
         if bad:
             reasons = list(dict.fromkeys(bad.values()))
             if all("not implemented" in r for r in reasons):
@@ -490,8 +484,7 @@ def extra_report(quick: bool) -> dict:
     # backend (autograd through torch ops) that measured 6-20 s on a shared 2-core box, so the
     # epoch count depends on whether the fused CPU kernels are there to train with.
     train_kernels = KERNELS_OF["one_to_n_loss"] + ("rank",)
-    fast = all(_backends.check(k, "cpu", hc_ops.support(k), torch.device("cpu"), torch.float32).ok
-               for k in train_kernels)
+    fast = _backends.check(hc_ops.DESCRIPTOR, "cpu", train_kernels, "cpu", torch.float32).ok
     if tiny():
         epochs, dim = 1, 8
     elif quick:

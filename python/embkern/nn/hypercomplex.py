@@ -605,8 +605,7 @@ def _kinships_run(ds, algebra, epochs, dim, backend, progress, batch_size, lr, r
     if used is None:
         from ..ops.hypercomplex import _resolve
 
-        used = _resolve("kinships_benchmark", ("query_forward", "query_backward", "ce_forward", "ce_backward",
-                                               "rank"), None, model.relation)
+        used = _resolve("one_to_n_loss", None, model.relation)  # the training step's backend
     out: Dict[str, Union[float, int, str]] = {k: v for k, v in metrics.items()}
     out.update(train_time_s=t1 - t0, eval_time_s=t2 - t1, final_loss=hist[-1] if hist else float("nan"),
                model=type(model).__name__, algebra=algebra, dim=dim, reals=4 * dim, epochs=epochs,

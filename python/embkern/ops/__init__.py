@@ -4,5 +4,7 @@ from . import fde  # noqa: F401
 
 # op name -> its module; `embkern info` and the bench iterate over this.
 OPS = {"hypercomplex": hypercomplex, "fde": fde}
+# op name -> its descriptor (what each backend supports; see _backends.OpDescriptor)
+DESCRIPTORS = {name: mod.DESCRIPTOR for name, mod in OPS.items()}
 
-__all__ = ["OPS", "hypercomplex", "fde"]
+__all__ = ["OPS", "DESCRIPTORS", "hypercomplex", "fde"]

@@ -33,23 +33,23 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _checks
-from .._backends import OpSupport
+from .._backends import BackendSupport, OpDescriptor
 from ..reference import fde as ref
 from ..reference.fde import FDEConfig
 
 _F32 = frozenset({torch.float32})
-KERNELS = ("encode",)
-
-
-def support(kernel: str = "encode") -> dict:
-    return {
-        "reference": OpSupport(_F32, frozenset({"cpu", "cuda"})),
-        "cpu": OpSupport(_F32, frozenset({"cpu"}), symbol="fde.encode"),
-        "cuda": OpSupport(_F32, frozenset({"cuda"}), symbol="fde.encode"),
-    }
-
-
-SUPPORT = support("encode")
+DESCRIPTOR = OpDescriptor(
+    name="fde",
+    kernels=("encode",),
+    backends={
+        # the reference is NumPy on the host: any device, through a host copy
+        "reference": BackendSupport(_F32, frozenset({"cpu", "cuda"})),
+        "cpu": BackendSupport(_F32, frozenset({"cpu"}), symbol="fde.{kernel}"),
+        "cuda": BackendSupport(_F32, frozenset({"cuda"}), symbol="fde.{kernel}"),
+    },
+    entry_points={"fde_encode": ("encode",)},
+)
+KERNELS = DESCRIPTOR.kernels
 
 
 # ---------------------------------------------------------------------------
@@ -200,15 +200,8 @@ def fde_encode_op(points: Tensor, offsets: Tensor, dimension: int, num_repetitio
     return _encode_reference(points, offsets, c)
 
 
-def _routed(points, offsets, dimension, num_repetitions, num_simhash, seed, is_document, projection_dim, ams, fill,
-            final_dim, backend):
-    c = _config_from_args(dimension, num_repetitions, num_simhash, seed, is_document, projection_dim, ams, fill,
-                          final_dim)
-    return _IMPL[backend](points, offsets, c)
-
-
-fde_encode_op.register_kernel("cpu")(_routed)
-fde_encode_op.register_kernel("cuda")(_routed)
+_backends.route(fde_encode_op, _IMPL,
+                adapt=lambda points, offsets, *cfg: (points, offsets, _config_from_args(*cfg)))
 
 
 @fde_encode_op.register_fake
@@ -411,10 +404,7 @@ def fde_encode(points, offsets=None, config: Optional[FDEConfig] = None, backend
 def _fde_encode(points, offsets, config, backend, lengths, out):
     c = _check_config(config)
     X, off, as_np = _ragged(points, offsets, lengths, c.dimension, check_finite=False)
-    if torch.compiler.is_compiling():  # cached, a constant of the graph (it only depends on what is installed)
-        be = _backends.resolve_many("fde_encode", KERNELS, support, backend, X.device.type, X.dtype)
-    else:
-        be = _backends.resolve("fde_encode", backend, support("encode"), X.device, X.dtype)
+    be = _backends.resolve(DESCRIPTOR, "fde_encode", backend, X.device.type, X.dtype)
     if be != "cpu":  # the C++ encoder checks each document's points as it reads them
         X = _check_finite(X, "points")
     B, D = off.shape[0] - 1, c.output_dimension
@@ -697,4 +687,4 @@ def chamfer_rerank(q_points, q_offsets, candidates, d_points, d_offsets, k: int)
     return top_s, top_i
 
 
-__all__ = ["FDEConfig", "FDEEncoder", "fde_encode", "chamfer", "chamfer_rerank", "SUPPORT", "KERNELS", "tables"]
+__all__ = ["FDEConfig", "FDEEncoder", "fde_encode", "chamfer", "chamfer_rerank", "DESCRIPTOR", "KERNELS", "tables"]

@@ -22,7 +22,6 @@ argument lets tests run the Triton kernels on CPU tensors under
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -30,40 +29,40 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _checks
-from .._backends import OpSupport
+from .._backends import BackendSupport, OpDescriptor
 from ..reference import hypercomplex as ref
 
 ALGEBRAS = ref.ALGEBRAS
 LAYOUTS = ref.LAYOUTS
 SCORES = ref.SCORES
 TIES = ref.TIES
-_ALG = {"quaternion": 0, "dihedron": 1}
-_LAY = {"component": 0, "interleaved": 1}
-_SCORE = {"inner": 0, "distance": 1}
-_TIES = {"realistic": 0, "optimistic": 1, "pessimistic": 2}
+_ALG, _LAY, _SCORE, _TIES = ref.ALGEBRA_CODE, ref.LAYOUT_CODE, ref.SCORE_CODE, ref.TIES_CODE
 
-_ALL_FLOATS = frozenset(_checks.FLOATS)
-_CPU_FLOATS = frozenset({torch.float32, torch.float64})
-_TRITON_FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32})
+_QUERY = ("query_forward", "query_backward")
+DESCRIPTOR = OpDescriptor(
+    name="hypercomplex",
+    kernels=("query_forward", "query_backward", "score_forward", "rank", "topk", "ce_forward", "ce_backward"),
+    backends={
+        "reference": BackendSupport(frozenset(_checks.FLOATS), frozenset({"cpu", "cuda"})),
+        "cpu": BackendSupport(frozenset({torch.float32, torch.float64}), frozenset({"cpu"}),
+                              symbol="hypercomplex.{kernel}"),
+        "triton": BackendSupport(frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                                 frozenset({"cpu", "cuda"}), symbol="hypercomplex.{kernel}"),
+    },
+    entry_points={
+        "hamilton_product": _QUERY,
+        "dihedron_product": _QUERY,
+        "score_all": _QUERY + ("score_forward",),
+        "rank_all": ("query_forward", "rank"),
+        "topk_all": ("query_forward", "topk"),
+        "one_to_n_loss": _QUERY + ("ce_forward", "ce_backward"),
+    },
+)
+KERNELS = DESCRIPTOR.kernels
 
-# kernel name -> what each backend supports for it
-KERNELS = ("query_forward", "query_backward", "score_forward", "rank", "topk", "ce_forward", "ce_backward")
 
-
-def support(kernel: str) -> dict:
-    return {
-        "reference": OpSupport(_ALL_FLOATS, frozenset({"cpu", "cuda"})),
-        "cpu": OpSupport(_CPU_FLOATS, frozenset({"cpu"}), symbol=f"hypercomplex.{kernel}"),
-        "triton": OpSupport(_TRITON_FLOATS, frozenset({"cpu", "cuda"}), symbol=f"hypercomplex.{kernel}"),
-    }
-
-
-SUPPORT = support("score_forward")  # the hot spot; what `embkern info` reports
-
-
-def _resolve(public: str, kernels: Sequence[str], backend: Optional[str], x: Tensor) -> str:
-    """Resolve one backend that implements every kernel the call needs."""
-    return _backends.resolve_many(public, tuple(kernels), support, backend, x.device.type, x.dtype)
+def _resolve(public: str, backend: Optional[str], x: Tensor) -> str:
+    return _backends.resolve(DESCRIPTOR, public, backend, x.device.type, x.dtype)
 
 
 # ---------------------------------------------------------------------------
@@ -225,14 +224,9 @@ _CPU = {
 }
 
 
-def _impl(kernel: str, backend: str):
-    if backend == "reference":
-        return _REFERENCE[kernel]
-    if backend == "cpu":
-        return _CPU[kernel]
-    if backend == "triton":
-        return getattr(importlib.import_module("embkern.triton_kernels.hypercomplex"), kernel)
-    raise RuntimeError(f"hypercomplex: no {backend!r} implementation of {kernel}")
+def _implementations(kernel: str) -> dict:
+    return {"reference": _REFERENCE[kernel], "cpu": _CPU[kernel],
+            "triton": f"embkern.triton_kernels.hypercomplex:{kernel}"}
 
 
 # ---------------------------------------------------------------------------
@@ -296,17 +290,7 @@ def hc_ce_backward(grad_loss: Tensor, q: Tensor, E: Tensor, bias_h: Optional[Ten
 
 
 def _route(op, kernel: str, pre=None):
-    """Register cpu/cuda kernels that run the backend named by the last argument
-    (after ``pre(*args)``, a value check every backend shares)."""
-
-    def body(*args):
-        *rest, backend = args
-        if pre is not None:
-            pre(*rest)
-        return _impl(kernel, backend)(*rest)
-
-    op.register_kernel("cpu")(body)
-    op.register_kernel("cuda")(body)
+    _backends.route(op, _implementations(kernel), pre=pre)
 
 
 _route(hc_query, "query_forward")
@@ -451,7 +435,7 @@ def _product(h, r, algebra, layout, normalize, backend, public):
                  f"broadcast to {tuple(shape)}: the {_checks._dt(h.dtype)} product and its two operand copies")
     hb = h.expand(shape).reshape(-1, shape[-1]).contiguous()
     rb = r.expand(shape).reshape(-1, shape[-1]).contiguous()
-    be = _resolve(public, ("query_forward", "query_backward"), backend, hb)
+    be = _resolve(public, backend, hb)
     return hc_query(hb, rb, algebra, layout, normalize, be).reshape(shape)
 
 
@@ -546,7 +530,7 @@ def score_all(h: Tensor, r: Tensor, entities: Tensor, algebra: str = "quaternion
     h, r, E, bias_h, bias_t = _prepare(h, r, entities, algebra, score, layout, bias_h, bias_t)
     _checks.fits(h.shape[0] * E.shape[0] * h.element_size(), h.device,
                  f"score_all: the ({h.shape[0]}, {E.shape[0]}) {_checks._dt(h.dtype)} score matrix")
-    be = _resolve("score_all", ("query_forward", "query_backward", "score_forward"), backend, h)
+    be = _resolve("score_all", backend, h)
     q = hc_query(h, r, algebra, layout, normalize_relation, be)
     return hc_score(q, E, bias_h, bias_t, score, be)
 
@@ -589,7 +573,7 @@ def rank_all(h: Tensor, r: Tensor, entities: Tensor, targets: Tensor, filter_ind
     B, N = h.shape[0], E.shape[0]
     t = _targets(targets, B, N, h.device)
     fo, fi = _checks.filter_to_csr(filter_index, B, N, h.device)
-    be = _resolve("rank_all", ("query_forward", "rank"), backend, h)
+    be = _resolve("rank_all", backend, h)
     _reference_scratch(be, "rank_all", B, N, h.dtype, 4, h.device)  # + filter mask, comparisons
     with torch.no_grad():
         q = hc_query(h, r, algebra, layout, normalize_relation, be)
@@ -614,7 +598,7 @@ def topk_all(h: Tensor, r: Tensor, entities: Tensor, k: int, filter_index=None, 
     fo, fi = _checks.filter_to_csr(filter_index, B, N, h.device)
     # distinct ids per row count: duplicates in a filter list skip nothing extra
     fi = _checks.topk_k(k, fo, fi, B, N)
-    be = _resolve("topk_all", ("query_forward", "topk"), backend, h)
+    be = _resolve("topk_all", backend, h)
     _reference_scratch(be, "topk_all", B, N, h.dtype, 25, h.device)  # + two int64 sort orders, mask
     with torch.no_grad():
         q = hc_query(h, r, algebra, layout, normalize_relation, be)
@@ -640,7 +624,7 @@ def one_to_n_loss(h: Tensor, r: Tensor, entities: Tensor, targets: Tensor, algeb
     if N == 0:
         raise ValueError("entities: expected at least one entity for a cross-entropy over N, got N = 0")
     t = _targets(targets, B, N, h.device)
-    be = _resolve("one_to_n_loss", ("query_forward", "query_backward", "ce_forward", "ce_backward"), backend, h)
+    be = _resolve("one_to_n_loss", backend, h)
     _reference_scratch(be, "one_to_n_loss", B, N, h.dtype, 8, h.device)
     q = hc_query(h, r, algebra, layout, normalize_relation, be)
     loss, _ = hc_ce(q, E, bias_h, bias_t, t, score, be)

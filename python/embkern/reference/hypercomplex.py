@@ -30,6 +30,14 @@ LAYOUTS = ("component", "interleaved")
 SCORES = ("inner", "distance")
 TIES = ("realistic", "optimistic", "pessimistic")
 
+# The kernels take these names as ints: a name's position in its tuple above is
+# its value in the C++ enums (src/include/embkern/hypercomplex.h) and in the
+# Triton launchers. Reordering a tuple changes the ABI.
+ALGEBRA_CODE = {name: i for i, name in enumerate(ALGEBRAS)}
+LAYOUT_CODE = {name: i for i, name in enumerate(LAYOUTS)}
+SCORE_CODE = {name: i for i, name in enumerate(SCORES)}
+TIES_CODE = {name: i for i, name in enumerate(TIES)}
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
