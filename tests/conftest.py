@@ -1,7 +1,9 @@
 """Shared test set-up: tests run against the INSTALLED embkern package.
 
 Triton kernels run on the CPU through the Triton interpreter when no GPU is
-present; TRITON_INTERPRET must be set before triton is first imported.
+present; TRITON_INTERPRET is set here, once, before triton is first imported.
+Helpers shared by test files (backends, skip policy, data, oracles) are in
+helpers.py.
 """
 
 import os
@@ -38,30 +40,3 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if "address_space" in item.keywords and UNDER_ASAN:
             item.add_marker(skip_asan)
-
-
-def backend_params(*names):
-    """pytest params for backends, with the triton marker on 'triton'."""
-    out = []
-    for n in names:
-        marks = [pytest.mark.triton] if n == "triton" else [pytest.mark.cuda] if n == "cuda" else []
-        out.append(pytest.param(n, marks=marks, id=n))
-    return out
-
-
-def require_backend(desc, kernel, backend, device, dtype):
-    """Skip when the backend is legitimately absent (no triton, no GPU); fail otherwise.
-
-    The C++ CPU module is built by `make test`, so a missing cpu kernel is a failure,
-    not a skip.
-    """
-    st = _backends.check(desc, backend, (kernel,), torch.device(device).type, dtype)
-    if st.ok:
-        return
-    if backend == "triton" and not _backends._triton_import().ok:
-        pytest.skip(st.reason)
-    if backend == "cuda" and not HAS_CUDA:
-        pytest.skip(st.reason)
-    if desc.backends.get(backend) is None or "supports dtypes" in st.reason or "tensors, got" in st.reason:
-        pytest.skip(st.reason)
-    pytest.fail(f"backend {backend} unavailable: {st.reason}")

@@ -6,7 +6,6 @@ import itertools
 
 import pytest
 import torch
-from conftest import backend_params, require_backend
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,6 +14,7 @@ from torch.utils._pytree import tree_map
 from embkern import testing
 from embkern.ops import hypercomplex as ops
 from embkern.reference import hypercomplex as ref
+from helpers import backend_params, device_of, filter_rows, kg_triples, leaf, require_backend
 
 FAST = backend_params("reference", "cpu", "triton")
 ALGS = ["quaternion", "dihedron"]
@@ -27,12 +27,6 @@ def dtypes_for(backend):
     if backend == "triton":
         return [torch.float32, torch.bfloat16]
     return [torch.float32, torch.float64, torch.bfloat16]
-
-
-def device_of(backend):
-    """Where a backend's tensors live: Triton compiles for the GPU when one is present,
-    else it runs on CPU tensors through the interpreter."""
-    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def need(backend, kernel, dtype=torch.float32):
@@ -62,15 +56,8 @@ class api:
         return call
 
 
-def leaf(x, dtype=None):
-    """A fresh autograd leaf with x's values (never aliases x)."""
-    return x.detach().to(dtype or x.dtype).clone().requires_grad_(True)
-
-
 def triples(B, N, d, dtype, seed):
-    h, r, E = testing.randn((B, 4 * d), (B, 4 * d), (N, 4 * d), dtype=torch.float64, seed=seed)
-    bh, bt = testing.randn((B,), (N,), dtype=torch.float64, seed=seed + 1)
-    return [t.to(dtype) for t in (h, r, E, bh, bt)]
+    return kg_triples(B, N, d, dtype, seed)
 
 
 # --------------------------------------------------------------------------- algebra facts
@@ -127,15 +114,9 @@ def test_product_parity_and_grad(backend, alg, layout):
             testing.assert_parity(lambda a, b: fn(a, b, layout=layout, normalize=normalize, backend=backend),
                                   lambda a, b: ref.query(a, b, alg, layout, normalize), (h, r))
             # gradients against autograd through the reference (fp64)
-            hh, rr = leaf(h), leaf(r)
-            g = testing.randn(shape, dtype=dtype, seed=99)
-            fn(hh, rr, layout=layout, normalize=normalize, backend=backend).backward(g)
-            h64, r64 = leaf(h, torch.float64), leaf(r, torch.float64)
-            ref.query(h64, r64, alg, layout, normalize).backward(g.double())
-            hl, rl = leaf(h), leaf(r)
-            ref.query(hl, rl, alg, layout, normalize).backward(g)
-            reps = testing.compare((hh.grad, rr.grad), (hl.grad, rl.grad), (h64.grad, r64.grad), dtype, "grad")
-            assert all(x.ok for x in reps), [str(x) for x in reps]
+            testing.assert_grad_parity(lambda a, b: fn(a, b, layout=layout, normalize=normalize, backend=backend),
+                                       lambda a, b: ref.query(a, b, alg, layout, normalize), (h, r),
+                                       grad_outputs=testing.randn(shape, dtype=dtype, seed=99))
 
 
 def test_product_broadcast_and_noncontiguous():
@@ -169,15 +150,7 @@ def test_score_all_parity_and_grads(backend, alg, score):
             testing.assert_parity(fast, slow, args)
 
             # gradients of h, r, E (and biases) vs autograd through the reference
-            leaves = [leaf(a) for a in args]
-            G = testing.randn((B, N), dtype=dtype, seed=7)
-            fast(*leaves).backward(G)
-            l64 = [leaf(a, torch.float64) for a in args]
-            slow(*l64).backward(G.double())
-            llp = [leaf(a) for a in args]
-            slow(*llp).backward(G)
-            reps = testing.compare([x.grad for x in leaves], [x.grad for x in llp], [x.grad for x in l64], dtype, "grad")
-            assert all(x.ok for x in reps), [str(x) for x in reps]
+            testing.assert_grad_parity(fast, slow, args, grad_outputs=testing.randn((B, N), dtype=dtype, seed=7))
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -195,9 +168,8 @@ def test_score_all_without_normalisation_and_noncontiguous(backend):
 
 
 def _filters(B, N, g):
-    # a few known tails per row, with duplicates and sometimes the target itself
-    return [torch.randint(0, N, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).repeat(2)
-            for _ in range(B)]
+    # a few known tails per row, each twice
+    return filter_rows(B, N, g, max_per_row=3, dups="repeat")
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -284,14 +256,7 @@ def test_one_to_n_loss_parity_and_grads(backend, alg, score):
         slow = lambda *a: run(ref.one_to_n_loss, *a)  # noqa: E731
         testing.assert_parity(fast, slow, args)
         g = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-        leaves = [leaf(a) for a in args]
-        fast(*leaves).backward(g.to(fast(*args).dtype))
-        l64 = [leaf(a, torch.float64) for a in args]
-        slow(*l64).backward(g)
-        llp = [leaf(a) for a in args]
-        slow(*llp).backward(g.to(slow(*args).dtype))
-        reps = testing.compare([x.grad for x in leaves], [x.grad for x in llp], [x.grad for x in l64], dtype, "grad")
-        assert all(x.ok for x in reps), [str(x) for x in reps]
+        testing.assert_grad_parity(fast, slow, args, grad_outputs=g)
 
 
 def test_one_to_n_loss_reductions_and_large_logits():

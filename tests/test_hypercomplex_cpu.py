@@ -14,8 +14,9 @@ import torch
 import embkern
 from embkern import testing
 from embkern.reference import hypercomplex as ref
+from helpers import cpu_module, filter_rows
 
-C = embkern._backends.cpu_module()
+C = cpu_module()
 HC = C.hypercomplex
 
 SHAPES = [(1, 1, 1), (3, 5, 3), (37, 1001, 25), (130, 301, 7)]
@@ -29,14 +30,7 @@ def data(B, N, d, dtype, seed):
 
 
 def filters(B, N, g, with_dups=True):
-    rows = []
-    for b in range(B):
-        n = int(torch.randint(0, min(N, 6) + 1, (1,), generator=g))
-        f = torch.randint(0, N, (n,), generator=g)
-        if with_dups and n:
-            f = torch.cat([f, f[:1]])
-        rows.append(f)
-    return rows
+    return filter_rows(B, N, g, max_per_row=6, dups="first" if with_dups else "none")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -8,18 +8,15 @@ Shapes stay tiny (B, N <= 64, K <= 28): the interpreter runs every program in Py
 
 import importlib.util
 import itertools
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import embkern  # noqa: E402
-from embkern import testing  # noqa: E402
-from embkern.ops import hypercomplex as ops  # noqa: E402
-from embkern.reference import hypercomplex as ref  # noqa: E402
+import embkern
+from embkern import testing
+from embkern.ops import hypercomplex as ops
+from embkern.reference import hypercomplex as ref
+from helpers import filter_rows, kg_triples, to_csr
 
 pytestmark = pytest.mark.triton
 
@@ -35,44 +32,18 @@ LOWP = [torch.bfloat16, torch.float16]
 
 
 def data(B, N, d, dtype, seed):
-    h, r, E = testing.randn((B, 4 * d), (B, 4 * d), (N, 4 * d), dtype=torch.float64, seed=seed)
-    bh, bt = testing.randn((B,), (N,), dtype=torch.float64, seed=seed + 1)
-    return [t.to(dtype=dtype, device=DEV) for t in (h, r, E, bh, bt)]
-
-
-def leaf(x, dtype=None):
-    return x.detach().to(dtype or x.dtype).clone().requires_grad_(True)
+    return kg_triples(B, N, d, dtype, seed, device=DEV)
 
 
 def filters(B, N, g, t=None):
     """Per-row CSR lists with duplicates; some rows hold their target; row 2 filters a quarter of N."""
-    rows = []
-    for b in range(B):
-        n = int(torch.randint(0, 5, (1,), generator=g))
-        f = torch.randint(0, N, (n,), generator=g).repeat(2)
-        if t is not None and b % 3 == 1:
-            f = torch.cat([f, t[b:b + 1].cpu()])
-        rows.append(f)
-    if B > 2:
-        rows[2] = torch.cat([torch.arange(0, N, 4), torch.arange(0, N, 8)])  # several ids per tile, duplicated
-        if t is not None:
-            rows[2] = rows[2][rows[2] != t[2].item()]
-    off = torch.zeros(B + 1, dtype=torch.int64)
-    off[1:] = torch.cumsum(torch.tensor([len(x) for x in rows]), 0)
-    return off.to(DEV), torch.cat(rows).to(DEV)
+    return to_csr(filter_rows(B, N, g, max_per_row=4, dups="repeat", targets=t, dense_row=2), DEV)
 
 
 def grads_check(fast, slow, args, dtype, seed):
-    out = fast(*args)
-    G = testing.randn(tuple(out.shape), dtype=torch.float64, seed=seed).to(device=DEV)
-    leaves = [leaf(a) for a in args]
-    fast(*leaves).backward(G.to(out.dtype))
-    l64 = [leaf(a, torch.float64) for a in args]
-    slow(*l64).backward(G)
-    llp = [leaf(a) for a in args]
-    slow(*llp).backward(G.to(slow(*args).dtype))
-    reps = testing.compare([x.grad for x in leaves], [x.grad for x in llp], [x.grad for x in l64], dtype, "grad")
-    assert all(x.ok for x in reps), [str(x) for x in reps]
+    shape = tuple(fast(*args).shape)
+    G = testing.randn(shape, dtype=torch.float64, seed=seed).to(device=DEV)
+    testing.assert_grad_parity(fast, slow, args, grad_outputs=G)
 
 
 # --------------------------------------------------------------------------- product

@@ -1,7 +1,7 @@
 """Parity helpers shipped with embkern, so users can check a fast kernel themselves.
 
-The numerics contract (DESIGN.md): compare against the reference run in
-float64 on upcast inputs. A fast kernel passes when its error is at most
+The numerics contract (docs/ops/<op>.md, "Numerics contract"): compare against
+the reference run in float64 on upcast inputs. A fast kernel passes when its error is at most
 ``factor`` (2) times the error of the reference run in the input dtype, plus a
 few ulp of the output's scale::
 
@@ -16,6 +16,11 @@ Example::
     testing.assert_parity(
         lambda *a: embkern.score_all(*a, backend="cpu"),
         reference.hypercomplex.score_all, (h, r, E))
+
+Gradients follow the same rule: :func:`assert_grad_parity` back-propagates one
+random output gradient through the fast function, the reference in the input
+dtype and the reference in float64, and applies the 2x rule to every input's
+gradient.
 """
 
 from __future__ import annotations
@@ -109,6 +114,65 @@ def assert_parity(fast: Callable, reference: Callable, args: Tuple, kwargs: dict
     bad = [str(r) for r in reports if not r.ok]
     if bad:
         raise AssertionError("parity failed:\n  " + "\n  ".join(bad))
+    return reports
+
+
+def leaf(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A fresh autograd leaf with x's values (in ``dtype`` if given); never aliases x."""
+    return x.detach().to(dtype or x.dtype).clone().requires_grad_(True)
+
+
+def _backward(fn: Callable, args: Tuple, kwargs: dict, dtype: torch.dtype | None, grads: Sequence[torch.Tensor]):
+    """Leaves of args' floating tensors (in ``dtype``, or their own), fn on them, backward with grads."""
+    leaves = [leaf(a, dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    outs = [o for o in _flat(fn(*leaves, **kwargs)) if o.is_floating_point() and o.requires_grad]
+    if len(outs) != len(grads):
+        raise AssertionError(f"expected {len(grads)} differentiable floating outputs, got {len(outs)}")
+    torch.autograd.backward(outs, [g.to(device=o.device, dtype=o.dtype) for o, g in zip(outs, grads)])
+    return [x for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
+
+
+def assert_grad_parity(fast: Callable, reference: Callable, args: Tuple, kwargs: dict | None = None,
+                       grad_outputs=None, seed: int = 0, name: str = "grad", factor: float = FACTOR,
+                       ulps: int | None = None) -> list:
+    """The 2x rule for gradients, for every floating tensor in ``args``.
+
+    ``fast``, the reference in the input dtype and the reference on float64
+    upcasts each run on fresh leaves and back-propagate the same output
+    gradient(s): ``grad_outputs`` (one tensor per differentiable floating
+    output, cast to each output's dtype) or standard-normal draws from ``seed``.
+    Then each input's gradient from ``fast`` must be within ``factor`` times the
+    reference's own low-precision gradient error of the float64 gradient, plus
+    a few ulp, as :func:`assert_parity` checks outputs. An input that gets no
+    gradient from one side but does from the other fails.
+
+    Returns the per-input :class:`ParityReport` list.
+    """
+    kwargs = kwargs or {}
+    floats = [a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()]
+    if not floats:
+        raise ValueError("args: expected at least one floating tensor to differentiate")
+    dtype = floats[0].dtype
+    if grad_outputs is None:
+        with torch.no_grad():
+            outs = [o for o in _flat(fast(*args, **kwargs)) if o.is_floating_point()]
+        g = torch.Generator().manual_seed(seed)
+        grad_outputs = [torch.randn(tuple(o.shape), generator=g, dtype=torch.float64) for o in outs]
+    grads = list(_flat(grad_outputs))
+    got = _backward(fast, args, kwargs, None, grads)
+    low = _backward(reference, args, kwargs, None, grads)
+    hi = _backward(reference, args, kwargs, torch.float64, grads)
+    reports = []
+    for i, (f, r, r64) in enumerate(zip(got, low, hi)):
+        present = (f.grad is not None, r.grad is not None, r64.grad is not None)
+        if not all(present):
+            if any(present):
+                raise AssertionError(f"{name}[{i}]: gradient present for (fast, reference, reference64) = {present}")
+            continue
+        reports += compare(f.grad, r.grad, r64.grad, dtype, f"{name}[{i}]", factor, ulps)
+    bad = [str(r) for r in reports if not r.ok]
+    if bad:
+        raise AssertionError("gradient parity failed:\n  " + "\n  ".join(bad))
     return reports
 
 

@@ -1,0 +1,140 @@
+"""What several test files share: backend parameters and the skip policy, data
+builders, and the outside oracles (muvfde, PyKEEN).
+
+Skip policy (one for the whole suite):
+
+* the C++ CPU module is built by ``make test``: a missing cpu kernel is a
+  failure, never a skip (:func:`require_backend`, :func:`cpu_module`);
+* triton not installed, no GPU, or a dtype/device the backend does not claim in
+  its op descriptor: a skip with the resolver's reason;
+* an outside oracle that is not installed: a skip naming the package
+  (:func:`oracle`), unless ``EMBKERN_TEST_STRICT=1`` (set by ``make test``,
+  which installs them all), where it is a failure.
+
+``TRITON_INTERPRET`` is set once, in conftest.py, before anything imports triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import List, Optional, Sequence
+
+import pytest
+import torch
+
+from embkern import _backends, testing
+
+HAS_CUDA = torch.cuda.is_available()
+STRICT = os.environ.get("EMBKERN_TEST_STRICT", "0") == "1"
+
+leaf = testing.leaf
+
+
+# --------------------------------------------------------------------------- backends
+
+
+def backend_params(*names):
+    """pytest params for backends, with the triton marker on 'triton' and the cuda marker on 'cuda'."""
+    out = []
+    for n in names:
+        marks = [pytest.mark.triton] if n == "triton" else [pytest.mark.cuda] if n == "cuda" else []
+        out.append(pytest.param(n, marks=marks, id=n))
+    return out
+
+
+def device_of(backend: str) -> str:
+    """Where a backend's tensors live: Triton compiles for the GPU when one is present,
+    else it runs on CPU tensors through the interpreter."""
+    return "cuda" if backend in ("triton", "cuda") and HAS_CUDA else "cpu"
+
+
+def require_backend(desc, kernel: str, backend: str, device, dtype) -> None:
+    """Skip when the backend is legitimately absent here; fail otherwise (see the policy above)."""
+    st = _backends.check(desc, backend, (kernel,), torch.device(device).type, dtype)
+    if st.ok:
+        return
+    if backend == "triton" and not _backends._triton_import().ok:
+        pytest.skip(st.reason)
+    if backend == "cuda" and not HAS_CUDA:
+        pytest.skip(st.reason)
+    if desc.backends.get(backend) is None or "supports dtypes" in st.reason or "tensors, got" in st.reason:
+        pytest.skip(st.reason)
+    pytest.fail(f"backend {backend} unavailable: {st.reason}")
+
+
+def cpu_module():
+    """embkern._C, or a test failure saying why it did not import (never a skip)."""
+    st = _backends.cpu_status()
+    if not st.ok:
+        pytest.fail(f"embkern._C is not available: {st.reason}")
+    return _backends.cpu_module()
+
+
+# --------------------------------------------------------------------------- data
+
+
+def kg_triples(B: int, N: int, d: int, dtype=torch.float64, seed: int = 0, device="cpu"):
+    """[h (B, 4d), r (B, 4d), E (N, 4d), bias_h (B,), bias_t (N,)]: standard normal draws
+    in float64 from ``seed`` (the same values for every dtype), cast to dtype."""
+    h, r, E = testing.randn((B, 4 * d), (B, 4 * d), (N, 4 * d), dtype=torch.float64, seed=seed)
+    bh, bt = testing.randn((B,), (N,), dtype=torch.float64, seed=seed + 1)
+    return [t.to(dtype=dtype, device=device) for t in (h, r, E, bh, bt)]
+
+
+def filter_rows(B: int, N: int, g: torch.Generator, max_per_row: int = 3, dups: str = "repeat",
+                targets: Optional[torch.Tensor] = None, dense_row: Optional[int] = None) -> List[torch.Tensor]:
+    """Per-row known-tail lists for filtered ranking: up to ``max_per_row`` random ids per row,
+    duplicated (``dups="repeat"``: every id twice; ``"first"``: the first id once more;
+    ``"none"``), with the row's target appended to every third row (b % 3 == 1) when
+    ``targets`` is given, and row ``dense_row`` filtering every 4th and 8th id (several
+    per tile, duplicated; its target removed)."""
+    rows = []
+    for b in range(B):
+        n = int(torch.randint(0, min(N, max_per_row) + 1, (1,), generator=g))
+        f = torch.randint(0, N, (n,), generator=g)
+        if dups == "repeat":
+            f = f.repeat(2)
+        elif dups == "first" and n:
+            f = torch.cat([f, f[:1]])
+        if targets is not None and b % 3 == 1:
+            f = torch.cat([f, targets[b:b + 1].cpu()])
+        rows.append(f)
+    if dense_row is not None and B > dense_row:
+        row = torch.cat([torch.arange(0, N, 4), torch.arange(0, N, 8)])
+        if targets is not None:
+            row = row[row != int(targets[dense_row])]
+        rows[dense_row] = row
+    return rows
+
+
+def to_csr(rows: Sequence[torch.Tensor], device="cpu"):
+    """(offsets (B+1,) int64, index (nnz,) int64) of per-row id lists."""
+    off = torch.zeros(len(rows) + 1, dtype=torch.int64)
+    if rows:
+        off[1:] = torch.cumsum(torch.tensor([len(x) for x in rows]), 0)
+    idx = torch.cat([torch.as_tensor(x, dtype=torch.int64) for x in rows]) if rows else torch.zeros(0, dtype=torch.int64)
+    return off.to(device), idx.to(device)
+
+
+# --------------------------------------------------------------------------- outside oracles
+
+_ORACLES = {
+    "muvfde": "muvfde (Google's MUVERA reference bindings; the `test` extra)",
+    "pykeen": "pykeen (installed by `make test` without its dependencies; its data files and modules)",
+    "transformers": "transformers (the `test` extra)",
+}
+
+
+def oracle(module: str):
+    """Import an outside oracle (a module of a package in ``_ORACLES``): skip when it is
+    missing, or fail under EMBKERN_TEST_STRICT=1, where `make test` installed it."""
+    pkg = module.split(".")[0]
+    what = _ORACLES.get(pkg, pkg)
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # ImportError, or a package whose import fails on a missing dependency
+        why = f"outside oracle {module} is not importable ({type(exc).__name__}: {exc}); needs {what}"
+        if STRICT:
+            pytest.fail(why)
+        pytest.skip(why)
