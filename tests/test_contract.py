@@ -1,0 +1,100 @@
+"""The contract layer itself: the shipped parity harness (embkern.testing) must
+fail on a wrong kernel, and the one backend resolver must explain every
+rejection."""
+
+import pytest
+import torch
+
+from embkern import _backends, testing
+from embkern._backends import BackendSupport, OpDescriptor
+from embkern.ops import DESCRIPTORS
+
+
+def _f(x, w):
+    return (x * w).sin().sum(-1)
+
+
+def test_assert_parity_accepts_the_reference_and_rejects_a_biased_kernel():
+    x, w = testing.randn((40, 16), (40, 16), dtype=torch.float32, seed=1)
+    testing.assert_parity(_f, _f, (x, w))
+    with pytest.raises(AssertionError, match="parity failed"):
+        testing.assert_parity(lambda a, b: _f(a, b) * (1 + 1e-4), _f, (x, w))
+
+
+def test_assert_grad_parity_checks_every_input_gradient():
+    x, w = testing.randn((40, 16), (40, 16), dtype=torch.bfloat16, seed=2)
+    reps = testing.assert_grad_parity(_f, _f, (x, w), seed=3)
+    assert len(reps) == 2 and all(r.ok for r in reps)
+
+    def wrong_grad_w(a, b):  # right forward, the gradient of w scaled by 1.01
+        return _f(a, b.detach()) + (_f(a.detach(), b) - _f(a.detach(), b).detach()) * 1.01
+
+    x32, w32 = x.float(), w.float()
+    testing.assert_grad_parity(_f, _f, (x32, w32), seed=3)
+    with pytest.raises(AssertionError, match=r"grad\[1\]"):
+        testing.assert_grad_parity(wrong_grad_w, _f, (x32, w32), seed=3)
+    with pytest.raises(AssertionError, match="gradient present"):
+        testing.assert_grad_parity(lambda a, b: _f(a, b.detach()), _f, (x, w), seed=3)
+
+
+def test_assert_grad_parity_uses_the_given_output_gradient():
+    x, w = testing.randn((8, 4), (8, 4), dtype=torch.float32, seed=4)
+    zero = torch.zeros(8, dtype=torch.float64)
+    reps = testing.assert_grad_parity(lambda a, b: _f(a, b) * 3, _f, (x, w), grad_outputs=zero)
+    assert all(r.err_fast == 0 for r in reps)  # a zero output gradient makes any scale agree
+
+
+FAKE = OpDescriptor(
+    name="fake",
+    kernels=("fwd", "bwd"),
+    backends={
+        "reference": BackendSupport(frozenset({torch.float32}), frozenset({"cpu", "cuda"})),
+        "cpu": BackendSupport(frozenset({torch.float64}), frozenset({"cpu"}), symbol="no_such_module.{kernel}"),
+        "triton": BackendSupport(frozenset({torch.float32}), frozenset({"cuda"}), symbol="no_such.{kernel}"),
+    },
+    entry_points={"fake_fn": ("fwd", "bwd")},
+)
+
+
+def test_resolver_lists_every_rejected_backend_with_every_reason():
+    with pytest.raises(RuntimeError) as exc:
+        _backends.resolve(FAKE, "fake_fn", None, "cpu", torch.float16)
+    msg = str(exc.value)
+    assert msg.startswith("embkern.fake_fn: no backend can run on cpu float16 tensors; rejected")
+    # cpu: both the dtype and the missing kernels (each one) are named
+    assert "cpu: supports dtypes {float64}, got float16" in msg
+    assert "'no_such_module.fwd'" in msg and "'no_such_module.bwd'" in msg
+    assert "reference: supports dtypes {float32}, got float16" in msg
+    # backends that are never automatic, and those the op does not have, are reported too
+    assert "triton: runs on ['cuda'] tensors, got cpu" in msg
+    assert "cuda: fake has no cuda kernels" in msg
+
+
+def test_resolver_explicit_backend_and_argument_checks():
+    assert _backends.resolve(FAKE, "fake_fn", None, "cpu", torch.float32) == "reference"
+    with pytest.raises(RuntimeError, match=r"backend='cpu' is unavailable for cpu float32 tensors: "
+                                           r"supports dtypes \{float64\}, got float32; .*not implemented"):
+        _backends.resolve(FAKE, "fake_fn", "cpu", "cpu", torch.float32)
+    with pytest.raises(ValueError, match="backend: expected None or one of"):
+        _backends.resolve(FAKE, "fake_fn", "gpu", "cpu", torch.float32)
+    with pytest.raises(TypeError, match="backend: expected None or one of"):
+        _backends.resolve(FAKE, "fake_fn", 1, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("name", sorted(DESCRIPTORS))
+def test_every_descriptor_is_consistent(name):
+    desc = DESCRIPTORS[name]
+    assert desc.name == name
+    assert "reference" in desc.backends
+    for entry, kernels in desc.entry_points.items():
+        assert kernels and set(kernels) <= set(desc.kernels), (entry, kernels)
+    for be, spec in desc.backends.items():
+        assert be in _backends.BACKENDS
+        assert spec.devices <= {"cpu", "cuda"} and spec.dtypes
+        assert spec.kernels is None or spec.kernels <= set(desc.kernels)
+        if be in ("cpu", "cuda", "triton"):
+            assert spec.symbol is not None and "{kernel}" in spec.symbol, be
+    # the cpu kernels are built by make test: every one must resolve here
+    if "cpu" in desc.backends:
+        st = _backends.check(desc, "cpu", desc.kernels, "cpu", next(iter(desc.backends["cpu"].dtypes)))
+        assert st.ok, st.reason
