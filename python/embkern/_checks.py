@@ -99,6 +99,69 @@ def positive_int(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def integer(value, name: str) -> int:
+    """A Python or numpy integer (bool never): sizes such as top-k's k."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    return int(value)
+
+
+def array_or_tensor(x, name: str) -> Tuple[torch.Tensor, bool]:
+    """(tensor, came_from_numpy) for a numpy array (shared, no copy when contiguous) or a CPU/CUDA tensor."""
+    if isinstance(x, torch.Tensor):
+        return real_device(x, name), False
+    if isinstance(x, np.ndarray):
+        if x.dtype == object:
+            raise TypeError(f"{name}: expected a numeric array, got dtype object")
+        return torch.from_numpy(np.ascontiguousarray(x)), True
+    raise TypeError(f"{name}: expected a numpy array or torch.Tensor, got {type(x).__name__}")
+
+
+def integer_array(x, name: str, what: str = "an integer array") -> torch.Tensor:
+    """A tensor of integers from a tensor, numpy array or (nested) list; floats and bools are a TypeError."""
+    t = torch.as_tensor(x) if isinstance(x, (list, tuple)) else array_or_tensor(x, name)[0]
+    if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"{name}: expected {what}, got {_dt(t.dtype)}")
+    return t
+
+
+def offsets_array(o, name: str, total: int, device) -> torch.Tensor:
+    """CSR row offsets (B+1,) as int64 on ``device``: from 0, non-decreasing, ending at ``total``
+    (checked in eager mode, and by an op in compiled graphs)."""
+    o = integer_array(o, name)
+    if o.dim() != 1 or o.numel() < 1:
+        raise ValueError(f"{name}: expected a 1-d (B+1,) array with B+1 >= 1, got shape {tuple(o.shape)}")
+    return offsets(o.to(device=device, dtype=torch.int64).contiguous(), total, name)
+
+
+def out_array(out, as_numpy: bool, device, shape: Tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
+    """A preallocated ``out``: C-contiguous, writable, of ``shape`` and ``dtype``, a numpy array
+    when the input was numpy, else a tensor on the input's device that does not require grad."""
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
+    if as_numpy:
+        if not isinstance(out, np.ndarray):
+            raise TypeError(f"out: expected a numpy array (the input is numpy), got {type(out).__name__}")
+        if out.dtype != np_dtype:
+            raise TypeError(f"out: expected dtype {_dt(dtype)}, got {out.dtype}")
+        if not out.flags.writeable:
+            raise ValueError("out: expected a writable array, got a read-only one")
+        contiguous = out.flags.c_contiguous
+    else:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"out: expected a torch.Tensor (the input is a tensor), got {type(out).__name__}")
+        if out.dtype != dtype:
+            raise TypeError(f"out: expected dtype {_dt(dtype)}, got {_dt(out.dtype)}")
+        if out.device != torch.device(device):
+            raise ValueError(f"out: expected a tensor on {device} (the input's device), got {out.device}")
+        if out.requires_grad:
+            raise ValueError("out: expected a tensor that does not require grad")
+        contiguous = out.is_contiguous()
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+    if not contiguous:
+        raise ValueError("out: expected a C-contiguous array")
+
+
 def real_device(x: torch.Tensor, name: str) -> torch.Tensor:
     """Reject tensors without storage (meta) or on devices no backend runs on."""
     if x.device.type not in ("cpu", "cuda"):

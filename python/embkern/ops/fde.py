@@ -221,17 +221,6 @@ def _op_args(c: FDEConfig) -> tuple:
 # Input handling
 
 
-def _as_tensor(x, name: str) -> Tuple[Tensor, bool]:
-    """(tensor, came_from_numpy)."""
-    if isinstance(x, Tensor):
-        return _checks.real_device(x, name), False
-    if isinstance(x, np.ndarray):
-        if x.dtype == object:
-            raise TypeError(f"{name}: expected a numeric array, got dtype object")
-        return torch.from_numpy(np.ascontiguousarray(x)), True
-    raise TypeError(f"{name}: expected a numpy array or torch.Tensor, got {type(x).__name__}")
-
-
 _NAN_WHY = " (NaN would hash to bit 0 and propagate into its partition)"
 
 
@@ -263,7 +252,7 @@ def _overflow(points, name: str = "points") -> Optional[str]:
 
 def _points_f32(x: Tensor, name: str, d: int, check_finite: bool = True) -> Tensor:
     if not (x.is_floating_point()):
-        raise TypeError(f"{name}: expected a floating dtype (converted to float32), got {str(x.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name}: expected a floating dtype (converted to float32), got {_checks._dt(x.dtype)}")
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-d (N, {d}) array, got shape {tuple(x.shape)}")
     if x.shape[1] != d:
@@ -272,16 +261,6 @@ def _points_f32(x: Tensor, name: str, d: int, check_finite: bool = True) -> Tens
     if check_finite:
         x = _check_finite(x, name)
     return x
-
-
-def _offsets_i64(o, name: str, n_total: int, device) -> Tensor:
-    o, _ = _as_tensor(o, name) if not isinstance(o, (list, tuple)) else (torch.as_tensor(o), False)
-    if o.dtype.is_floating_point or o.dtype == torch.bool or o.is_complex():
-        raise TypeError(f"{name}: expected an integer array, got {str(o.dtype).replace('torch.', '')}")
-    if o.dim() != 1 or o.numel() < 1:
-        raise ValueError(f"{name}: expected a 1-d (B+1,) array with B+1 >= 1, got shape {tuple(o.shape)}")
-    o = o.to(device=device, dtype=torch.int64).contiguous()
-    return _checks.offsets(o, n_total, name)  # under torch.compile: checked by an op when the graph runs
 
 
 def _ragged(points, offsets, lengths, d: int, name: str = "points",
@@ -293,7 +272,7 @@ def _ragged(points, offsets, lengths, d: int, name: str = "points",
             raise ValueError(f"{name}: a list of point clouds carries its own lengths; pass offsets=None, lengths=None")
         parts, was_np = [], None
         for i, p in enumerate(points):
-            t, from_np = _as_tensor(p, f"{name}[{i}]")
+            t, from_np = _checks.array_or_tensor(p, f"{name}[{i}]")
             was_np = from_np if was_np is None else was_np
             if t.dim() == 1 and t.numel() == 0:
                 t = t.reshape(0, d)
@@ -307,15 +286,13 @@ def _ragged(points, offsets, lengths, d: int, name: str = "points",
         if parts:
             off[1:] = torch.cumsum(torch.tensor([p.shape[0] for p in parts]), 0)
         return X, off.to(dev), bool(was_np) if was_np is not None else True
-    X, was_np = _as_tensor(points, name)
+    X, was_np = _checks.array_or_tensor(points, name)
     if lengths is not None:
         if offsets is not None:
             raise ValueError("offsets: pass either offsets (CSR points) or lengths (padded points), not both")
         if X.dim() != 3:
             raise ValueError(f"{name}: with lengths, expected a padded (B, L, {d}) array, got shape {tuple(X.shape)}")
-        Lt, _ = _as_tensor(lengths, "lengths") if not isinstance(lengths, (list, tuple)) else (torch.as_tensor(lengths), False)
-        if Lt.dtype.is_floating_point or Lt.dtype == torch.bool:
-            raise TypeError(f"lengths: expected integers, got {str(Lt.dtype).replace('torch.', '')}")
+        Lt = _checks.integer_array(lengths, "lengths", "integers")
         if Lt.shape != (X.shape[0],):
             raise ValueError(f"lengths: expected shape ({X.shape[0]},), got {tuple(Lt.shape)}")
         Lt = Lt.to(torch.int64).cpu()
@@ -332,39 +309,13 @@ def _ragged(points, offsets, lengths, d: int, name: str = "points",
         raise ValueError("offsets: required with CSR points (N_total, d); or pass a list of arrays, "
                          "or a padded (B, L, d) array with lengths")
     X = _points_f32(X, name, d, check_finite)
-    return X, _offsets_i64(offsets, "offsets", X.shape[0], X.device), was_np
+    return X, _checks.offsets_array(offsets, "offsets", X.shape[0], X.device), was_np
 
 
 def _check_config(config) -> FDEConfig:
     if not isinstance(config, FDEConfig):
         raise TypeError(f"config: expected embkern.FDEConfig, got {type(config).__name__}")
     return config
-
-
-def _check_out(out, as_np: bool, device: torch.device, B: int, D: int):
-    """Validate a preallocated ``out`` (B, D) float32, C-contiguous, of the input's kind."""
-    if as_np:
-        if not isinstance(out, np.ndarray):
-            raise TypeError(f"out: expected a numpy array (the input is numpy), got {type(out).__name__}")
-        if out.dtype != np.float32:
-            raise TypeError(f"out: expected dtype float32, got {out.dtype}")
-        if not out.flags.writeable:
-            raise ValueError("out: expected a writable array, got a read-only one")
-        contiguous = out.flags.c_contiguous
-    else:
-        if not isinstance(out, Tensor):
-            raise TypeError(f"out: expected a torch.Tensor (the input is a tensor), got {type(out).__name__}")
-        if out.dtype != torch.float32:
-            raise TypeError(f"out: expected dtype float32, got {str(out.dtype).replace('torch.', '')}")
-        if out.device != device:
-            raise ValueError(f"out: expected a tensor on {device} (the input's device), got {out.device}")
-        if out.requires_grad:
-            raise ValueError("out: expected a tensor that does not require grad")
-        contiguous = out.is_contiguous()
-    if tuple(out.shape) != (B, D):
-        raise ValueError(f"out: expected shape ({B}, {D}), got {tuple(out.shape)}")
-    if not contiguous:
-        raise ValueError("out: expected a C-contiguous array")
 
 
 def fde_encode(points, offsets=None, config: Optional[FDEConfig] = None, backend: Optional[str] = None, *,
@@ -409,7 +360,7 @@ def _fde_encode(points, offsets, config, backend, lengths, out):
         X = _check_finite(X, "points")
     B, D = off.shape[0] - 1, c.output_dimension
     if out is not None:
-        _check_out(out, as_np, X.device, B, D)
+        _checks.out_array(out, as_np, X.device, (B, D))
         if be == "cpu" and not torch.compiler.is_compiling():
             dst = out if as_np else out.detach().numpy()
             _cpu_mod().encode(tables(c).cpu_plan(c), X.detach().contiguous().numpy(),
@@ -573,9 +524,9 @@ def _progress(total, enabled):
 
 
 def _points_any(x, name):
-    t, was_np = _as_tensor(x, name)
+    t, was_np = _checks.array_or_tensor(x, name)
     if not t.is_floating_point():
-        raise TypeError(f"{name}: expected a floating dtype, got {str(t.dtype).replace('torch.', '')}")
+        raise TypeError(f"{name}: expected a floating dtype, got {_checks._dt(t.dtype)}")
     if t.dim() != 2:
         raise ValueError(f"{name}: expected a 2-d (N, d) array, got shape {tuple(t.shape)}")
     return t.to(torch.float32).contiguous(), was_np
@@ -602,8 +553,8 @@ def _chamfer_inputs(q_points, q_offsets, d_points, d_offsets):
     if x.shape[1] != q.shape[1]:
         raise ValueError(f"d_points: expected shape (N, {q.shape[1]}) (the width of q_points), got {tuple(x.shape)}")
     x = x.to(q.device)
-    qo = _offsets_i64(q_offsets, "q_offsets", q.shape[0], q.device)
-    xo = _offsets_i64(d_offsets, "d_offsets", x.shape[0], q.device)
+    qo = _checks.offsets_array(q_offsets, "q_offsets", q.shape[0], q.device)
+    xo = _checks.offsets_array(d_offsets, "d_offsets", x.shape[0], q.device)
     return q, qo, x, xo, as_np
 
 
@@ -655,17 +606,14 @@ def chamfer_rerank(q_points, q_offsets, candidates, d_points, d_offsets, k: int)
         ties broken by the earlier candidate position; numpy for numpy input.
     """
     q, qo, x, xo, as_np = _chamfer_inputs(q_points, q_offsets, d_points, d_offsets)
-    cand, _ = _as_tensor(candidates, "candidates")
-    if cand.dtype.is_floating_point or cand.dtype == torch.bool:
-        raise TypeError(f"candidates: expected an integer array, got {str(cand.dtype).replace('torch.', '')}")
+    cand = _checks.integer_array(candidates, "candidates")
     Bq, Bd = qo.numel() - 1, xo.numel() - 1
     if cand.dim() != 2 or cand.shape[0] != Bq:
         raise ValueError(f"candidates: expected shape ({Bq}, C), got {tuple(cand.shape)}")
     cand = cand.to(device=q.device, dtype=torch.int64)
     if cand.numel() and (int(cand.min()) < 0 or int(cand.max()) >= Bd):
         raise ValueError(f"candidates: expected ids in [0, {Bd}), got [{int(cand.min())}, {int(cand.max())}]")
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    k = _checks.integer(k, "k")
     if not 0 <= k <= cand.shape[1]:
         raise ValueError(f"k: expected 0 <= k <= {cand.shape[1]} (the number of candidates), got {k}")
     scores = torch.empty(Bq, cand.shape[1], dtype=torch.float32, device=q.device)

@@ -593,8 +593,7 @@ def topk_all(h: Tensor, r: Tensor, entities: Tensor, k: int, filter_index=None, 
     """
     h, r, E, bias_h, bias_t = _prepare(h, r, entities, algebra, score, layout, bias_h, bias_t)
     B, N = h.shape[0], E.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k: expected an int, got {type(k).__name__}")
+    k = _checks.integer(k, "k")
     fo, fi = _checks.filter_to_csr(filter_index, B, N, h.device)
     # distinct ids per row count: duplicates in a filter list skip nothing extra
     fi = _checks.topk_k(k, fo, fi, B, N)
