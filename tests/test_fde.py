@@ -1,4 +1,4 @@
-"""MUVERA FDE: spec tables and vectors, bit-exact parity with the muvfde oracle, API, bad input."""
+"""MUVERA FDE: the contract's tables and vectors (docs/ops/fde.md), bit-exact parity with the muvfde oracle, API, bad input."""
 
 import hashlib
 
@@ -29,7 +29,7 @@ def bits(a):
 
 
 # ---------------------------------------------------------------------------
-# Random tables (spec check values and checksums)
+# Random tables (check values and checksums of docs/ops/fde.md)
 
 
 def test_mt19937_and_normal_check_values():
@@ -89,7 +89,7 @@ def test_count_sketch_csr_matches_reference():
 
 
 # ---------------------------------------------------------------------------
-# Spec test vectors
+# Test vectors (docs/ops/fde.md, "Check values and test vectors")
 
 VECTORS = {
     "T1": (5, 8, 1, dict(dimension=8, num_repetitions=2, num_simhash_projections=3, seed=1),
@@ -297,7 +297,7 @@ def test_cpu_matches_reference_batched():
 
 
 # ---------------------------------------------------------------------------
-# Edge cases the reference gets wrong (spec-defined)
+# Edge cases the reference gets wrong (docs/ops/fde.md, "Edge cases and bad input")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -93,7 +93,7 @@ def _ragged(rng, lengths, d, adversarial_g=None):
 
 
 def _tables(cfg, device):
-    """The spec tables of cfg as the CUDA launcher takes them (from the numpy reference)."""
+    """The random tables of cfg as the CUDA launcher takes them (from the numpy reference)."""
     t = ref.Tables(cfg)
     out = {"simhash": torch.from_numpy(np.ascontiguousarray(t.simhash)).to(device)}
     if t.ams_index is not None:
@@ -161,7 +161,7 @@ def test_benchmark_shape_matches_cpu():
 
 
 # ---------------------------------------------------------------------------
-# Spec test vectors (specs/fde.md), encoded on the GPU
+# Test vectors (docs/ops/fde.md), encoded on the GPU
 
 
 def _spec_points(n, d, salt):
@@ -262,7 +262,7 @@ def test_empty_inputs():
     assert out.shape == (0, cfg.output_dimension)
     out = _launch(cfg, X, torch.zeros(4, dtype=torch.int64, device="cuda"), tables)
     assert out.shape == (3, cfg.output_dimension)
-    assert bool((out == 0).all()), "empty documents encode to zeros (spec edge cases)"
+    assert bool((out == 0).all()), "empty documents encode to zeros (docs/ops/fde.md edge cases)"
     cfg0 = _config(4, 2, 0, 7, True)  # k = 0: the reference divides 0 by 0 here
     _, t0 = _tables(cfg0, "cuda")
     out = _launch(cfg0, torch.zeros(0, 4, device="cuda"), torch.zeros(2, dtype=torch.int64, device="cuda"), t0)

@@ -64,7 +64,7 @@ def triples(B, N, d, dtype, seed):
 
 
 def test_structure_constants_match_spec_tables():
-    # i*j = k, j*k = i, k*i = j in both algebras up to the spec's signs
+    # i*j = k, j*k = i, k*i = j in both algebras up to the signs of docs/ops/hypercomplex.md, "Algebras"
     for alg, fn in (("quaternion", ref.hamilton), ("dihedron", ref.dihedron)):
         T = ref.structure(alg)
         e = torch.eye(4, dtype=torch.float64)

@@ -62,7 +62,7 @@ def _table_key(c: FDEConfig) -> tuple:
 
 
 class _Tables:
-    """Spec tables of one key (numpy), the CPU plan and per-device CUDA copies, built lazily."""
+    """The random tables (docs/ops/fde.md, "Random tables") of one key (numpy), the CPU plan and per-device CUDA copies, built lazily."""
 
     def __init__(self, c: FDEConfig):
         seed = int(c.seed) & 0xFFFFFFFF

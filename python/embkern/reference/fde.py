@@ -1,7 +1,7 @@
 """NumPy reference for MUVERA fixed dimensional encodings (FDE) and Chamfer similarity.
 
 This module is the numerics contract of ``embkern.fde_encode`` / ``FDEEncoder``
-(``specs/fde.md``). It reproduces the reference C++ (google/graph-mining
+(``docs/ops/fde.md``). It reproduces the reference C++ (google/graph-mining
 ``sketching/point_cloud``, as wrapped by the PyPI package ``muvfde`` 0.0.9)
 bit for bit:
 
@@ -44,7 +44,7 @@ project runs on; the order changes only for ``d > 680`` or for documents
 longer than ``mc``, e.g. 336 points at d = 128) are part of this contract.
 Every product is rounded before it is added (no FMA).
 
-Edge cases the reference gets wrong, defined here (spec): an empty document
+Edge cases the reference gets wrong, defined here (docs/ops/fde.md, "Edge cases and bad input"): an empty document
 gives zeros (the reference divides by 0 for k = 0 and reads out of bounds
 with fill); ``final_projection_dimension=0``, k outside 0..30, AMS without
 ``projection_dimension`` and a query with fill raise ``ValueError``.
@@ -240,7 +240,7 @@ _ONE_MINUS = np.nextafter(np.float32(1), np.float32(0))
 
 
 def _libm_logf():
-    # The spec pins glibc's logf (it is not correctly rounded: it differs from
+    # The contract (docs/ops/fde.md, "Random tables") pins glibc's logf (it is not correctly rounded: it differs from
     # float(log(double)) on ~2e5 of the 1.07e9 floats in (0, 1]).
     name = ctypes.util.find_library("m")
     try:
@@ -560,7 +560,7 @@ def encode_one(points: np.ndarray, config: FDEConfig, tables: Optional[Tables] =
                 code = (code << 1) | bits[:, j].astype(np.int64)
             for q in range(NP):
                 if counts[q] == 0:
-                    # k == 0 with no points: the reference divides 0 by 0; we keep zeros (spec)
+                    # k == 0 with no points: the reference divides 0 by 0; we keep zeros (docs/ops/fde.md, "Algorithm")
                     if k > 0 and c.fill_empty_partitions and n > 0:
                         dist = _popcount(code ^ (q ^ (q >> 1)))
                         blocks[q] = Y[int(np.argmin(dist))]  # argmin: first minimum = lowest index
@@ -627,11 +627,11 @@ def chamfer(q_points, q_offsets, d_points, d_offsets) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------
-# Spec test vectors
+# Test vectors (docs/ops/fde.md, "Check values and test vectors")
 
 
 def spec_points(n: int, d: int, salt: int) -> np.ndarray:
-    """The spec's portable exact-dyadic input generator: float32 (n, d)."""
+    """The contract's portable exact-dyadic input generator: float32 (n, d)."""
     p = np.arange(n, dtype=np.uint64)[:, None]
     i = np.arange(d, dtype=np.uint64)[None, :]
     h = (p * np.uint64(1000003) + i * np.uint64(7919) + np.uint64(salt * 104729)) & np.uint64(_M32)

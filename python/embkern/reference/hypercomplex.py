@@ -4,7 +4,7 @@ This module is the numerics contract of ``embkern.hamilton_product``,
 ``dihedron_product``, ``score_all``, ``rank_all``, ``topk_all`` and
 ``one_to_n_loss``: every fast kernel is tested against these functions run in
 float64, and benchmarks time them as the baseline. They follow
-``specs/hypercomplex.md`` (Nayyeri et al. 2023 official code; QuatE):
+``docs/ops/hypercomplex.md`` (Nayyeri et al. 2023 official code; QuatE):
 
 * an element of rank ``D = 4d`` is stored component-major ``[a | b | c | d]``
   (``layout="component"``, the default) or PyKEEN's interleaved ``(d, 4)``
