@@ -281,8 +281,8 @@ def test_muvfde_oracle_large_dimension_blocking():
     # muvfde's Eigen sizes its blocks from the cache sizes cpuid reports on
     # the machine it runs on; the contract fixes the 32 KiB L1d / 512 KiB L2 of
     # the machines the order was derived on (reference/fde.py EIGEN_L1/L2).
-    # Elsewhere muvfde sums blocked cases in another order (on a 48 KiB /
-    # 2 MiB Xeon all 43,008 values of the d = 768 case differ), so it is no
+    # Elsewhere muvfde sums blocked cases in another order (with a 48 KiB L1d
+    # and a 2 MiB L2 every value of the d = 768 case differs), so it is no
     # oracle there: the test above checks the same cases against the reference.
     muvfde = oracle("muvfde")
     l1, l2 = _cpu_cache_bytes(1, ("Data", "Unified")), _cpu_cache_bytes(2, ("Unified",))

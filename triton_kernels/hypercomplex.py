@@ -29,8 +29,8 @@ the same K loop (same BLOCK_K, same constexprs, FMA contraction on), and
 ``tl.dot`` gives each output element the same k-order wherever it sits in a
 tile, so the score of (b, n) is bit-identical across the three.
 
-* The fused sweeps run over (row blocks x N splits) programs: with one
-  program per row block, B = 128 gave 2 programs on a 132-SM GPU. Each split
+* The fused sweeps run over (row blocks x N splits) programs: one program
+  per row block would give 2 programs at B = 128, leaving a GPU idle. Each split
   covers a contiguous range of N tiles (``_n_split``: about 264 programs, at
   least 4 tiles a split, fixed by (B, N) and not by the device), and the
   per-split partials are combined in torch in a fixed order.
@@ -88,9 +88,9 @@ _TOPK_FUSED_MAX = 64
 _FALLBACK_CHUNK = 1 << 24  # scores materialised per fallback chunk (64 MiB in fp32)
 
 # The fused sweeps (rank, topk, ce) split the N tiles between programs as well
-# as the row blocks: one program per row block gave 2 programs at B = 128
-# (BLOCK_B = 64) on a 132-SM H100, and 10-20 ms where score_forward took
-# 0.24 ms. Aim for about two waves of 132 SMs. The figure is fixed, not read
+# as the row blocks: one program per row block gives 2 programs at B = 128
+# (BLOCK_B = 64), far fewer than a GPU's SMs. Aim for about two waves of an
+# H100's 132 SMs. The figure is fixed, not read
 # from the device, so a (B, N) is split the same way on every GPU and the
 # float partials of ce (the only non-integer ones) combine identically.
 _SPLIT_PROGRAMS = 264
@@ -109,15 +109,13 @@ def _cfg(t: torch.Tensor) -> dict:
     """Tile shapes per device and dtype.
 
     The interpreter runs every program in Python: 16-wide tiles (the tl.dot
-    minimum) keep the tests fast. On the GPU (sm_90 register figures from an
-    offline compile; no timing was possible here): the score tile of
+    minimum) keep the tests fast. On the GPU (sm_90): the score tile of
     score_forward, rank, topk and ce_forward -- one shape, so one MMA
     instruction family and the same per-element arithmetic -- is 64 x 128 x 64
     on tensor cores for fp16/bf16 with 8 warps, and 64 x 64 x 32 with ieee
     FMA for fp32 with 4 warps; ce_backward's G kernel uses it too. The fused
     rank / topk sweeps carry extra state and spill ~400 B per thread at these
-    shapes. Measured on an H100 (benchmarks/results): fp32 score_all runs at
-    13 TFLOP/s (cuBLAS fp32: 42), bf16 at 54-92 TFLOP/s.
+    shapes. Throughput per dtype against cuBLAS is in benchmarks/results/.
     """
     if t.device.type != "cuda":
         return dict(BB=16, BN=16, BK=16, warps=1, stages=1)
@@ -870,8 +868,8 @@ def ce_backward(grad_loss, q, E, bias_h, bias_t, targets, lse, score: str):
     on score_forward's tile for a chunk of rows at a time (at most 2^22 values), then
     grad_q = G E and grad_E += G^T q_chunk are two IEEE fp32 products (one program per
     output tile, no atomics; chunks added in order). The fused version that kept G in
-    registers recomputed S once per 64-wide K chunk of the output (7 times at K = 400)
-    and took 32.8 ms at B = 1024 on an H100 where torch autograd took 3.4 ms.
+    registers recomputed S once per 64-wide K chunk of the output (7 times at K = 400),
+    which made it slower than unfused torch autograd.
     grad_bias_h / grad_bias_t are the row / column sums of G (always returned),
     all in q.dtype.
     """

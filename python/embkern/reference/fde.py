@@ -39,8 +39,8 @@ for d in {3, 8, 13, 31, 64, 100, 128, 130, 256, 768, 1024} and N in 1..400:
   ``out = block + out``.
 
 Eigen reads the CPU's cache sizes to choose ``mc`` and ``kc``; the constants
-:data:`EIGEN_L1`, :data:`EIGEN_L2` (32 KiB, 512 KiB: the AMD EPYC machines this
-project runs on; the order changes only for ``d > 680`` or for documents
+:data:`EIGEN_L1`, :data:`EIGEN_L2` (32 KiB, 512 KiB: the caches of the machines
+the order was derived on; the order changes only for ``d > 680`` or for documents
 longer than ``mc``, e.g. 336 points at d = 128) are part of this contract.
 Every product is rounded before it is added (no FMA).
 
