@@ -6,13 +6,15 @@ Run:  pytest benchmarks/ --benchmark-only                 (modest sweep, a few m
 
 Markers: ``hypercomplex`` (op), ``large`` (a point of the full grid only),
 ``cuda`` (CUDA tensors; skipped without a GPU). Timings are recorded, never
-asserted. Like tests/, this runs against the INSTALLED embkern.
+asserted. Like tests/, this runs against the INSTALLED embkern; sweep.py
+times every point with the bench's own measurement code.
 """
 
 import os
 
 import pytest
 import torch
+
 
 MARKERS = {
     "hypercomplex": "hypercomplex KG scoring sweeps",
@@ -40,3 +42,4 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_large)
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+

@@ -19,7 +19,10 @@ import torch
 
 import embkern
 from embkern import _backends
+from embkern.bench.fde import muvfde_config
 from embkern.ops import fde as fde_ops
+
+from sweep import run_benchmark
 
 D = 128
 TOKENS = (32, 64, 128, 256)
@@ -49,28 +52,13 @@ def _config(final):
     return embkern.FDEConfig(D, 20, 5, 42, "document", fill_empty_partitions=True)
 
 
-def _muvfde_config(muvfde, c):
-    m = muvfde.fixed_dimensional_encoding_config()
-    m.set_num_repetitions(c.num_repetitions)
-    m.set_num_simhash_projections(c.num_simhash_projections)
-    m.set_seed(c.seed)
-    m.set_encoding_type(muvfde.encoding_type.AVERAGE)
-    m.enable_fill_empty(True)
-    if c.final_projection_dimension is not None:
-        m.set_final_projection_dimension(c.final_projection_dimension)
-    return m
-
-
 def _run(benchmark, fn, n, B, final):
-    benchmark.group = f"fde documents n={n} B={B}{' final 10240' if final else ''}"
-    benchmark.extra_info.update(points_per_doc=n, B=B, d=D, final=final)
     # ~0.5-2 ms per document: a B = 2048 call takes seconds, so fewer rounds there
     rounds = 3 if B * n >= 2048 * 128 else 7
-    out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.median > 0:
-        benchmark.extra_info["docs_per_s"] = B / stats.stats.median
-        benchmark.extra_info["points_per_s"] = B * n / stats.stats.median
+    out = run_benchmark(benchmark, fn, "cpu", group=f"fde documents n={n} B={B}{' final 10240' if final else ''}",
+                        rounds=rounds, work=B, work_key="docs_per_s", points_per_doc=n, B=B, d=D, final=final)
+    if benchmark.extra_info.get("docs_per_s"):
+        benchmark.extra_info["points_per_s"] = benchmark.extra_info["docs_per_s"] * n
     return out
 
 
@@ -87,7 +75,7 @@ def test_fde_documents_cpu(benchmark, n, B, final):
         import muvfde
     except ImportError:
         return
-    want = np.asarray(muvfde.generate_fixed_dimensional_encoding(docs[0], _muvfde_config(muvfde, c)))
+    want = np.asarray(muvfde.generate_fixed_dimensional_encoding(docs[0], muvfde_config(muvfde, c)))
     assert np.array_equal(out[0].view(np.uint32), want.astype(np.float32).view(np.uint32))
 
 
@@ -96,7 +84,7 @@ def test_fde_documents_muvfde(benchmark, n, B, final):
     muvfde = pytest.importorskip("muvfde", reason="muvfde (the wrapped reference C++) is not installed")
     _, _, docs = _docs(n, B)
     c = _config(final)
-    m = _muvfde_config(muvfde, c)
+    m = muvfde_config(muvfde, c)
     gen = muvfde.generate_fixed_dimensional_encoding
     out = _run(benchmark, lambda: [gen(x, m) for x in docs], n, B, final)
     assert len(out) == B and np.asarray(out[0]).shape == (c.output_dimension,)

@@ -17,6 +17,8 @@ import embkern
 from embkern import _backends
 from embkern.ops import hypercomplex as hc_ops
 
+from sweep import run_benchmark
+
 K = 400
 N_FILTER = 5
 MODEST = [(32, 14_505), (256, 14_505), (2048, 14_505), (256, 1_000), (256, 50_000)]
@@ -47,28 +49,11 @@ def _tensors(B, N, device):
     return _cache[key]
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def _run(benchmark, fn, device, B, N, group):
     flops = 2.0 * B * N * K
-
-    def call():
-        out = fn()
-        _sync(device)
-        return out
-
-    benchmark.group = group
-    benchmark.extra_info.update(B=B, N=N, K=K, gflop=flops / 1e9)
     # Big points run ~seconds per call on 2 cores: fewer rounds there.
-    rounds = 3 if flops > 4e9 else 7
-    out = benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None and stats.stats.median > 0:
-        benchmark.extra_info["gflops_per_s"] = flops / 1e9 / stats.stats.median
-    return out
+    return run_benchmark(benchmark, fn, device, group=group, rounds=3 if flops > 4e9 else 7, work=flops / 1e9,
+                         work_key="gflops_per_s", B=B, N=N, K=K, gflop=flops / 1e9)
 
 
 def _need(backend, group, device):

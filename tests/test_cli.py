@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import embkern
-from embkern import _backends, _bench, bench
-from embkern.__main__ import collect_info, format_info
+from embkern import _backends, bench
+from embkern._env import collect_info, format_info
 from embkern.__main__ import main as cli_main
 from embkern.ops import OPS
 
@@ -125,15 +125,15 @@ def test_bench_rejects_bad_options(capsys):
 
 def test_discover_skips_ops_without_workloads(monkeypatch):
     monkeypatch.setitem(OPS, "no_bench_op", object())
-    found, missing = _bench.discover()
+    found, missing = bench.discover()
     assert "hypercomplex" in found
     assert "no_bench_op" in missing and "no workload module" in missing["no_bench_op"]
     with pytest.raises(ValueError, match="not_an_op"):
-        _bench.discover(["not_an_op"])
+        bench.discover(["not_an_op"])
 
 
 def test_cpu_peak_memory_sees_an_allocation():
-    peak = bench._CpuPeak()
+    peak = bench.timing.CpuPeak()
     if not peak.ok:
         pytest.skip(peak.reason)
     nbytes = 64 * 2**20
@@ -152,7 +152,7 @@ def test_cpu_peak_memory_sees_an_allocation():
 
 def test_time_call_returns_requested_samples():
     calls = []
-    samples = bench.time_call(lambda: calls.append(1), torch.device("cpu"), repeat=4)
+    samples = bench.timing.time_call(lambda: calls.append(1), torch.device("cpu"), repeat=4)
     assert len(samples) == 4 and all(s > 0 for s in samples)
     assert len(calls) >= 6  # warm-up(s) + one or more calls per sample
 
@@ -169,16 +169,16 @@ def test_plot_and_extra_report_formatting(tmp_path):
                                "panels": [{"title": "p", "kind": "bar", "x": ["mrr"], "series": {"q": [0.5]}},
                                           {"title": "l", "kind": "line", "x": [1, 2], "series": {"s": [1, 3]},
                                            "logx": True}]}}
-    text = bench.format_extra("hypercomplex", extras["hypercomplex"])
+    text = bench.report.format_extra("hypercomplex", extras["hypercomplex"])
     assert "Kinships" in text and "0.5000" in text and "a note" in text
     path = tmp_path / "x" / "c.png"
-    assert bench.plot(str(path), rows, extras) is None
+    assert bench.report.plot(str(path), rows, extras) is None
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 
 def test_tiny_flag_shrinks_hypercomplex_workloads(monkeypatch):
-    monkeypatch.setenv(_bench.TINY_ENV, "1")
-    from embkern._bench import hypercomplex as hb
+    monkeypatch.setenv(bench.TINY_ENV, "1")
+    from embkern.bench import hypercomplex as hb
 
     ws = hb.workloads(quick=True, device=torch.device("cpu"))
     assert ws and all(w.params["N"] < 1000 for w in ws)

@@ -52,7 +52,7 @@ def test_info_names_levels_and_env_var():
     assert set(INFO["available"]) <= set(INFO["compiled"])
     if not os.environ.get("EMBKERN_CPU_ISA"):
         assert INFO["active"] == INFO["best"] == LEVELS[-1]
-    from embkern.__main__ import collect_info, format_info
+    from embkern._env import collect_info, format_info
     text = format_info(collect_info())
     assert "EMBKERN_CPU_ISA" in text and "active " + str(C.isa_info()["active"]) in text
 

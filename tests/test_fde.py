@@ -9,7 +9,7 @@ import torch
 
 import embkern
 from embkern import _backends
-from embkern._bench.fde import _muvfde_config
+from embkern.bench.fde import muvfde_config
 from embkern.ops import fde as ops
 from embkern.reference import fde as ref
 from helpers import cpu_module, oracle
@@ -178,7 +178,7 @@ def test_eigen_order_classes_are_distinct():
 
 
 def _muvfde_encode(muvfde, X, cfg):
-    m = _muvfde_config(muvfde, cfg)
+    m = muvfde_config(muvfde, cfg)
     return np.asarray(muvfde.generate_fixed_dimensional_encoding(np.ascontiguousarray(X), m))
 
 

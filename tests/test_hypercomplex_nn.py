@@ -1,4 +1,4 @@
-"""embkern.nn hypercomplex layers, embkern.datasets, fit / evaluate.
+"""embkern.nn hypercomplex layers; embkern.contrib.datasets and kg_training (fit / evaluate).
 
 The layers only call the public fused ops, so these tests check the wiring
 (shapes, gradients, score_t vs score_hrt, rank vs score_t, filters, reciprocal
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import embkern
-from embkern import datasets
-from embkern.nn import DihedronKGE, QuatE, Tetra, evaluate, fit
+from embkern.contrib import datasets
+from embkern.contrib.kg_training import evaluate, fit, kinships_benchmark
+from embkern.nn import DihedronKGE, QuatE, Tetra
 
 N, R, D = 11, 3, 4
 
@@ -394,7 +395,7 @@ def test_training_on_nations_improves_mrr(kind, one_thread):
 @needs_kg
 @pytest.mark.slow
 def test_kinships_benchmark_learns(one_thread):
-    res = embkern.nn.kinships_benchmark("quaternion", epochs=5, dim=16, progress=False)
+    res = kinships_benchmark("quaternion", epochs=5, dim=16, progress=False)
     assert res["count"] == 2 * len(datasets.load_kg("kinships").test)
     assert res["model"] == "QuatE" and res["train_time_s"] > 0
     # Random ranking of 104 entities gives MRR ~0.05.

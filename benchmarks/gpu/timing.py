@@ -63,12 +63,6 @@ def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
-def _md_table(headers: List[str], rows: List[List[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="markdown path (default benchmarks/results/<device>.md)")
@@ -108,41 +102,28 @@ def main() -> int:
         do_bench = None
     try:
         import embkern
-
-        env_lines.append(f"- embkern {embkern.__version__} from {os.path.dirname(embkern.__file__)}")
+        from embkern.bench import timing as ek_timing
+        from embkern.bench.report import table
     except Exception as exc:
         print(f"timing.py: embkern does not import: {exc}", file=sys.stderr)
-        embkern = None
+        return 2
+    env_lines.append(f"- embkern {embkern.__version__} from {os.path.dirname(embkern.__file__)}")
     env_lines.append(f"- date {dt.datetime.now(dt.timezone.utc).isoformat(timespec='seconds')}")
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
     def timeit(fn: Callable) -> List[float]:
-        """[median, p20, p80] in ms."""
+        """[median, p20, p80] in ms: do_bench on the GPU; the bench's time_call (5 samples) in the CPU smoke run."""
         if do_bench is not None:
             return list(do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
-        fn()
-        ts = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        ts.sort()
+        ts = sorted(t * 1e3 for t in ek_timing.time_call(fn, device, repeat=5))
         return [ts[2], ts[1], ts[3]]
 
+    peak = ek_timing.peak_meter(device) if cuda else None  # the bench's CUDA peak meter
+
     def peak_mib(fn) -> Optional[float]:
-        if not cuda:
+        if peak is None:
             return None
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        out = fn()
-        sync()
-        del out
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+        _, nbytes = peak.measure(fn)
+        return None if nbytes is None else nbytes / 2**20
 
     rows = Rows()
     failures: List[str] = []
@@ -169,138 +150,137 @@ def main() -> int:
             return None
 
     # ---------------------------------------------------------------- hypercomplex
-    if embkern is not None:
-        from embkern import _backends
-        from embkern.ops import hypercomplex as hc_ops
-        from embkern.reference import hypercomplex as ref
+    from embkern import _backends
+    from embkern.ops import hypercomplex as hc_ops
+    from embkern.reference import hypercomplex as ref
 
-        n_ent, d = (N_ENT, D) if cuda else (500, 16)
-        kk = 4 * d
-        batches = BATCHES if cuda else (32,)
+    n_ent, d = (N_ENT, D) if cuda else (500, 16)
+    kk = 4 * d
+    batches = BATCHES if cuda else (32,)
 
-        def fast_for(group):
-            """["triton"] when it implements every kernel `group` needs; else a row saying why not."""
-            bad = [f"{k}: {st.reason}" for k in hc_ops.DESCRIPTOR.kernels_of(group)
-                   for st in [_backends.check(hc_ops.DESCRIPTOR, "triton", (k,), device.type, torch.float32)]
-                   if not st.ok]
-            if bad:
-                if group not in reported:
-                    rows.add(section="hypercomplex", case=group, impl="triton", status="not available: " + bad[0])
-                    reported.add(group)
-                return []
-            return ["triton"]
+    def fast_for(group):
+        """["triton"] when it implements every kernel `group` needs; else a row saying why not."""
+        bad = [f"{k}: {st.reason}" for k in hc_ops.DESCRIPTOR.kernels_of(group)
+               for st in [_backends.check(hc_ops.DESCRIPTOR, "triton", (k,), device.type, torch.float32)]
+               if not st.ok]
+        if bad:
+            if group not in reported:
+                rows.add(section="hypercomplex", case=group, impl="triton", status="not available: " + bad[0])
+                reported.add(group)
+            return []
+        return ["triton"]
 
-        reported = set()
-        g = torch.Generator().manual_seed(0)
-        E = (torch.randn(n_ent, kk, generator=g) * 0.1).to(device)
-        bt = (torch.randn(n_ent, generator=g) * 0.1).to(device)
-        E64, bt64 = E.double(), bt.double()
+    reported = set()
+    g = torch.Generator().manual_seed(0)
+    E = (torch.randn(n_ent, kk, generator=g) * 0.1).to(device)
+    bt = (torch.randn(n_ent, generator=g) * 0.1).to(device)
+    E64, bt64 = E.double(), bt.double()
 
-        def maxerr(ref64):
-            def f(out):
-                outs = out if isinstance(out, (tuple, list)) else (out,)
-                refs = ref64 if isinstance(ref64, (tuple, list)) else (ref64,)
-                return max(float((o.double() - r).abs().max()) for o, r in zip(outs, refs) if o is not None)
+    def maxerr(ref64):
+        def f(out):
+            outs = out if isinstance(out, (tuple, list)) else (out,)
+            refs = ref64 if isinstance(ref64, (tuple, list)) else (ref64,)
+            return max(float((o.double() - r).abs().max()) for o, r in zip(outs, refs) if o is not None)
+        return f
+
+    for B in batches:
+        h = (torch.randn(B, kk, generator=g) * 0.1).to(device)
+        r = torch.randn(B, kk, generator=g).to(device)
+        bh = (torch.randn(B, generator=g) * 0.1).to(device)
+        tg = torch.randint(0, n_ent, (B,), generator=g).to(device)
+        fo = torch.arange(0, (B + 1) * N_FILTER, N_FILTER, dtype=torch.int64, device=device)
+        fi = torch.randint(0, n_ent, (B * N_FILTER,), generator=g).to(device)
+        h64, r64, bh64 = h.double(), r.double(), bh.double()
+        gemm = 2.0 * B * n_ent * kk
+        sec = f"hypercomplex B={B}"
+        shape = f"M={B} N={n_ent} K={kk}"
+
+        torch.backends.cuda.matmul.allow_tf32 = False
+        mm = case(sec, f"GEMM {shape}", "torch.mm fp32 (cuBLAS, TF32 off)", lambda: torch.mm(h, E.T), gemm)
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            case(sec, f"GEMM {shape}", "torch.mm TF32 (cuBLAS)", lambda: torch.mm(h, E.T), gemm, mm_ms=mm)
+            torch.backends.cuda.matmul.allow_tf32 = False
+
+        for score, alg in (("inner", "quaternion"), ("distance", "dihedron")):
+            b1, b2 = (bh, bt) if score == "distance" else (None, None)
+            s64 = ref.score_all(h64, r64, E64, alg, score, True, *((bh64, bt64) if b1 is not None else
+                                                                   (None, None)))
+            name = f"score_all {score}/{alg}"
+            fast = fast_for("score_all")
+            rt = case(sec, name, "reference (torch)",
+                      lambda: embkern.score_all(h, r, E, alg, score, True, b1, b2, backend="reference"),
+                      gemm, mm_ms=mm, err_fn=maxerr(s64))
+            for be in fast:
+                case(sec, name, be, lambda: embkern.score_all(h, r, E, alg, score, True, b1, b2, backend=be),
+                     gemm, mm_ms=mm, ref_ms=rt, err_fn=maxerr(s64))
+            del s64
+
+        fast = fast_for("rank_all")
+        rk64 = ref.rank_all(h64, r64, E64, tg, fo, fi, "realistic")
+        rt = case(sec, "rank_all filtered", "reference (torch)",
+                  lambda: embkern.rank_all(h, r, E, tg, (fo, fi), backend="reference"), gemm, mm_ms=mm,
+                  err_fn=maxerr(rk64))
+        for be in fast:
+            case(sec, "rank_all filtered", be, lambda: embkern.rank_all(h, r, E, tg, (fo, fi), backend=be),
+                 gemm, mm_ms=mm, ref_ms=rt, err_fn=maxerr(rk64))
+
+        k = min(TOPK, n_ent)
+        fast = fast_for("topk_all")
+        tk64 = ref.topk_from_scores(ref.score_all(h64, r64, E64), k)[0]
+        case(sec, f"topk_all k={k}", "torch.mm + torch.topk",
+             lambda: torch.topk(torch.mm(ref.query(h, r), E.T), k, dim=1), gemm, mm_ms=mm,
+             err_fn=lambda o: float((o[0].double() - tk64).abs().max()))
+        rt = case(sec, f"topk_all k={k}", "reference (torch)",
+                  lambda: embkern.topk_all(h, r, E, k, backend="reference"), gemm, mm_ms=mm,
+                  err_fn=lambda o: float((o[0].double() - tk64).abs().max()))
+        for be in fast:
+            case(sec, f"topk_all k={k}", be, lambda: embkern.topk_all(h, r, E, k, backend=be), gemm, mm_ms=mm,
+                 ref_ms=rt, err_fn=lambda o: float((o[0].double() - tk64).abs().max()))
+
+        def loss_fn(be, dtype=torch.float32):
+            src = (h, r, E) if dtype == torch.float32 else (h64, r64, E64)
+            leaves = [t.detach().clone().requires_grad_(True) for t in src]
+
+            def f():
+                for t in leaves:
+                    t.grad = None
+                if be == "torch":
+                    q = ref.query(*leaves[:2])
+                    loss = torch.nn.functional.cross_entropy(torch.mm(q, leaves[2].T), tg)
+                elif be == "ref64":
+                    loss = ref.one_to_n_loss(*leaves, tg)
+                else:
+                    loss = embkern.one_to_n_loss(*leaves, tg, backend=be)
+                loss.backward()
+                return (loss.detach(),) + tuple(t.grad for t in leaves)
             return f
 
-        for B in batches:
-            h = (torch.randn(B, kk, generator=g) * 0.1).to(device)
-            r = torch.randn(B, kk, generator=g).to(device)
-            bh = (torch.randn(B, generator=g) * 0.1).to(device)
-            tg = torch.randint(0, n_ent, (B,), generator=g).to(device)
-            fo = torch.arange(0, (B + 1) * N_FILTER, N_FILTER, dtype=torch.int64, device=device)
-            fi = torch.randint(0, n_ent, (B * N_FILTER,), generator=g).to(device)
-            h64, r64, bh64 = h.double(), r.double(), bh.double()
-            gemm = 2.0 * B * n_ent * kk
-            sec = f"hypercomplex B={B}"
-            shape = f"M={B} N={n_ent} K={kk}"
+        fast = fast_for("one_to_n_loss")
+        l64 = loss_fn("ref64", torch.float64)()
+        name = "one_to_n_loss fwd+bwd"
+        case(sec, name, "torch autograd (mm + cross_entropy)", loss_fn("torch"), 3 * gemm, mm_ms=None,
+             err_fn=maxerr(l64), note="3 GEMM passes")
+        rt = case(sec, name, "reference (torch)", loss_fn("reference"), 3 * gemm, err_fn=maxerr(l64))
+        for be in fast:
+            case(sec, name, be, loss_fn(be), 3 * gemm, ref_ms=rt, err_fn=maxerr(l64))
+        del l64, rk64, tk64
 
-            torch.backends.cuda.matmul.allow_tf32 = False
-            mm = case(sec, f"GEMM {shape}", "torch.mm fp32 (cuBLAS, TF32 off)", lambda: torch.mm(h, E.T), gemm)
-            if cuda:
-                torch.backends.cuda.matmul.allow_tf32 = True
-                case(sec, f"GEMM {shape}", "torch.mm TF32 (cuBLAS)", lambda: torch.mm(h, E.T), gemm, mm_ms=mm)
-                torch.backends.cuda.matmul.allow_tf32 = False
-
-            for score, alg in (("inner", "quaternion"), ("distance", "dihedron")):
-                b1, b2 = (bh, bt) if score == "distance" else (None, None)
-                s64 = ref.score_all(h64, r64, E64, alg, score, True, *((bh64, bt64) if b1 is not None else
-                                                                       (None, None)))
-                name = f"score_all {score}/{alg}"
-                fast = fast_for("score_all")
-                rt = case(sec, name, "reference (torch)",
-                          lambda: embkern.score_all(h, r, E, alg, score, True, b1, b2, backend="reference"),
-                          gemm, mm_ms=mm, err_fn=maxerr(s64))
-                for be in fast:
-                    case(sec, name, be, lambda: embkern.score_all(h, r, E, alg, score, True, b1, b2, backend=be),
-                         gemm, mm_ms=mm, ref_ms=rt, err_fn=maxerr(s64))
-                del s64
-
-            fast = fast_for("rank_all")
-            rk64 = ref.rank_all(h64, r64, E64, tg, fo, fi, "realistic")
-            rt = case(sec, "rank_all filtered", "reference (torch)",
-                      lambda: embkern.rank_all(h, r, E, tg, (fo, fi), backend="reference"), gemm, mm_ms=mm,
-                      err_fn=maxerr(rk64))
+        fast = fast_for("score_all")
+        if cuda and B == batches[-1]:
+            hb, rb, Eb = h.bfloat16(), r.bfloat16(), E.bfloat16()
+            s64 = ref.score_all(h64, r64, E64)
+            mmb = case(sec, f"GEMM {shape} bf16", "torch.mm bf16 (cuBLAS)", lambda: torch.mm(hb, Eb.T), gemm)
             for be in fast:
-                case(sec, "rank_all filtered", be, lambda: embkern.rank_all(h, r, E, tg, (fo, fi), backend=be),
-                     gemm, mm_ms=mm, ref_ms=rt, err_fn=maxerr(rk64))
+                case(sec, "score_all inner/quaternion bf16", be,
+                     lambda: embkern.score_all(hb, rb, Eb, backend=be), gemm, mm_ms=mmb, err_fn=maxerr(s64),
+                     note="x mm vs bf16 GEMM")
+            del s64, hb, rb, Eb
+        del h64, r64, bh64
+        if cuda:
+            torch.cuda.empty_cache()
 
-            k = min(TOPK, n_ent)
-            fast = fast_for("topk_all")
-            tk64 = ref.topk_from_scores(ref.score_all(h64, r64, E64), k)[0]
-            case(sec, f"topk_all k={k}", "torch.mm + torch.topk",
-                 lambda: torch.topk(torch.mm(ref.query(h, r), E.T), k, dim=1), gemm, mm_ms=mm,
-                 err_fn=lambda o: float((o[0].double() - tk64).abs().max()))
-            rt = case(sec, f"topk_all k={k}", "reference (torch)",
-                      lambda: embkern.topk_all(h, r, E, k, backend="reference"), gemm, mm_ms=mm,
-                      err_fn=lambda o: float((o[0].double() - tk64).abs().max()))
-            for be in fast:
-                case(sec, f"topk_all k={k}", be, lambda: embkern.topk_all(h, r, E, k, backend=be), gemm, mm_ms=mm,
-                     ref_ms=rt, err_fn=lambda o: float((o[0].double() - tk64).abs().max()))
-
-            def loss_fn(be, dtype=torch.float32):
-                src = (h, r, E) if dtype == torch.float32 else (h64, r64, E64)
-                leaves = [t.detach().clone().requires_grad_(True) for t in src]
-
-                def f():
-                    for t in leaves:
-                        t.grad = None
-                    if be == "torch":
-                        q = ref.query(*leaves[:2])
-                        loss = torch.nn.functional.cross_entropy(torch.mm(q, leaves[2].T), tg)
-                    elif be == "ref64":
-                        loss = ref.one_to_n_loss(*leaves, tg)
-                    else:
-                        loss = embkern.one_to_n_loss(*leaves, tg, backend=be)
-                    loss.backward()
-                    return (loss.detach(),) + tuple(t.grad for t in leaves)
-                return f
-
-            fast = fast_for("one_to_n_loss")
-            l64 = loss_fn("ref64", torch.float64)()
-            name = "one_to_n_loss fwd+bwd"
-            case(sec, name, "torch autograd (mm + cross_entropy)", loss_fn("torch"), 3 * gemm, mm_ms=None,
-                 err_fn=maxerr(l64), note="3 GEMM passes")
-            rt = case(sec, name, "reference (torch)", loss_fn("reference"), 3 * gemm, err_fn=maxerr(l64))
-            for be in fast:
-                case(sec, name, be, loss_fn(be), 3 * gemm, ref_ms=rt, err_fn=maxerr(l64))
-            del l64, rk64, tk64
-
-            fast = fast_for("score_all")
-            if cuda and B == batches[-1]:
-                hb, rb, Eb = h.bfloat16(), r.bfloat16(), E.bfloat16()
-                s64 = ref.score_all(h64, r64, E64)
-                mmb = case(sec, f"GEMM {shape} bf16", "torch.mm bf16 (cuBLAS)", lambda: torch.mm(hb, Eb.T), gemm)
-                for be in fast:
-                    case(sec, "score_all inner/quaternion bf16", be,
-                         lambda: embkern.score_all(hb, rb, Eb, backend=be), gemm, mm_ms=mmb, err_fn=maxerr(s64),
-                         note="x mm vs bf16 GEMM")
-                del s64, hb, rb, Eb
-            del h64, r64, bh64
-            if cuda:
-                torch.cuda.empty_cache()
-
-    # ---------------------------------------------------------------- fde (CUDA), other helper's script
+    # ---------------------------------------------------------------- fde (CUDA): fde_cuda_bench.py
     fde_md = ""
     fde_script = os.path.join(HERE, "fde_cuda_bench.py")
     if os.path.exists(fde_script):
@@ -329,7 +309,7 @@ def main() -> int:
                 if len(parts) >= 3:
                     steps.append((parts + [""])[:4])
         if steps:
-            md += ["## Steps (check.sh)", "", _md_table(["step", "status", "seconds", "note"], steps), ""]
+            md += ["## Steps (check.sh)", "", table(["step", "status", "seconds", "note"], steps, markdown=True), ""]
     body = []
     for r in rows.rows:
         if r["status"] != "ok":
@@ -343,8 +323,8 @@ def main() -> int:
            "x mm: time / torch.mm fp32 (TF32 off) of the same GEMM (fused target <= 1.3). vs ref: reference time / "
            "time. peak: extra MiB allocated during one call. err: max |out - fp64 reference| (ranks: positions; "
            "top-k: values).", "",
-           _md_table(["section", "case", "impl", "median ms", "p20..p80 ms", "TFLOP/s", "x mm", "vs ref",
-                      "peak MiB", "max err"], body), ""]
+           table(["section", "case", "impl", "median ms", "p20..p80 ms", "TFLOP/s", "x mm", "vs ref",
+                  "peak MiB", "max err"], body, markdown=True), ""]
     md += ["## fde (CUDA)", "", fde_md, ""]
     if failures:
         md += ["## Failures", "", "```", *[f.rstrip() for f in failures], "```", ""]

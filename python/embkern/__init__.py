@@ -21,7 +21,7 @@ from .ops.fde import FDEConfig, FDEEncoder, chamfer, chamfer_rerank, fde_encode 
 
 def __getattr__(name):
     # nn and testing import lazily so `import embkern` stays light.
-    if name in ("nn", "testing", "bench", "datasets", "fde_eval"):
+    if name in ("nn", "testing", "bench", "contrib"):
         import importlib
 
         return importlib.import_module(f"embkern.{name}")

@@ -1,208 +1,18 @@
-"""``python -m embkern {info,bench}`` (also the ``embkern`` console script).
+"""``python -m embkern {info,bench}`` (also the ``embkern`` console script): argument parsing only.
 
 ``info``  versions, CPU features, the compiled build, CUDA, and for every op
           which backends are active here and why the others are not
           (per kernel where an op's kernels differ). ``--json`` for machines.
+          See :mod:`embkern._env`.
 ``bench`` see :mod:`embkern.bench`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.metadata
 import json
-import os
-import platform
 import sys
-from typing import Any, Dict, List, Optional
-
-# CPU flags worth knowing for the C++ kernels (x86 /proc/cpuinfo names, ARM "Features").
-_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-          "avx512_bf16", "amx_tile", "asimd", "sve")
-
-
-def _cpuinfo() -> Dict[str, str]:
-    out: Dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    if out.get("model name") or out.get("flags") or out.get("Features"):
-                        break  # the first processor block describes them all
-                    continue
-                key, _, val = line.partition(":")
-                out.setdefault(key.strip(), val.strip())
-    except OSError:
-        pass
-    return out
-
-
-def cpu_model() -> str:
-    info = _cpuinfo()
-    return info.get("model name") or info.get("Hardware") or info.get("CPU part") or platform.processor() or "unknown"
-
-
-def cpu_features() -> List[str]:
-    info = _cpuinfo()
-    flags = set((info.get("flags") or info.get("Features") or "").split())
-    return [f for f in _FLAGS if f in flags]
-
-
-def _version(dist: str) -> Optional[str]:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def op_status(name: str, mod) -> Dict[str, Any]:
-    """{backend: {"active": "yes"|"no"|"partial", "reason": str, "kernels": {kernel: [ok, reason]}}},
-    read from the op module's descriptor."""
-    from . import _backends
-
-    return _backends.report(mod.DESCRIPTOR)
-
-
-def collect_info() -> Dict[str, Any]:
-    import torch
-
-    import embkern
-
-    from . import _backends
-    from .ops import OPS
-
-    info: Dict[str, Any] = {
-        "versions": {
-            "embkern": embkern.__version__,
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "numpy": _version("numpy"),
-            "triton": _version("triton"),
-        },
-        "platform": platform.platform(),
-        "cpu": {"model": cpu_model(), "logical_cpus": os.cpu_count(),
-                "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-                "features": cpu_features()},
-        "torch_threads": torch.get_num_threads(),
-    }
-    mod, why = _backends._load_cpu()
-    if mod is not None:
-        try:
-            bi = {k: v for k, v in dict(mod.build_info()).items()}
-            bi["isa"] = {k: (list(v) if isinstance(v, list) else v) for k, v in dict(bi.get("isa", {})).items()}
-            info["build"] = {"module": "embkern._C", **bi}
-        except Exception as exc:
-            info["build"] = {"module": "embkern._C", "error": f"build_info failed: {exc}"}
-    else:
-        info["build"] = {"module": "embkern._C", "error": why}
-    cuda: Dict[str, Any] = {}
-    cmod, cwhy = _backends._load_cuda()
-    if cmod is None:
-        cuda["module"] = f"not available: {cwhy}"
-    else:
-        cuda["module"] = "embkern._C_cuda loaded"
-        try:
-            rv = int(cmod.runtime_version())
-            cuda["runtime_version"] = f"{rv // 1000}.{(rv % 1000) // 10}"
-        except Exception as exc:
-            cuda["runtime_version"] = f"unknown ({exc})"
-        try:
-            n, err = cmod.device_count()
-            cuda["device_count"] = n
-            if n == 0:
-                cuda["device_error"] = err
-            cuda["devices"] = []
-            for i in range(n):
-                d = dict(cmod.device_info(i))
-                d["capability"] = ".".join(str(c) for c in d.get("capability", ()))
-                d["total_memory_gib"] = round(d.pop("total_memory", 0) / 2**30, 1)
-                cuda["devices"].append(d)
-        except Exception as exc:
-            cuda["device_error"] = f"{type(exc).__name__}: {exc}"
-    cuda["torch_cuda"] = {"available": torch.cuda.is_available(), "built_with": torch.version.cuda,
-                          "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-                          if torch.cuda.is_available() else []}
-    info["cuda"] = cuda
-    info["triton"] = {"interpret": _backends.triton_interpret(),
-                      "status": (lambda s: "ok" if s.ok else s.reason)(_backends._triton_import())}
-    info["ops"] = {}
-    for name, opmod in OPS.items():
-        try:
-            info["ops"][name] = op_status(name, opmod)
-        except Exception as exc:  # a broken op module must not hide the others
-            info["ops"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-    return info
-
-
-def format_info(info: Dict[str, Any]) -> str:
-    lines = []
-    v = info["versions"]
-    lines.append("embkern " + v["embkern"] + "  |  " + "  ".join(
-        f"{k} {v[k] if v[k] else '(not installed)'}" for k in ("python", "torch", "numpy", "triton")))
-    lines.append(f"platform: {info['platform']}")
-    c = info["cpu"]
-    lines.append(f"cpu:      {c['model']}  ({c['usable_cpus'] or c['logical_cpus']} usable of "
-                 f"{c['logical_cpus']} logical CPUs; torch threads {info['torch_threads']})")
-    lines.append(f"          features: {' '.join(c['features']) or '(none of ' + ', '.join(_FLAGS[:6]) + ')'}")
-    b = info["build"]
-    if "error" in b:
-        lines.append(f"build:    embkern._C unavailable: {b['error']}")
-    else:
-        isa = b.get("isa") or {}
-        lines.append(f"build:    embkern._C {b.get('version')}, compiler {b.get('compiler')}, OpenMP "
-                     f"{b.get('openmp')} ({b.get('omp_max_threads')} threads)")
-        active = isa.get("active") or f"none: {isa.get('error')}"
-        req = isa.get("requested")
-        lines.append(f"cpu isa:  active {active}"
-                     + (f" (EMBKERN_CPU_ISA={req})" if req else f" (best this CPU runs; {isa.get('env_var')}="
-                        "generic|avx2|avx512 forces a lower level)"))
-        lines.append(f"          built: {', '.join(isa.get('compiled') or [])};  this CPU runs: "
-                     f"{', '.join(isa.get('available') or [])}")
-    cu = info["cuda"]
-    lines.append(f"cuda:     {cu['module']}" + (f", runtime {cu['runtime_version']}" if "runtime_version" in cu else ""))
-    if "device_count" in cu:
-        if cu["device_count"]:
-            for d in cu["devices"]:
-                lines.append(f"          GPU {d['index']}: {d['name']} (sm_{d['capability'].replace('.', '')}, "
-                             f"{d['multiprocessors']} SMs, {d['total_memory_gib']} GiB)")
-        else:
-            lines.append(f"          no CUDA device: {cu.get('device_error') or 'count is 0'}")
-    elif "device_error" in cu:
-        lines.append(f"          device query failed: {cu['device_error']}")
-    tc = cu["torch_cuda"]
-    lines.append(f"          torch.cuda: {'available' if tc['available'] else 'not available'}"
-                 f" (torch built with CUDA {tc['built_with'] or 'none'})"
-                 + (": " + ", ".join(tc["devices"]) if tc["devices"] else ""))
-    tr = info["triton"]
-    lines.append(f"triton:   {tr['status']}" + ("  (TRITON_INTERPRET=1: interpreter on CPU)" if tr["interpret"] else ""))
-    for op, st in info["ops"].items():
-        lines.append("")
-        lines.append(f"op {op}")
-        if "error" in st:
-            lines.append(f"  status unavailable: {st['error']}")
-            continue
-        w = max(len(b) for b in st)
-        lines.append(f"  {'backend'.ljust(w)}  active   reason")
-        for be, s in st.items():
-            lines.append(f"  {be.ljust(w)}  {s['active'].ljust(7)}  {s['reason'] or '-'}")
-        partial = [be for be, s in st.items() if s["active"] == "partial"]
-        if partial:
-            kernels = list(st[partial[0]]["kernels"])
-            kw = max(len(k) for k in kernels)
-            lines.append(f"  per kernel ({', '.join(partial)} partial):")
-            lines.append("    " + "kernel".ljust(kw) + "  " + "  ".join(be.ljust(9) for be in st))
-            for k in kernels:
-                cells = []
-                for be in st:
-                    ok, _ = st[be]["kernels"].get(k, [False, ""])
-                    cells.append(("yes" if ok else "no").ljust(9))
-                lines.append("    " + k.ljust(kw) + "  " + "  ".join(cells))
-            for be in partial:
-                reasons = dict.fromkeys(r for ok, r in st[be]["kernels"].values() if not ok)
-                for r in reasons:
-                    lines.append(f"    {be}: {r}")
-    return "\n".join(lines)
+from typing import List, Optional
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -217,8 +27,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_arguments(pb)
     args = p.parse_args(argv)
     if args.command == "info":
-        info = collect_info()
-        print(json.dumps(info, indent=1, default=str) if args.json else format_info(info))
+        from . import _env
+
+        info = _env.collect_info()
+        print(json.dumps(info, indent=1, default=str) if args.json else _env.format_info(info))
         return 0
     if args.command == "bench":
         return bench.run(args)

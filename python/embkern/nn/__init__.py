@@ -1,8 +1,9 @@
 """nn.Module layers built on embkern's fused ops.
 
 Hypercomplex knowledge-graph embeddings (``embkern.nn.hypercomplex``):
-:class:`QuatE`, :class:`DihedronKGE`, :class:`Tetra`, the training helper
-:func:`fit` and the filtered link-prediction metrics :func:`evaluate`.
+:class:`QuatE`, :class:`DihedronKGE`, :class:`Tetra`. Training and filtered
+link-prediction metrics for them are study helpers in
+:mod:`embkern.contrib.kg_training` (``fit``, ``evaluate``, ``kinships_benchmark``).
 """
 
 from .hypercomplex import (  # noqa: F401
@@ -11,9 +12,6 @@ from .hypercomplex import (  # noqa: F401
     KGTables,
     QuatE,
     Tetra,
-    evaluate,
-    fit,
-    kinships_benchmark,
 )
 
-__all__ = ["HypercomplexKGE", "KGTables", "QuatE", "DihedronKGE", "Tetra", "fit", "evaluate", "kinships_benchmark"]
+__all__ = ["HypercomplexKGE", "KGTables", "QuatE", "DihedronKGE", "Tetra"]

@@ -24,8 +24,6 @@ Other backends check the whole batch first. Non-contiguous inputs are copied.
 from __future__ import annotations
 
 import importlib
-import sys
-import time
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -34,6 +32,7 @@ from torch import Tensor
 
 from .. import _backends, _checks
 from .._backends import BackendSupport, OpDescriptor
+from .._progress import Progress
 from ..reference import fde as ref
 from ..reference.fde import FDEConfig
 
@@ -432,7 +431,8 @@ class FDEEncoder:
             _checks.positive_int(total, "total", 0)
             _checks.fits(int(total) * D * 4, "cpu", f"encode_corpus: the ({int(total)}, {D}) float32 corpus of "
                          f"{_config_text(self.config)}")
-        bar = _progress(total if total is not None else (out.shape[0] if out is not None else None), progress)
+        bar = Progress(total if total is not None else (out.shape[0] if out is not None else None), desc="encode_corpus",
+                       unit="document", enabled=progress)
         row, collected = 0, []
         try:
             for i, batch in enumerate(batches):
@@ -480,43 +480,6 @@ def _corpus_out(out, D: int) -> None:
     if not out.flags.writeable:
         raise ValueError("out: expected a writable array, got a read-only one (a np.memmap opened with mode='r'? "
                          "use 'r+' or 'w+')")
-
-
-class _PlainBar:
-    def __init__(self, total):
-        self.total, self.n, self.t0, self.last = total, 0, time.monotonic(), 0.0
-
-    def update(self, k):
-        self.n += k
-        now = time.monotonic()
-        if now - self.last >= 2.0:
-            self.last = now
-            rate = self.n / max(now - self.t0, 1e-9)
-            of = f"/{self.total}" if self.total else ""
-            print(f"encode_corpus: {self.n}{of} documents, {rate:.0f} docs/s", file=sys.stderr)
-
-    def close(self):
-        if self.n:
-            rate = self.n / max(time.monotonic() - self.t0, 1e-9)
-            print(f"encode_corpus: {self.n} documents, {rate:.0f} docs/s", file=sys.stderr)
-
-
-class _NoBar:
-    def update(self, k):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total, enabled):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _PlainBar(total)
-    return tqdm(total=total, unit="doc", desc="encode_corpus")
 
 
 # ---------------------------------------------------------------------------

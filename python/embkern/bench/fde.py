@@ -34,7 +34,7 @@ Anchors (optional imports; skipped with the reason when missing):
   NumPy, a dense random +-1 projection (128 -> 128: no identity mode),
   float64 arithmetic inside, no final projection (skipped there).
 
-``extra_report``: retrieval quality on real text (:mod:`embkern.fde_eval`):
+``extra_report``: retrieval quality on real text (:mod:`embkern.contrib.fde_eval`):
 recall of FDE retrieval against the exact Chamfer top-10, all-MiniLM-L6-v2
 token vectors of CPython's pydoc passages.
 """
@@ -54,7 +54,7 @@ import torch
 from .. import _backends
 from ..ops import fde as fde_ops
 from ..reference.fde import FDEConfig
-from . import Target, Workload, tiny
+from .workload import Target, Workload, tiny
 
 D = 128
 DOC_TOKENS = 80
@@ -139,7 +139,13 @@ def _import_fastembed():
                       "(pulls onnxruntime and huggingface-hub)")
 
 
-def _muvfde_config(muvfde, c: FDEConfig):
+def muvfde_config(muvfde, c: FDEConfig):
+    """The ``muvfde`` (google/graph-mining FDE, wrapped for Python) config equal to ``c``.
+
+    The one place that maps an :class:`embkern.FDEConfig` onto muvfde's setters;
+    the bench, ``benchmarks/test_bench_fde.py`` and the oracle tests use it. The
+    seed is passed as muvfde's int32 (the same 32 bits as ``c.seed``).
+    """
     m = muvfde.fixed_dimensional_encoding_config()
     m.set_num_repetitions(c.num_repetitions)
     m.set_num_simhash_projections(c.num_simhash_projections)
@@ -156,7 +162,8 @@ def _muvfde_config(muvfde, c: FDEConfig):
     return m
 
 
-def _muvfde_encode(muvfde, m, docs) -> np.ndarray:
+def muvfde_encode(muvfde, m, docs) -> np.ndarray:
+    """(len(docs), D) float32: muvfde's encoding of each (n_i, d) document under config ``m``, one call each."""
     gen = muvfde.generate_fixed_dimensional_encoding
     return np.stack([np.asarray(gen(x, m)) for x in docs])
 
@@ -230,8 +237,8 @@ def _case(kind: str, cfg: FDEConfig, n: int, B: int, device: torch.device, salt:
     anchors, no_error = {}, []
     muvfde, why = _import_muvfde()
     if muvfde is not None:
-        m = _muvfde_config(muvfde, cfg)
-        anchors["muvfde"] = lambda: _muvfde_encode(muvfde, m, data.docs)
+        m = muvfde_config(muvfde, cfg)
+        anchors["muvfde"] = lambda: muvfde_encode(muvfde, m, data.docs)
         no_error.append("muvfde")
     else:
         skipped["muvfde"] = why
@@ -264,7 +271,7 @@ def _case(kind: str, cfg: FDEConfig, n: int, B: int, device: torch.device, salt:
 
     def oracle():
         if muvfde is not None:
-            return _muvfde_encode(muvfde, _muvfde_config(muvfde, cfg), data.docs[:S])
+            return muvfde_encode(muvfde, muvfde_config(muvfde, cfg), data.docs[:S])
         return _as_np(fde_ops.fde_encode(data.X[:S * n], data.off[:S + 1], cfg, "reference"))
 
     def error(out, want):
@@ -395,22 +402,22 @@ def _short(setting: str) -> str:
 
 
 def extra_report(quick: bool) -> dict:
-    """Recall of FDE retrieval against the exact Chamfer top-10 (:func:`embkern.fde_eval.recall_study`).
+    """Recall of FDE retrieval against the exact Chamfer top-10 (:func:`embkern.contrib.fde_eval.recall_study`).
 
     Sizes: full -- every held-out pydoc passage (616 documents), 100 queries,
     the 10 default settings; ``--quick`` -- 200 documents, 50 queries, 4
     settings; tiny -- 24 documents of 16 tokens, 4 queries, 1 setting.
     Besides the bar panel of the bench chart, the log-x plot of
-    :func:`embkern.fde_eval.plot_recall` goes to ``$EMBKERN_FDE_RECALL_PNG``
+    :func:`embkern.contrib.fde_eval.plot_recall` goes to ``$EMBKERN_FDE_RECALL_PNG``
     (default ``bench_fde_recall.png``; empty: none; never in tiny runs).
     """
     title = "FDE retrieval vs exact Chamfer top-10 (all-MiniLM-L6-v2 tokens, pydoc passages)"
     try:
-        fde_eval = importlib.import_module("embkern.fde_eval")
-        from .. import _minilm
+        fde_eval = importlib.import_module("embkern.contrib.fde_eval")
+        from ..contrib import _minilm
     except Exception as exc:
         return {"title": title, "rows": [], "panels": [],
-                "notes": [f"skipped: embkern.fde_eval unavailable ({type(exc).__name__}: {exc})"]}
+                "notes": [f"skipped: embkern.contrib.fde_eval unavailable ({type(exc).__name__}: {exc})"]}
     if tiny():
         kw = dict(settings=[(2, 2, 8)], n_docs=24, n_queries=4, doc_tokens=16, query_tokens=8)
     elif quick:

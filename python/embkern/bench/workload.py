@@ -1,7 +1,8 @@
-"""Workload registry of ``python -m embkern bench``.
+"""What a benchmark case is (:class:`Workload`, :class:`Target`) and where the cases come from.
 
-One module per op, named after the op's key in :data:`embkern.ops.OPS`
-(``embkern._bench.hypercomplex``, ``embkern._bench.fde``, ...). Each exposes::
+One module per op in this package, named after the op's key in
+:data:`embkern.ops.OPS` (``embkern.bench.hypercomplex``, ``embkern.bench.fde``,
+...). Each exposes::
 
     def workloads(quick: bool, device: torch.device) -> list[Workload]: ...
     def extra_report(quick: bool) -> dict: ...        # optional
@@ -136,7 +137,7 @@ def discover(ops: Optional[List[str]] = None) -> Tuple[Dict[str, Any], Dict[str,
         names = [o for o in names if o in ops]
     found, missing = {}, {}
     for name in names:
-        modname = f"{__name__}.{name}"
+        modname = f"{__package__}.{name}"
         try:
             mod = importlib.import_module(modname)
         except ModuleNotFoundError as exc:

