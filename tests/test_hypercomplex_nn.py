@@ -26,8 +26,9 @@ needs_kg = pytest.mark.skipif(not HAS_KG, reason="pykeen's Nations/Kinships/UMLS
 
 @pytest.fixture
 def one_thread():
-    # The training tests run thousands of tiny GEMMs (B x 4d x N ~ 128 x 64 x 14); on the shared
-    # 2-core CI box a second OpenMP thread made each step 37x slower (0.23 s vs 6 ms measured).
+    # The training tests run thousands of tiny GEMMs (B x 4d x N ~ 128 x 64 x 14). With a second
+    # OpenMP thread every step ends at a barrier, and on a shared machine the other thread may wait
+    # a whole scheduler time slice for a core: one thread is many times faster there.
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -480,7 +480,7 @@ def extra_report(quick: bool) -> dict:
                 "notes": [f"skipped: embkern.contrib.kg_training.kinships_benchmark unavailable "
                           f"({type(exc).__name__}: {exc})"]}
     # Budget: an epoch is ~17k reciprocal triples in 67 batches of 256. With the reference
-    # backend (autograd through torch ops) that measured 6-20 s on a shared 2-core box, so the
+    # backend (autograd through torch ops) an epoch takes seconds, not tens of ms, so the
     # epoch count depends on whether the fused CPU kernels are there to train with.
     train_kernels = KERNELS_OF["one_to_n_loss"] + ("rank",)
     fast = _backends.check(hc_ops.DESCRIPTOR, "cpu", train_kernels, "cpu", torch.float32).ok

@@ -205,8 +205,9 @@ def kinships_benchmark(algebra: str = "quaternion", epochs: int = 50, dim: int =
         reg_weight: N3 weight; on Kinships (d = 32, 30 epochs) 1e-3 / 1e-2 / 5e-2 gave
             test MRR 0.758 / 0.800 / 0.814 for QuatE.
         num_threads: torch CPU threads during the run (restored after); None leaves
-            them alone. The GEMMs are tiny (256 x 4d x 104): on a loaded 2-core box
-            one thread was up to 37x faster per step than two.
+            them alone. The GEMMs are tiny (256 x 4d x 104): on a loaded machine one
+            thread is much faster per step than two (each step ends at an OpenMP
+            barrier that may wait a scheduler time slice for the second thread).
     Returns:
         ``{"mrr", "hits@1", "hits@3", "hits@10", "mean_rank", "train_time_s",
         "eval_time_s", "final_loss", "model", "algebra", "dim", "reals",

@@ -11,7 +11,7 @@ model            algebra     score       entity representation
 ``Tetra``        dihedron    distance    [struct | k W(x) | k F(x) | k S(x)] + biases
 ===============  ==========  ==========  ============================================
 
-Scores (spec ``hypercomplex.md``): inner ``<h (x) r_hat, t>``; distance
+Scores (``docs/ops/hypercomplex.md``): inner ``<h (x) r_hat, t>``; distance
 ``b_h + b_t - ||h (x) r_hat - t||^2``; ``r_hat`` is r divided by its Euclidean
 4-norm per coordinate. ``DihedronKGE`` defaults to the distance score because
 that is how the dihedron models of Nayyeri et al. (2023) score (with KGEmb's
