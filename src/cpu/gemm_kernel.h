@@ -1,6 +1,8 @@
 // Private blocked-GEMM building blocks for the CPU kernels (fp32 / fp64).
 //
-// Two register-tile routines, both AVX2+FMA with a portable scalar fallback:
+// Two register-tile routines, both AVX2+FMA (tile_nt also AVX-512) with a
+// portable scalar fallback, written once as templates over a vector
+// descriptor (detail::Vec<T, bits>):
 //
 //   tile_nt   C (rows x NR)  = A (rows x K) . Bp^T      A row-major (any lda), Bp packed
 //   tile_ax   O (M x K)     += A (M x R) . X (R x K)   A strided (sm, sr), X row-major
@@ -24,6 +26,7 @@
 #include <cstring>
 #include <limits>
 #include <new>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -60,8 +63,8 @@ struct Tile<double> {
 // vector kernels use FMA instructions, so the scalar tile must too, or ranks
 // and top-k indices would depend on the CPU. Without hardware FMA in the
 // build flags (the generic level) std::fma is libm's correctly rounded fma:
-// exact, but a call per term (the generic score tile is ~50x slower than
-// avx2; every x86-64 CPU since 2013 runs the avx2 level).
+// exact, but a library call per term, so the generic score tile is far
+// slower than the vector levels (every x86-64 CPU since 2013 runs avx2).
 inline float mac(float a, float b, float c) { return std::fma(a, b, c); }
 inline double mac(double a, double b, double c) { return std::fma(a, b, c); }
 
@@ -145,6 +148,77 @@ inline T fixed_sum(const T* x, int64_t n) {
 }
 
 // ---------------------------------------------------------------------------
+// Vector descriptors: one struct per (element type, vector width) holding the
+// register type and the handful of operations the micro-kernels use. The
+// kernels below are templates over a descriptor, so one body serves fp32 and
+// fp64 (and 128/256/512-bit vectors) with the same operation order.
+
+namespace detail {
+
+template <typename T, int Bits>
+struct Vec;
+
+#ifdef EMBKERN_GEMM_AVX2
+template <>
+struct Vec<float, 256> {
+  using V = __m256;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_load_ps(p); }  // 32-byte aligned
+  static V loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static void storeu(float* p, V v) { _mm256_storeu_ps(p, v); }
+  static V bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+};
+template <>
+struct Vec<double, 256> {
+  using V = __m256d;
+  static constexpr int kLanes = 4;
+  static V zero() { return _mm256_setzero_pd(); }
+  static V load(const double* p) { return _mm256_load_pd(p); }
+  static V loadu(const double* p) { return _mm256_loadu_pd(p); }
+  static void storeu(double* p, V v) { _mm256_storeu_pd(p, v); }
+  static V bcast(const double* p) { return _mm256_broadcast_sd(p); }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_pd(a, b, c); }
+};
+// The 4-column strip of fp32 tile_ax.
+template <>
+struct Vec<float, 128> {
+  using V = __m128;
+  static constexpr int kLanes = 4;
+  static V loadu(const float* p) { return _mm_loadu_ps(p); }
+  static void storeu(float* p, V v) { _mm_storeu_ps(p, v); }
+  static V bcast(const float* p) { return _mm_broadcast_ss(p); }
+  static V fma(V a, V b, V c) { return _mm_fmadd_ps(a, b, c); }
+};
+#endif
+
+#if defined(__AVX512F__)
+template <>
+struct Vec<float, 512> {
+  using V = __m512;
+  static constexpr int kLanes = 16;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_load_ps(p); }  // 64-byte aligned
+  static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V bcast(const float* p) { return _mm512_set1_ps(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+};
+template <>
+struct Vec<double, 512> {
+  using V = __m512d;
+  static constexpr int kLanes = 8;
+  static V zero() { return _mm512_setzero_pd(); }
+  static V load(const double* p) { return _mm512_load_pd(p); }
+  static void storeu(double* p, V v) { _mm512_storeu_pd(p, v); }
+  static V bcast(const double* p) { return _mm512_set1_pd(*p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
+};
+#endif
+
+}  // namespace detail
+
+// ---------------------------------------------------------------------------
 // tile_nt: C[i*ldc + j] = sum_k A[i*lda + k] * Bp[k*NR + j], i < rows (<= MR), j < NR.
 
 namespace detail {
@@ -167,58 +241,53 @@ inline void tile_nt_scalar(int64_t K, const T* A, int64_t lda, const T* Bp, T* C
 }
 
 #ifdef EMBKERN_GEMM_AVX2
-// Twelve named accumulators: GCC spills an array of __m256 to the stack on
-// every k step (measured: 3x slower). Rows >= `rows` re-read row 0 and are
-// not stored, so every valid lane still sees exactly its own FMA chain.
-#define EMBKERN_NT_BODY(V, BCAST, FMA, LOAD, STORE, SET0, STEP, HALF)                                  \
-  const auto* a0 = A;                                                                                   \
-  const auto* a1 = rows > 1 ? A + lda : A;                                                              \
-  const auto* a2 = rows > 2 ? A + 2 * lda : A;                                                          \
-  const auto* a3 = rows > 3 ? A + 3 * lda : A;                                                          \
-  const auto* a4 = rows > 4 ? A + 4 * lda : A;                                                          \
-  const auto* a5 = rows > 5 ? A + 5 * lda : A;                                                          \
-  V c00 = SET0(), c01 = SET0(), c10 = SET0(), c11 = SET0(), c20 = SET0(), c21 = SET0();                 \
-  V c30 = SET0(), c31 = SET0(), c40 = SET0(), c41 = SET0(), c50 = SET0(), c51 = SET0();                 \
-  for (int64_t k = 0; k < K; ++k) {                                                                     \
-    const V b0 = LOAD(Bp + STEP * k);                                                                   \
-    const V b1 = LOAD(Bp + STEP * k + HALF);                                                            \
-    V t = BCAST(a0 + k);                                                                                \
-    c00 = FMA(t, b0, c00);                                                                              \
-    c01 = FMA(t, b1, c01);                                                                              \
-    t = BCAST(a1 + k);                                                                                  \
-    c10 = FMA(t, b0, c10);                                                                              \
-    c11 = FMA(t, b1, c11);                                                                              \
-    t = BCAST(a2 + k);                                                                                  \
-    c20 = FMA(t, b0, c20);                                                                              \
-    c21 = FMA(t, b1, c21);                                                                              \
-    t = BCAST(a3 + k);                                                                                  \
-    c30 = FMA(t, b0, c30);                                                                              \
-    c31 = FMA(t, b1, c31);                                                                              \
-    t = BCAST(a4 + k);                                                                                  \
-    c40 = FMA(t, b0, c40);                                                                              \
-    c41 = FMA(t, b1, c41);                                                                              \
-    t = BCAST(a5 + k);                                                                                  \
-    c50 = FMA(t, b0, c50);                                                                              \
-    c51 = FMA(t, b1, c51);                                                                              \
-  }                                                                                                     \
-  STORE(C, c00);                                                                                        \
-  STORE(C + HALF, c01);                                                                                 \
-  if (rows > 1) { STORE(C + ldc, c10); STORE(C + ldc + HALF, c11); }                                    \
-  if (rows > 2) { STORE(C + 2 * ldc, c20); STORE(C + 2 * ldc + HALF, c21); }                            \
-  if (rows > 3) { STORE(C + 3 * ldc, c30); STORE(C + 3 * ldc + HALF, c31); }                            \
-  if (rows > 4) { STORE(C + 4 * ldc, c40); STORE(C + 4 * ldc + HALF, c41); }                            \
-  if (rows > 5) { STORE(C + 5 * ldc, c50); STORE(C + 5 * ldc + HALF, c51); }
-
-inline void tile_nt_avx2(int rows, int64_t K, const float* A, int64_t lda, const float* Bp, float* C, int64_t ldc) {
-  EMBKERN_NT_BODY(__m256, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_load_ps, _mm256_storeu_ps,
-                  _mm256_setzero_ps, 16, 8)
+// One packed panel (NR = 2 vectors of descriptor D) against 6 rows of A.
+// Twelve named accumulators: GCC spills an array of 256-bit vectors to the
+// stack on every k step here. Rows >= `rows` re-read row 0 and are not
+// stored, so every valid lane still sees exactly its own FMA chain.
+template <class D, typename T>
+inline void tile_nt_2v(int rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc) {
+  using V = typename D::V;
+  constexpr int64_t H = D::kLanes, NR = 2 * D::kLanes;
+  static_assert(NR == Tile<T>::NR, "a packed panel row is two vectors");
+  const T* a0 = A;
+  const T* a1 = rows > 1 ? A + lda : A;
+  const T* a2 = rows > 2 ? A + 2 * lda : A;
+  const T* a3 = rows > 3 ? A + 3 * lda : A;
+  const T* a4 = rows > 4 ? A + 4 * lda : A;
+  const T* a5 = rows > 5 ? A + 5 * lda : A;
+  V c00 = D::zero(), c01 = D::zero(), c10 = D::zero(), c11 = D::zero(), c20 = D::zero(), c21 = D::zero();
+  V c30 = D::zero(), c31 = D::zero(), c40 = D::zero(), c41 = D::zero(), c50 = D::zero(), c51 = D::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    const V b0 = D::load(Bp + NR * k);
+    const V b1 = D::load(Bp + NR * k + H);
+    V t = D::bcast(a0 + k);
+    c00 = D::fma(t, b0, c00);
+    c01 = D::fma(t, b1, c01);
+    t = D::bcast(a1 + k);
+    c10 = D::fma(t, b0, c10);
+    c11 = D::fma(t, b1, c11);
+    t = D::bcast(a2 + k);
+    c20 = D::fma(t, b0, c20);
+    c21 = D::fma(t, b1, c21);
+    t = D::bcast(a3 + k);
+    c30 = D::fma(t, b0, c30);
+    c31 = D::fma(t, b1, c31);
+    t = D::bcast(a4 + k);
+    c40 = D::fma(t, b0, c40);
+    c41 = D::fma(t, b1, c41);
+    t = D::bcast(a5 + k);
+    c50 = D::fma(t, b0, c50);
+    c51 = D::fma(t, b1, c51);
+  }
+  D::storeu(C, c00);
+  D::storeu(C + H, c01);
+  if (rows > 1) { D::storeu(C + ldc, c10); D::storeu(C + ldc + H, c11); }
+  if (rows > 2) { D::storeu(C + 2 * ldc, c20); D::storeu(C + 2 * ldc + H, c21); }
+  if (rows > 3) { D::storeu(C + 3 * ldc, c30); D::storeu(C + 3 * ldc + H, c31); }
+  if (rows > 4) { D::storeu(C + 4 * ldc, c40); D::storeu(C + 4 * ldc + H, c41); }
+  if (rows > 5) { D::storeu(C + 5 * ldc, c50); D::storeu(C + 5 * ldc + H, c51); }
 }
-inline void tile_nt_avx2(int rows, int64_t K, const double* A, int64_t lda, const double* Bp, double* C,
-                         int64_t ldc) {
-  EMBKERN_NT_BODY(__m256d, _mm256_broadcast_sd, _mm256_fmadd_pd, _mm256_load_pd, _mm256_storeu_pd,
-                  _mm256_setzero_pd, 8, 4)
-}
-#undef EMBKERN_NT_BODY
 #endif
 
 }  // namespace detail
@@ -227,7 +296,7 @@ inline void tile_nt_avx2(int rows, int64_t K, const double* A, int64_t lda, cons
 template <typename T>
 inline void tile_nt(int rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc) {
 #ifdef EMBKERN_GEMM_AVX2
-  detail::tile_nt_avx2(rows, K, A, lda, Bp, C, ldc);
+  detail::tile_nt_2v<detail::Vec<T, 256>>(rows, K, A, lda, Bp, C, ldc);
 #else
   switch (rows) {
     case 6: detail::tile_nt_scalar<T, 6>(K, A, lda, Bp, C, ldc); break;
@@ -242,40 +311,20 @@ inline void tile_nt(int rows, int64_t K, const T* A, int64_t lda, const T* Bp, T
 }
 
 // tile_nt over `np` consecutive packed panels (Bp + p*NR*K): C[i*ldc + p*NR + j].
-// At the avx512 level four panels go through one 6 x 4-zmm register tile (24
-// accumulators; per k: 4 panel loads + 6 broadcasts for 24 FMAs, against 2 + 6
-// for 12 at 256 bits): 120 vs 65 GFLOP/s on one Xeon core in a 96 x 64 x 400
-// block loop, same bits (each lane is still one FMA chain over k = 0..K-1).
+// At the avx512 level up to four panels go through one 6 x 4-zmm register
+// tile (24 accumulators; per k: 4 panel loads + 6 broadcasts for 24 FMAs,
+// against 2 + 6 for 12 at 256 bits), same bits: each lane is still one FMA
+// chain over k = 0..K-1.
 #if defined(__AVX512F__)
 namespace detail {
-template <typename T>
-struct Zmm;
-template <>
-struct Zmm<float> {
-  using V = __m512;
-  static V zero() { return _mm512_setzero_ps(); }
-  static V load(const float* p) { return _mm512_load_ps(p); }
-  static V bcast(const float* p) { return _mm512_set1_ps(*p); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
-};
-template <>
-struct Zmm<double> {
-  using V = __m512d;
-  static V zero() { return _mm512_setzero_pd(); }
-  static V load(const double* p) { return _mm512_load_pd(p); }
-  static V bcast(const double* p) { return _mm512_set1_pd(*p); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
-  static void store(double* p, V v) { _mm512_storeu_pd(p, v); }
-};
-
 // Rows >= `rows` re-read row 0 and are not stored (as the 256-bit tile).
+// The accumulator array is fully unrolled, so it lives in registers.
 template <typename T, int NP>
 inline void tile_nt_zmm(int rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc) {
-  using Z = Zmm<T>;
+  using Z = Vec<T, 512>;
   using V = typename Z::V;
   constexpr int NR = Tile<T>::NR;
-  static_assert(NR * sizeof(T) == 64, "one zmm per packed panel row");
+  static_assert(NR == Z::kLanes, "one zmm per packed panel row");
   const T* a[6];
   for (int i = 0; i < 6; ++i) a[i] = i < rows ? A + i * lda : A;
   V c[6][NP];
@@ -295,7 +344,7 @@ inline void tile_nt_zmm(int rows, int64_t K, const T* A, int64_t lda, const T* B
     }
   }
   for (int i = 0; i < rows; ++i)
-    for (int p = 0; p < NP; ++p) Z::store(C + i * ldc + p * NR, c[i][p]);
+    for (int p = 0; p < NP; ++p) Z::storeu(C + i * ldc + p * NR, c[i][p]);
 }
 }  // namespace detail
 #endif
@@ -339,122 +388,112 @@ inline void ax_scalar_cols(int64_t R, int64_t k0, int64_t k1, const T* A, int64_
 }
 
 #ifdef EMBKERN_GEMM_AVX2
-// Named accumulators as in tile_nt; rows >= M alias row 0 and are not stored.
-// One column strip of width 2*HALF (two vectors per row).
-#define EMBKERN_AX_STRIP2(V, BCAST, FMA, LOADU, STOREU, HALF)                                         \
-  {                                                                                                     \
-    V c00 = LOADU(o0 + k0), c01 = LOADU(o0 + k0 + HALF), c10 = LOADU(o1 + k0), c11 = LOADU(o1 + k0 + HALF); \
-    V c20 = LOADU(o2 + k0), c21 = LOADU(o2 + k0 + HALF), c30 = LOADU(o3 + k0), c31 = LOADU(o3 + k0 + HALF); \
-    V c40 = LOADU(o4 + k0), c41 = LOADU(o4 + k0 + HALF), c50 = LOADU(o5 + k0), c51 = LOADU(o5 + k0 + HALF); \
-    for (int64_t r = 0; r < R; ++r) {                                                                   \
-      const auto* x = X + r * ldx + k0;                                                                 \
-      const V x0 = LOADU(x), x1 = LOADU(x + HALF);                                                      \
-      const int64_t ar = r * sr;                                                                        \
-      V t = BCAST(a0 + ar);                                                                             \
-      c00 = FMA(t, x0, c00);                                                                            \
-      c01 = FMA(t, x1, c01);                                                                            \
-      t = BCAST(a1 + ar);                                                                               \
-      c10 = FMA(t, x0, c10);                                                                            \
-      c11 = FMA(t, x1, c11);                                                                            \
-      t = BCAST(a2 + ar);                                                                               \
-      c20 = FMA(t, x0, c20);                                                                            \
-      c21 = FMA(t, x1, c21);                                                                            \
-      t = BCAST(a3 + ar);                                                                               \
-      c30 = FMA(t, x0, c30);                                                                            \
-      c31 = FMA(t, x1, c31);                                                                            \
-      t = BCAST(a4 + ar);                                                                               \
-      c40 = FMA(t, x0, c40);                                                                            \
-      c41 = FMA(t, x1, c41);                                                                            \
-      t = BCAST(a5 + ar);                                                                               \
-      c50 = FMA(t, x0, c50);                                                                            \
-      c51 = FMA(t, x1, c51);                                                                            \
-    }                                                                                                   \
-    STOREU(o0 + k0, c00);                                                                               \
-    STOREU(o0 + k0 + HALF, c01);                                                                        \
-    if (M > 1) { STOREU(o1 + k0, c10); STOREU(o1 + k0 + HALF, c11); }                                  \
-    if (M > 2) { STOREU(o2 + k0, c20); STOREU(o2 + k0 + HALF, c21); }                                  \
-    if (M > 3) { STOREU(o3 + k0, c30); STOREU(o3 + k0 + HALF, c31); }                                  \
-    if (M > 4) { STOREU(o4 + k0, c40); STOREU(o4 + k0 + HALF, c41); }                                  \
-    if (M > 5) { STOREU(o5 + k0, c50); STOREU(o5 + k0 + HALF, c51); }                                  \
+// The six rows of one tile_ax call: rows >= M alias row 0 and are not stored.
+template <typename T>
+struct AxRows {
+  const T* a[6];
+  T* o[6];
+  AxRows(int M, const T* A, int64_t sm, T* O, int64_t ldo) {
+    for (int i = 0; i < 6; ++i) {
+      a[i] = M > i ? A + i * sm : A;
+      o[i] = M > i ? O + i * ldo : O;
+    }
   }
+};
+
+// One column strip [k0, k0 + 2 lanes) of the six rows (two vectors per row),
+// named accumulators as in tile_nt_2v.
+template <class D, typename T>
+__attribute__((always_inline)) inline void ax_strip2(int M, int64_t R, int64_t k0, const AxRows<T>& rw, int64_t sr,
+                                                     const T* X, int64_t ldx) {
+  using V = typename D::V;
+  constexpr int64_t H = D::kLanes;
+  const T *a0 = rw.a[0], *a1 = rw.a[1], *a2 = rw.a[2], *a3 = rw.a[3], *a4 = rw.a[4], *a5 = rw.a[5];
+  T *o0 = rw.o[0], *o1 = rw.o[1], *o2 = rw.o[2], *o3 = rw.o[3], *o4 = rw.o[4], *o5 = rw.o[5];
+  V c00 = D::loadu(o0 + k0), c01 = D::loadu(o0 + k0 + H), c10 = D::loadu(o1 + k0), c11 = D::loadu(o1 + k0 + H);
+  V c20 = D::loadu(o2 + k0), c21 = D::loadu(o2 + k0 + H), c30 = D::loadu(o3 + k0), c31 = D::loadu(o3 + k0 + H);
+  V c40 = D::loadu(o4 + k0), c41 = D::loadu(o4 + k0 + H), c50 = D::loadu(o5 + k0), c51 = D::loadu(o5 + k0 + H);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* x = X + r * ldx + k0;
+    const V x0 = D::loadu(x), x1 = D::loadu(x + H);
+    const int64_t ar = r * sr;
+    V t = D::bcast(a0 + ar);
+    c00 = D::fma(t, x0, c00);
+    c01 = D::fma(t, x1, c01);
+    t = D::bcast(a1 + ar);
+    c10 = D::fma(t, x0, c10);
+    c11 = D::fma(t, x1, c11);
+    t = D::bcast(a2 + ar);
+    c20 = D::fma(t, x0, c20);
+    c21 = D::fma(t, x1, c21);
+    t = D::bcast(a3 + ar);
+    c30 = D::fma(t, x0, c30);
+    c31 = D::fma(t, x1, c31);
+    t = D::bcast(a4 + ar);
+    c40 = D::fma(t, x0, c40);
+    c41 = D::fma(t, x1, c41);
+    t = D::bcast(a5 + ar);
+    c50 = D::fma(t, x0, c50);
+    c51 = D::fma(t, x1, c51);
+  }
+  D::storeu(o0 + k0, c00);
+  D::storeu(o0 + k0 + H, c01);
+  if (M > 1) { D::storeu(o1 + k0, c10); D::storeu(o1 + k0 + H, c11); }
+  if (M > 2) { D::storeu(o2 + k0, c20); D::storeu(o2 + k0 + H, c21); }
+  if (M > 3) { D::storeu(o3 + k0, c30); D::storeu(o3 + k0 + H, c31); }
+  if (M > 4) { D::storeu(o4 + k0, c40); D::storeu(o4 + k0 + H, c41); }
+  if (M > 5) { D::storeu(o5 + k0, c50); D::storeu(o5 + k0 + H, c51); }
+}
+
 // One column strip of one vector per row.
-#define EMBKERN_AX_STRIP1(V, BCAST, FMA, LOADU, STOREU)                                                \
-  {                                                                                                     \
-    V c0 = LOADU(o0 + k0), c1 = LOADU(o1 + k0), c2 = LOADU(o2 + k0);                                    \
-    V c3 = LOADU(o3 + k0), c4 = LOADU(o4 + k0), c5 = LOADU(o5 + k0);                                    \
-    for (int64_t r = 0; r < R; ++r) {                                                                   \
-      const V x0 = LOADU(X + r * ldx + k0);                                                             \
-      const int64_t ar = r * sr;                                                                        \
-      c0 = FMA(BCAST(a0 + ar), x0, c0);                                                                 \
-      c1 = FMA(BCAST(a1 + ar), x0, c1);                                                                 \
-      c2 = FMA(BCAST(a2 + ar), x0, c2);                                                                 \
-      c3 = FMA(BCAST(a3 + ar), x0, c3);                                                                 \
-      c4 = FMA(BCAST(a4 + ar), x0, c4);                                                                 \
-      c5 = FMA(BCAST(a5 + ar), x0, c5);                                                                 \
-    }                                                                                                   \
-    STOREU(o0 + k0, c0);                                                                                \
-    if (M > 1) STOREU(o1 + k0, c1);                                                                     \
-    if (M > 2) STOREU(o2 + k0, c2);                                                                     \
-    if (M > 3) STOREU(o3 + k0, c3);                                                                     \
-    if (M > 4) STOREU(o4 + k0, c4);                                                                     \
-    if (M > 5) STOREU(o5 + k0, c5);                                                                     \
+template <class D, typename T>
+__attribute__((always_inline)) inline void ax_strip1(int M, int64_t R, int64_t k0, const AxRows<T>& rw, int64_t sr,
+                                                     const T* X, int64_t ldx) {
+  using V = typename D::V;
+  const T *a0 = rw.a[0], *a1 = rw.a[1], *a2 = rw.a[2], *a3 = rw.a[3], *a4 = rw.a[4], *a5 = rw.a[5];
+  T *o0 = rw.o[0], *o1 = rw.o[1], *o2 = rw.o[2], *o3 = rw.o[3], *o4 = rw.o[4], *o5 = rw.o[5];
+  V c0 = D::loadu(o0 + k0), c1 = D::loadu(o1 + k0), c2 = D::loadu(o2 + k0);
+  V c3 = D::loadu(o3 + k0), c4 = D::loadu(o4 + k0), c5 = D::loadu(o5 + k0);
+  for (int64_t r = 0; r < R; ++r) {
+    const V x0 = D::loadu(X + r * ldx + k0);
+    const int64_t ar = r * sr;
+    c0 = D::fma(D::bcast(a0 + ar), x0, c0);
+    c1 = D::fma(D::bcast(a1 + ar), x0, c1);
+    c2 = D::fma(D::bcast(a2 + ar), x0, c2);
+    c3 = D::fma(D::bcast(a3 + ar), x0, c3);
+    c4 = D::fma(D::bcast(a4 + ar), x0, c4);
+    c5 = D::fma(D::bcast(a5 + ar), x0, c5);
   }
+  D::storeu(o0 + k0, c0);
+  if (M > 1) D::storeu(o1 + k0, c1);
+  if (M > 2) D::storeu(o2 + k0, c2);
+  if (M > 3) D::storeu(o3 + k0, c3);
+  if (M > 4) D::storeu(o4 + k0, c4);
+  if (M > 5) D::storeu(o5 + k0, c5);
+}
 
-#define EMBKERN_AX_ROWS(TYPE)                                    \
-  const TYPE* a0 = A;                                            \
-  const TYPE* a1 = M > 1 ? A + sm : A;                           \
-  const TYPE* a2 = M > 2 ? A + 2 * sm : A;                       \
-  const TYPE* a3 = M > 3 ? A + 3 * sm : A;                       \
-  const TYPE* a4 = M > 4 ? A + 4 * sm : A;                       \
-  const TYPE* a5 = M > 5 ? A + 5 * sm : A;                       \
-  TYPE* o0 = O;                                                  \
-  TYPE* o1 = M > 1 ? O + ldo : O;                                \
-  TYPE* o2 = M > 2 ? O + 2 * ldo : O;                            \
-  TYPE* o3 = M > 3 ? O + 3 * ldo : O;                            \
-  TYPE* o4 = M > 4 ? O + 4 * ldo : O;                            \
-  TYPE* o5 = M > 5 ? O + 5 * ldo : O;
-
-inline void tile_ax_avx2(int M, int64_t R, int64_t K, const float* A, int64_t sm, int64_t sr, const float* X,
-                         int64_t ldx, float* O, int64_t ldo) {
-  EMBKERN_AX_ROWS(float)
+// Strips of two 256-bit vectors, then one, then (fp32) one 128-bit vector,
+// then the remaining columns one at a time.
+template <typename T>
+inline void tile_ax_avx2(int M, int64_t R, int64_t K, const T* A, int64_t sm, int64_t sr, const T* X, int64_t ldx,
+                         T* O, int64_t ldo) {
+  using D = Vec<T, 256>;
+  constexpr int64_t W = D::kLanes;
+  const AxRows<T> rw(M, A, sm, O, ldo);
   int64_t k0 = 0;
-  for (; k0 + 16 <= K; k0 += 16) EMBKERN_AX_STRIP2(__m256, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps,
-                                                   _mm256_storeu_ps, 8)
-  for (; k0 + 8 <= K; k0 += 8)
-    EMBKERN_AX_STRIP1(__m256, _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_storeu_ps)
-  for (; k0 + 4 <= K; k0 += 4) EMBKERN_AX_STRIP1(__m128, _mm_broadcast_ss, _mm_fmadd_ps, _mm_loadu_ps, _mm_storeu_ps)
+  for (; k0 + 2 * W <= K; k0 += 2 * W) ax_strip2<D>(M, R, k0, rw, sr, X, ldx);
+  for (; k0 + W <= K; k0 += W) ax_strip1<D>(M, R, k0, rw, sr, X, ldx);
+  if constexpr (std::is_same<T, float>::value) {
+    for (; k0 + 4 <= K; k0 += 4) ax_strip1<Vec<float, 128>>(M, R, k0, rw, sr, X, ldx);
+  }
   for (; k0 < K; ++k0) {
-    float* o[6] = {o0, o1, o2, o3, o4, o5};
-    const float* a[6] = {a0, a1, a2, a3, a4, a5};
     for (int i = 0; i < M; ++i) {
-      float acc = o[i][k0];
-      for (int64_t r = 0; r < R; ++r) acc = mac(a[i][r * sr], X[r * ldx + k0], acc);
-      o[i][k0] = acc;
+      T acc = rw.o[i][k0];
+      for (int64_t r = 0; r < R; ++r) acc = mac(rw.a[i][r * sr], X[r * ldx + k0], acc);
+      rw.o[i][k0] = acc;
     }
   }
 }
-
-inline void tile_ax_avx2(int M, int64_t R, int64_t K, const double* A, int64_t sm, int64_t sr, const double* X,
-                         int64_t ldx, double* O, int64_t ldo) {
-  EMBKERN_AX_ROWS(double)
-  int64_t k0 = 0;
-  for (; k0 + 8 <= K; k0 += 8) EMBKERN_AX_STRIP2(__m256d, _mm256_broadcast_sd, _mm256_fmadd_pd, _mm256_loadu_pd,
-                                                 _mm256_storeu_pd, 4)
-  for (; k0 + 4 <= K; k0 += 4)
-    EMBKERN_AX_STRIP1(__m256d, _mm256_broadcast_sd, _mm256_fmadd_pd, _mm256_loadu_pd, _mm256_storeu_pd)
-  for (; k0 < K; ++k0) {
-    double* o[6] = {o0, o1, o2, o3, o4, o5};
-    const double* a[6] = {a0, a1, a2, a3, a4, a5};
-    for (int i = 0; i < M; ++i) {
-      double acc = o[i][k0];
-      for (int64_t r = 0; r < R; ++r) acc = mac(a[i][r * sr], X[r * ldx + k0], acc);
-      o[i][k0] = acc;
-    }
-  }
-}
-#undef EMBKERN_AX_STRIP2
-#undef EMBKERN_AX_STRIP1
-#undef EMBKERN_AX_ROWS
 #endif
 
 }  // namespace detail
@@ -492,8 +531,8 @@ inline void gemm_ax(int64_t M, int64_t R, int64_t K, const T* A, int64_t sm, int
 // ---------------------------------------------------------------------------
 // Transposed copy: D[j*ldd + i] = C[i*ldc + j], i < rows, j < cols (the
 // entity-major score block back to row-major S). 8x8 (fp32) / 4x4 (fp64)
-// register transposes; a scalar loop over strided reads cost ~10% of
-// score_forward at K = 400.
+// register transposes: a scalar loop of strided reads is a visible share of
+// score_forward.
 
 namespace detail {
 template <typename T>
