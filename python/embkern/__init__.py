@@ -17,6 +17,7 @@ from .ops.hypercomplex import (  # noqa: E402
     topk_all,
 )
 from .ops.fde import FDEConfig, FDEEncoder, chamfer, chamfer_rerank, fde_encode  # noqa: E402
+from .ops.selective_attention import selective_attention, selective_temperatures  # noqa: E402
 
 
 def __getattr__(name):
@@ -42,4 +43,6 @@ __all__ = [
     "fde_encode",
     "chamfer",
     "chamfer_rerank",
+    "selective_attention",
+    "selective_temperatures",
 ]

@@ -352,6 +352,11 @@ def _(x, name, why):
     return torch.empty_like(x)
 
 
+# The checked tensor may be a differentiable input (SSA's temperatures): the check is the
+# identity, so is its gradient.
+torch.library.register_autograd("embkern::check_finite", lambda ctx, grad: (grad, None, None))
+
+
 def ids(x: torch.Tensor, name: str, upper: int) -> torch.Tensor:
     """Range-check integer ids in eager mode and in compiled graphs; returns the ids to use."""
     if _data_checks_off():

@@ -1,5 +1,6 @@
-"""Pure-PyTorch references: the numerics contract of every embkern op."""
+"""References: the numerics contract of every embkern op (PyTorch; NumPy for FDE)."""
 from . import hypercomplex  # noqa: F401
 from . import fde  # noqa: F401
+from . import selective_attention  # noqa: F401
 
-__all__ = ["hypercomplex", "fde"]
+__all__ = ["hypercomplex", "fde", "selective_attention"]
