@@ -305,3 +305,23 @@ def test_temperature_bad_input_names_the_argument():
         st(x, 0, None, torch.ones(4))
     with pytest.raises(TypeError, match="positions: expected an integer tensor"):
         st(x, torch.arange(4.0))
+
+
+# --------------------------------------------------------------------------- bench workloads
+
+
+def test_bench_workloads_run_and_agree_with_the_reference(monkeypatch):
+    from embkern import bench
+    from embkern.bench import selective_attention as sb
+
+    monkeypatch.setenv(bench.TINY_ENV, "1")
+    ws = sb.workloads(quick=True, device=torch.device("cpu"))
+    assert {w.name.split(" L=")[0].split(" 1 x")[0] for w in ws} == {"forward", "forward+backward", "decode"}
+    for w in ws:
+        w.setup()
+        try:
+            want = w.reference64()
+            for name, fn in {**w.backends, **w.anchors}.items():
+                assert w.error(fn(), want) < 1e-4, (w.name, name)
+        finally:
+            w.teardown()

@@ -1,0 +1,217 @@
+"""Benchmark workloads of selective attention (SSA), fp32, causal (issue sizes).
+
+Sizes: B = 4, H = 8, d = dv = 64, L = 1024 (``--quick``) and also 4096, with
+position- and token-aware query temperatures and value temperatures drawn in
+[0.5, 1.5].
+
+Cases (each times every available embkern backend on the same inputs):
+
+* ``forward L=...``: the attention output.
+* ``forward+backward L=...``: output, then gradients of q, k, v, tau_q and tau_v
+  from one random output gradient.
+* ``decode 1 x 4096``: one query token against a 4096-token cache (q_offset =
+  4095), forward.
+
+Anchors:
+
+* ``sdpa(q*tau_q, v*tau_v)``: ``torch.nn.functional.scaled_dot_product_attention``
+  on pre-scaled inputs, with autograd -- exact for SSA (docs/ops/selective_attention.md,
+  "Why pre-scaling is exact"), fused on the CPU. Targets: fused backends within
+  1.0x of it for forward+backward, 1.2x for decode.
+* ``authors (materialised)``: scores materialised, temperature on the scaled
+  logits, causal mask, softmax, P @ V (``reference.authors_attention``), as the
+  authors' code does. Target: >= 5x faster at L = 1024; peak memory is shown
+  next to it at L = 4096.
+
+The reference materialises the same (B, H, L, L) scores as the authors'
+formulation (plus the float64 copy for the error column); at L = 4096 it is
+not timed. ``EMBKERN_BENCH_TINY=1`` shrinks every size for the test-suite.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+
+from .. import _backends
+from ..ops import selective_attention as ssa_ops
+from ..reference import selective_attention as ref
+from .workload import Target, Workload, tiny
+
+
+def _sizes(quick: bool):
+    if tiny():
+        return dict(B=1, H=2, d=16, lengths=(32,), decode=64)
+    return dict(B=4, H=8, d=64, lengths=(1024,) if quick else (1024, 4096), decode=4096)
+
+
+class _Data:
+    """Inputs of one (B, H, Lq, Lk, d) case, made in setup and freed in teardown."""
+
+    def __init__(self, B, H, Lq, Lk, d, device, seed):
+        self.shape = (B, H, Lq, Lk, d)
+        self.device, self.seed = device, seed
+        self.t = {}
+
+    def setup(self):
+        B, H, Lq, Lk, d = self.shape
+        g = torch.Generator().manual_seed(self.seed)
+        q = torch.randn(B, H, Lq, d, generator=g)
+        k = torch.randn(B, H, Lk, d, generator=g)
+        v = torch.randn(B, H, Lk, d, generator=g)
+        tq = 0.5 + torch.rand(B, H, Lq, generator=g)
+        tv = 0.5 + torch.rand(B, H, Lk, generator=g)
+        go = torch.randn(B, H, Lq, d, generator=g)
+        # update, not rebind: the case callables hold this dict
+        self.t.update({n: x.to(self.device) for n, x in zip(("q", "k", "v", "tq", "tv", "go"), (q, k, v, tq, tv, go))})
+
+    def teardown(self):
+        self.t.clear()
+
+    def leaves(self):
+        return [self.t[n].detach().clone().requires_grad_(True) for n in ("q", "k", "v", "tq", "tv")]
+
+
+def _fast_backends(device) -> List[str]:
+    return ["cpu"] if device.type == "cpu" else ["triton", "cuda"]
+
+
+def _availability(device, kernels):
+    run, skipped = ["reference"], {}
+    for be in _fast_backends(device):
+        if be not in ssa_ops.DESCRIPTOR.backends:
+            skipped[be] = f"selective_attention has no {be} kernels yet"
+            continue
+        st = _backends.check(ssa_ops.DESCRIPTOR, be, kernels, device.type, torch.float32)
+        if st.ok:
+            run.append(be)
+        else:
+            skipped[be] = st.reason
+    return run, skipped
+
+
+def _sdpa(q, k, v, tq, tv, causal=True, q_offset=None):
+    Lq, Lk = q.shape[2], k.shape[2]
+    if causal and Lq != Lk:  # SDPA's is_causal aligns to the top-left; pass the bottom-right mask
+        mask = ref.visible(Lq, Lk, True, Lk - Lq if q_offset is None else q_offset, q.device)
+        return torch.nn.functional.scaled_dot_product_attention(q * tq[..., None], k, v * tv[..., None],
+                                                                attn_mask=mask)
+    return torch.nn.functional.scaled_dot_product_attention(q * tq[..., None], k, v * tv[..., None],
+                                                            is_causal=causal)
+
+
+def _max_abs(out, want) -> float:
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    wants = want if isinstance(want, (tuple, list)) else (want,)
+    return max(float((o.detach().double() - w).abs().max()) for o, w in zip(outs, wants) if o is not None)
+
+
+def _forward_case(data: _Data, L: int, with_reference: bool) -> Workload:
+    B, H, _, _, d = data.shape
+    run, skipped = _availability(data.device, ssa_ops.DESCRIPTOR.kernels_of("selective_attention")[:1])
+    if not with_reference:
+        run.remove("reference")
+        skipped["reference"] = (f"materialises (B, H, L, L) = {B * H * L * L * 4 / 2**30:.1f} GiB of fp32 scores "
+                                "(and its float64 twin for the error column), like the authors' row")
+    t = data.t
+
+    def call(be):
+        return lambda: ssa_ops.selective_attention(t["q"], t["k"], t["v"], t["tq"], t["tv"], backend=be)
+
+    def ref64():
+        return ref.attention(*(t[n].double() for n in ("q", "k", "v", "tq", "tv")))
+
+    flops = 4.0 * B * H * L * L * d / 2  # causal: half of 4 B H L^2 d
+    anchors = {"sdpa(q*tau_q, v*tau_v)": lambda: _sdpa(t["q"], t["k"], t["v"], t["tq"], t["tv"]),
+               "authors (materialised)": lambda: ref.authors_attention(t["q"], t["k"], t["v"], t["tq"], t["tv"])}
+    return Workload(
+        name=f"forward L={L}", group="selective_attention",
+        description=f"SSA forward, B={B} H={H} L={L} d=dv={d}, causal, tau_q and tau_v, fp32, {data.device.type}",
+        backends={be: call(be) for be in run}, anchors=anchors, primary_anchor="sdpa(q*tau_q, v*tau_v)",
+        reference64=ref64 if with_reference else None, error=_max_abs,
+        work=flops / 1e9, work_unit="GFLOP/s",
+        params={"B": B, "H": H, "L": L, "d": d, "causal": True, "dtype": "float32"},
+        targets=[Target("time / authors' materialised (target >= 5x faster)", "authors (materialised)", "time",
+                        "speedup", 5.0)],
+        skipped=skipped, slow=("authors (materialised)", "reference"), setup=data.setup, teardown=data.teardown)
+
+
+def _backward_case(data: _Data, L: int, with_reference: bool) -> Workload:
+    B, H, _, _, d = data.shape
+    run, skipped = _availability(data.device, ssa_ops.DESCRIPTOR.kernels_of("selective_attention"))
+    if not with_reference:
+        run.remove("reference")
+        skipped["reference"] = "materialises (B, H, L, L) scores; see the forward row"
+    t = data.t
+
+    def fwd_bwd(fn):
+        def f():
+            leaves = data.leaves()
+            out = fn(*leaves)
+            out.backward(t["go"])
+            return tuple(x.grad for x in leaves)
+        return f
+
+    def ref64():
+        leaves = [t[n].double().requires_grad_(True) for n in ("q", "k", "v", "tq", "tv")]
+        ref.attention(*leaves).backward(t["go"].double())
+        return tuple(x.grad for x in leaves)
+
+    flops = 4.0 * B * H * L * L * d / 2 * 3.5  # forward + backward (2.5x forward)
+    anchors = {"sdpa(q*tau_q, v*tau_v)": fwd_bwd(_sdpa),
+               "authors (materialised)": fwd_bwd(ref.authors_attention)}
+    return Workload(
+        name=f"forward+backward L={L}", group="selective_attention",
+        description=f"SSA forward + backward (grads of q, k, v, tau_q, tau_v), B={B} H={H} L={L} d=dv={d}, "
+                    f"causal, fp32, {data.device.type}",
+        backends={be: fwd_bwd(lambda *a, be=be: ssa_ops.selective_attention(*a, backend=be)) for be in run},
+        anchors=anchors, primary_anchor="sdpa(q*tau_q, v*tau_v)",
+        reference64=ref64 if with_reference else None, error=_max_abs,
+        work=flops / 1e9, work_unit="GFLOP/s",
+        params={"B": B, "H": H, "L": L, "d": d, "causal": True, "dtype": "float32"},
+        targets=[Target("time / sdpa(q*tau_q, v*tau_v) fwd+bwd (target <= 1.0)", "sdpa(q*tau_q, v*tau_v)", "time",
+                        "ratio", 1.0),
+                 Target("time / authors' materialised fwd+bwd (target >= 5x faster)", "authors (materialised)",
+                        "time", "speedup", 5.0)],
+        skipped=skipped, slow=("authors (materialised)", "reference"), setup=data.setup, teardown=data.teardown)
+
+
+def _decode_case(data: _Data) -> Workload:
+    B, H, _, Lk, d = data.shape
+    run, skipped = _availability(data.device, ssa_ops.DESCRIPTOR.kernels_of("selective_attention")[:1])
+    t = data.t
+
+    def call(be):
+        return lambda: ssa_ops.selective_attention(t["q"], t["k"], t["v"], t["tq"], t["tv"], backend=be)
+
+    def ref64():
+        return ref.attention(*(t[n].double() for n in ("q", "k", "v", "tq", "tv")))
+
+    return Workload(
+        name=f"decode 1 x {Lk}", group="selective_attention",
+        description=f"one query token against a {Lk}-token cache (q_offset = {Lk - 1}), B={B} H={H} d={d}, fp32",
+        backends={be: call(be) for be in run},
+        anchors={"sdpa(q*tau_q, v*tau_v)": lambda: _sdpa(t["q"], t["k"], t["v"], t["tq"], t["tv"])},
+        reference64=ref64, error=_max_abs, work=4.0 * B * H * Lk * d / 1e9, work_unit="GFLOP/s",
+        params={"B": B, "H": H, "Lq": 1, "Lk": Lk, "d": d, "dtype": "float32"},
+        targets=[Target("time / sdpa on the same cache (target <= 1.2)", "sdpa(q*tau_q, v*tau_v)", "time", "ratio",
+                        1.2)],
+        skipped=skipped, setup=data.setup, teardown=data.teardown)
+
+
+def workloads(quick: bool, device) -> List[Workload]:
+    s = _sizes(quick)
+    B, H, d = s["B"], s["H"], s["d"]
+    out = []
+    for i, L in enumerate(s["lengths"]):
+        with_reference = L <= 1024 or tiny()
+        out.append(_forward_case(_Data(B, H, L, L, d, device, 10 + i), L, with_reference))
+        out.append(_backward_case(_Data(B, H, L, L, d, device, 20 + i), L, with_reference))
+    out.append(_decode_case(_Data(B, H, 1, s["decode"], d, device, 30)))
+    notes = ["max err: max |output (or every gradient) - float64 reference|",
+             "the authors' materialised formulation is the attention of their code; its temperature there is "
+             "position-only, here the same tau_q tensor is used by every row"]
+    for w in out:
+        w.notes = list(notes)
+    return out
