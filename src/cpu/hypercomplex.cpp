@@ -267,6 +267,21 @@ struct Scorer {
     }
   }
 
+  // The block sweep every scoring kernel runs: entity block jb against each
+  // query block in turn, in order. block() fills C with the score block of
+  // queries [b0, b0+mb) x entities [n0, n0+nb), then tile(b0, mb, n0, nb)
+  // consumes it while it is hot.
+  template <class Tile>
+  void sweep(int64_t jb, T* C, Tile&& tile) const {
+    const int64_t n0 = jb * kNB, nb = std::min(kNB, N - n0);
+    const int64_t mbl = mblocks();
+    for (int64_t ib = 0; ib < mbl; ++ib) {
+      const int64_t b0 = ib * kMB, mb = std::min(kMB, B - b0);
+      block(b0, mb, n0, nb, C);
+      tile(b0, mb, n0, nb);
+    }
+  }
+
   int64_t nblocks() const { return (N + kNB - 1) / kNB; }
   int64_t mblocks() const { return (B + kMB - 1) / kMB; }
   // Per-row arrays read with whole-block trip counts are padded to this.
@@ -332,21 +347,17 @@ struct Filter {
 template <typename T>
 void score_impl(const Scorer<T>& sc, T* S) {
   const int64_t B = sc.B, N = sc.N;
-  const int64_t nbl = sc.nblocks(), mbl = sc.mblocks();
+  const int64_t nbl = sc.nblocks();
   const bool par = worth_threads(B * N * sc.K);
   BlockPool<T> pool(par);
 #pragma omp parallel if (par)
   {
     Buffer<T>& C = pool.mine();
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t jb = 0; jb < nbl; ++jb) {
-      const int64_t n0 = jb * kNB, nb = std::min(kNB, N - n0);
-      for (int64_t ib = 0; ib < mbl; ++ib) {
-        const int64_t b0 = ib * kMB, mb = std::min(kMB, B - b0);
-        sc.block(b0, mb, n0, nb, C.data());
+    for (int64_t jb = 0; jb < nbl; ++jb)
+      sc.sweep(jb, C.data(), [&](int64_t b0, int64_t mb, int64_t n0, int64_t nb) {
         gemm::transpose_copy(C.data(), kMB, nb, mb, S + b0 * N + n0, N);
-      }
-    }
+      });
   }
 }
 
@@ -356,7 +367,7 @@ void score_impl(const Scorer<T>& sc, T* S) {
 template <typename T>
 void rank_impl(const Scorer<T>& sc, const int64_t* targets, const Filter& flt, double* ranks, Ties ties) {
   const int64_t B = sc.B, N = sc.N;
-  const int64_t nbl = sc.nblocks(), mbl = sc.mblocks();
+  const int64_t nbl = sc.nblocks();
   std::vector<T> st(sc.rows_padded(), T(0));
   const bool par = worth_threads(B * N * sc.K);
   const int nt = par ? omp_get_max_threads() : 1;
@@ -372,11 +383,8 @@ void rank_impl(const Scorer<T>& sc, const int64_t* targets, const Filter& flt, d
     Buffer<T>& C = pool.mine();
     int32_t cg[kMB], ce[kMB];
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t jb = 0; jb < nbl; ++jb) {
-      const int64_t n0 = jb * kNB, nb = std::min(kNB, N - n0);
-      for (int64_t ib = 0; ib < mbl; ++ib) {
-        const int64_t b0 = ib * kMB, mb = std::min(kMB, B - b0);
-        sc.block(b0, mb, n0, nb, C.data());
+    for (int64_t jb = 0; jb < nbl; ++jb)
+      sc.sweep(jb, C.data(), [&](int64_t b0, int64_t mb, int64_t n0, int64_t nb) {
         const T* s = st.data() + b0;
         for (int64_t b = 0; b < kMB; ++b) cg[b] = ce[b] = 0;
         for (int64_t n = 0; n < nb; ++n) {
@@ -406,8 +414,7 @@ void rank_impl(const Scorer<T>& sc, const int64_t* targets, const Filter& flt, d
           my_gt[b0 + b] += cg[b];
           my_ge[b0 + b] += ce[b];
         }
-      }
-    }
+      });
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       int64_t g = 0, e = 0;
@@ -483,7 +490,7 @@ template <typename T>
 void topk_impl(const Scorer<T>& sc, const Filter& flt, T* values, int64_t* indices, int64_t k) {
   const int64_t B = sc.B, N = sc.N;
   if (B == 0 || k == 0) return;
-  const int64_t nbl = sc.nblocks(), mbl = sc.mblocks();
+  const int64_t nbl = sc.nblocks();
   const bool par = worth_threads(B * N * sc.K);
   const int nt = par ? omp_get_max_threads() : 1;
   const size_t slots = static_cast<size_t>(nt) * static_cast<size_t>(B) * static_cast<size_t>(k);
@@ -502,11 +509,8 @@ void topk_impl(const Scorer<T>& sc, const Filter& flt, T* values, int64_t* indic
     // so everything, NaN included, takes the slow path).
     T thr[kMB];
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t jb = 0; jb < nbl; ++jb) {
-      const int64_t n0 = jb * kNB, nb = std::min(kNB, N - n0);
-      for (int64_t ib = 0; ib < mbl; ++ib) {
-        const int64_t b0 = ib * kMB, mb = std::min(kMB, B - b0);
-        sc.block(b0, mb, n0, nb, C.data());
+    for (int64_t jb = 0; jb < nbl; ++jb)
+      sc.sweep(jb, C.data(), [&](int64_t b0, int64_t mb, int64_t n0, int64_t nb) {
         const size_t base = (static_cast<size_t>(tid) * B + b0);
         for (int64_t b = 0; b < mb; ++b) {
           const int64_t cnt = hn[base + b];
@@ -526,8 +530,7 @@ void topk_impl(const Scorer<T>& sc, const Filter& flt, T* values, int64_t* indic
             }
           }
         }
-      }
-    }
+      });
     // Merge the per-thread heaps of each row (into reserved room: no allocation here).
     std::vector<std::pair<T, int64_t>>& cand = cands[static_cast<size_t>(tid)];
 #pragma omp for schedule(static)
@@ -569,7 +572,6 @@ template <typename T>
 void ce_forward_impl(const Scorer<T>& sc, const int64_t* targets, T* loss, T* lse) {
   const int64_t B = sc.B, N = sc.N;
   if (B == 0) return;
-  const int64_t mbl = sc.mblocks();
   const Chunks ch(sc.nblocks());
   const int64_t nch = ch.nch;
   const T ninf = -std::numeric_limits<T>::infinity();
@@ -585,11 +587,8 @@ void ce_forward_impl(const Scorer<T>& sc, const int64_t* targets, T* loss, T* ls
     for (int64_t c = 0; c < nch; ++c) {
       T* m = pm.data() + c * B;
       T* s = ps.data() + c * B;
-      for (int64_t jb = ch.begin(c); jb < ch.end(c); ++jb) {
-        const int64_t n0 = jb * kNB, nb = std::min(kNB, N - n0);
-        for (int64_t ib = 0; ib < mbl; ++ib) {
-          const int64_t b0 = ib * kMB, mb = std::min(kMB, B - b0);
-          sc.block(b0, mb, n0, nb, C.data());
+      for (int64_t jb = ch.begin(c); jb < ch.end(c); ++jb)
+        sc.sweep(jb, C.data(), [&](int64_t b0, int64_t mb, int64_t, int64_t nb) {
           for (int64_t b = 0; b < kMB; ++b) mx[b] = ninf;
           for (int64_t n = 0; n < nb; ++n) {
             const T* cr = C.data() + n * kMB;
@@ -615,8 +614,7 @@ void ce_forward_impl(const Scorer<T>& sc, const int64_t* targets, T* loss, T* ls
             for (int64_t b = 0; b < kMB; ++b) acc[b] += cr[b];
           }
           for (int64_t b = 0; b < mb; ++b) s[b0 + b] = acc[b];
-        }
-      }
+        });
     }
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
@@ -639,7 +637,6 @@ template <typename T>
 void ce_backward_impl(const Scorer<T>& sc, const T* grad_loss, const int64_t* targets, const T* lse, T* grad_q,
                       T* grad_E, T* grad_bh, T* grad_bt) {
   const int64_t B = sc.B, N = sc.N, K = sc.K;
-  const int64_t mbl = sc.mblocks();
   const Chunks ch(sc.nblocks());
   const int64_t nch = ch.nch;
   const T* q = sc.q;
@@ -669,9 +666,7 @@ void ce_backward_impl(const Scorer<T>& sc, const T* grad_loss, const int64_t* ta
         T* gE = grad_E + n0 * K;
         std::memset(gE, 0, sizeof(T) * static_cast<size_t>(nb * K));
         for (int64_t n = 0; n < nb; ++n) colsum[n] = T(0);
-        for (int64_t ib = 0; ib < mbl; ++ib) {
-          const int64_t b0 = ib * kMB, mb = std::min(kMB, B - b0);
-          sc.block(b0, mb, n0, nb, C.data());
+        sc.sweep(jb, C.data(), [&](int64_t b0, int64_t mb, int64_t, int64_t) {
           const T* l = lsep.data() + b0;
           const T* gl = glp.data() + b0;
           for (int64_t n = 0; n < nb; ++n) {
@@ -694,7 +689,7 @@ void ce_backward_impl(const Scorer<T>& sc, const T* grad_loss, const int64_t* ta
           gemm::gemm_ax(mb, nb, K, C.data(), 1, kMB, E + n0 * K, K, gq + b0 * K, K);
           // grad_E[n0.., :] += G^T (nb x mb) . q[b0.., :]
           gemm::gemm_ax(nb, mb, K, C.data(), kMB, 1, q + b0 * K, K, gE, K);
-        }
+        });
         for (int64_t n = 0; n < nb; ++n) {
           grad_bt[n0 + n] = colsum[n];
           if (sc.dist) {
