@@ -123,11 +123,11 @@ py::tuple count_sketch_csr(py::buffer bucket_buf, int64_t D) {
   return py::make_tuple(off, mem);
 }
 
-// Prepared tables of one config. prepare() copies all it keeps, so nothing of
-// the caller's arrays is referenced after the constructor returns.
+// Prepared tables of one config, owned by its fde::Prepared. prepare() copies
+// all it keeps, so nothing of the caller's arrays is referenced after the
+// constructor returns.
 struct Plan {
   fde::Prepared prep;
-  ~Plan() { fde::release(&prep); }
 };
 
 std::unique_ptr<Plan> make_plan(int64_t d, int64_t R, int64_t k, int64_t dp, bool is_document, bool fill,

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #ifdef __linux__
@@ -525,12 +526,12 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
     if (!sketch) return;
     const int64_t i0 = (r * NP + q) * dp;
     if (P.cs16 != nullptr) {
-      sketch_block(P.cs16 + i0, b, dp, out_row);
+      sketch_block(P.cs16.get() + i0, b, dp, out_row);
     } else if (P.cs32 != nullptr) {
-      sketch_block(P.cs32 + i0, b, dp, out_row);
+      sketch_block(P.cs32.get() + i0, b, dp, out_row);
     } else {
-      const int32_t* bk = P.cs_bucket + i0;
-      const float* sg = P.cs_sign + i0;
+      const int32_t* bk = P.cs_bucket.get() + i0;
+      const float* sg = P.cs_sign.get() + i0;
       for (int64_t c = 0; c < dp; ++c) out_row[bk[c]] = out_row[bk[c]] + sg[c] * b[c];
     }
   };
@@ -546,16 +547,16 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
     (void)mc;
     int64_t p = 0;
     for (; p + kRowTile <= n; p += kRowTile) {
-      dots_seq<kRowTile>(X + p * d, P.gt, d, ld, kc, s.dots.data() + p * ld);
+      dots_seq<kRowTile>(X + p * d, P.gt.get(), d, ld, kc, s.dots.data() + p * ld);
     }
     // the last n % 6 rows in one tile too (row by row, each add waits for the
     // previous one: latency-bound)
     switch (n - p) {
-      case 1: dots_seq<1>(X + p * d, P.gt, d, ld, kc, s.dots.data() + p * ld); break;
-      case 2: dots_seq<2>(X + p * d, P.gt, d, ld, kc, s.dots.data() + p * ld); break;
-      case 3: dots_seq<3>(X + p * d, P.gt, d, ld, kc, s.dots.data() + p * ld); break;
-      case 4: dots_seq<4>(X + p * d, P.gt, d, ld, kc, s.dots.data() + p * ld); break;
-      case 5: dots_seq<5>(X + p * d, P.gt, d, ld, kc, s.dots.data() + p * ld); break;
+      case 1: dots_seq<1>(X + p * d, P.gt.get(), d, ld, kc, s.dots.data() + p * ld); break;
+      case 2: dots_seq<2>(X + p * d, P.gt.get(), d, ld, kc, s.dots.data() + p * ld); break;
+      case 3: dots_seq<3>(X + p * d, P.gt.get(), d, ld, kc, s.dots.data() + p * ld); break;
+      case 4: dots_seq<4>(X + p * d, P.gt.get(), d, ld, kc, s.dots.data() + p * ld); break;
+      case 5: dots_seq<5>(X + p * d, P.gt.get(), d, ld, kc, s.dots.data() + p * ld); break;
       default: break;
     }
     // rows whose Eigen order is not sequential (<= 7 per row block, or n == 1)
@@ -563,7 +564,7 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
       const DotOrder o = dot_order(n, d, k, p);
       if (o.cls == kPlain || o.cls == kGemmSeq || o.panel_cols == 0) continue;
       s.grouped.resize(size_t(ld));
-      dots_grouped(X + p * d, P.gt, d, ld, o, s.grouped.data(), s.tmp);
+      dots_grouped(X + p * d, P.gt.get(), d, ld, o, s.grouped.data(), s.tmp);
       float* row = s.dots.data() + p * ld;
       for (int64_t r = 0; r < R; ++r)
         for (int64_t j = 0; j < o.panel_cols; ++j) row[r * k + j] = s.grouped[size_t(r * k + j)];
@@ -585,9 +586,9 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
     const float* Y = X;  // identity: the points themselves
     if (P.ams) {
       s.y.resize(size_t(n * dp));
-      const int32_t* off = P.ams_col_off + r * (dp + 1);
-      const int32_t* ti = P.ams_term_i + r * d;
-      const float* ts = P.ams_term_s + r * d;
+      const int32_t* off = P.ams_col_off.get() + r * (dp + 1);
+      const int32_t* ti = P.ams_term_i.get() + r * d;
+      const float* ts = P.ams_term_s.get() + r * d;
       for (int64_t p = 0; p < n; ++p) {
         const DotOrder o = n > 0 ? dot_order(n, d, dp, p) : DotOrder{kPlain, d, 0};
         const float* x = X + p * d;
@@ -725,17 +726,17 @@ bool prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const 
   P->rk = P->R * P->k;
   // padded to 8 (one vector), not 16: R20 k5 gives 104 columns instead of 112
   P->rk_pad = std::max<int64_t>(8, ((P->rk + 7) / 8) * 8);
-  P->gt = new float[size_t(P->d * P->rk_pad)]();
+  P->gt = std::make_unique<float[]>(size_t(P->d * P->rk_pad));  // zeroed: the padding
   for (int64_t r = 0; r < P->R; ++r)
     for (int64_t i = 0; i < P->d; ++i)
       for (int j = 0; j < P->k; ++j) P->gt[i * P->rk_pad + r * P->k + j] = simhash[(r * P->d + i) * P->k + j];
   P->ams = ams_index != nullptr;
   if (P->ams) {
-    P->ams_col_off = new int32_t[size_t(P->R * (P->dp + 1))]();
-    P->ams_term_i = new int32_t[size_t(P->R * P->d)];
-    P->ams_term_s = new float[size_t(P->R * P->d)];
+    P->ams_col_off = std::make_unique<int32_t[]>(size_t(P->R * (P->dp + 1)));  // zeroed: the counts
+    P->ams_term_i = std::make_unique<int32_t[]>(size_t(P->R * P->d));
+    P->ams_term_s = std::make_unique<float[]>(size_t(P->R * P->d));
     for (int64_t r = 0; r < P->R; ++r) {
-      int32_t* off = P->ams_col_off + r * (P->dp + 1);
+      int32_t* off = P->ams_col_off.get() + r * (P->dp + 1);
       const int32_t* idx = ams_index + r * P->d;
       for (int64_t i = 0; i < P->d; ++i) {
         if (idx[i] < 0 || idx[i] >= P->dp) {
@@ -766,20 +767,20 @@ bool prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const 
     }
     P->cs_finite = finite;
     if (unit && P->final_dim <= (int64_t(1) << 15)) {
-      P->cs16 = new uint16_t[size_t(L)];
+      P->cs16 = std::make_unique<uint16_t[]>(size_t(L));
       for (int64_t i = 0; i < L; ++i)
         P->cs16[i] = uint16_t(uint32_t(cs_bucket[i]) | (cs_sign[i] < 0.0f ? 0x8000u : 0u));
     } else if (unit) {  // final_dim <= kMaxProjection < 2^31: the bucket fits 31 bits
-      P->cs32 = new uint32_t[size_t(L)];
+      P->cs32 = std::make_unique<uint32_t[]>(size_t(L));
       for (int64_t i = 0; i < L; ++i)
         P->cs32[i] = uint32_t(cs_bucket[i]) | (cs_sign[i] < 0.0f ? 0x80000000u : 0u);
     } else {
       // Not +-1: keep the tables as given, in a copy of our own (a pointer
       // into the caller's arrays dangled once they were resized or freed).
-      P->cs_bucket = new int32_t[size_t(L)];
-      P->cs_sign = new float[size_t(L)];
-      std::memcpy(P->cs_bucket, cs_bucket, sizeof(int32_t) * size_t(L));
-      std::memcpy(P->cs_sign, cs_sign, sizeof(float) * size_t(L));
+      P->cs_bucket = std::make_unique<int32_t[]>(size_t(L));
+      P->cs_sign = std::make_unique<float[]>(size_t(L));
+      std::memcpy(P->cs_bucket.get(), cs_bucket, sizeof(int32_t) * size_t(L));
+      std::memcpy(P->cs_sign.get(), cs_sign, sizeof(float) * size_t(L));
     }
   }
   return true;
@@ -796,24 +797,6 @@ int64_t prepare_bytes(const Prepared& P) {
     b = sat_add(b, sat_mul(L, int64_t(sizeof(int32_t) + sizeof(float))));  // the unpacked copy, the largest
   }
   return b;
-}
-
-void release(Prepared* P) {
-  delete[] P->gt;
-  delete[] P->ams_col_off;
-  delete[] P->ams_term_i;
-  delete[] P->ams_term_s;
-  delete[] P->cs16;
-  delete[] P->cs32;
-  delete[] P->cs_bucket;
-  delete[] P->cs_sign;
-  P->cs_bucket = nullptr;
-  P->cs_sign = nullptr;
-  P->cs16 = nullptr;
-  P->cs32 = nullptr;
-  P->gt = nullptr;
-  P->ams_col_off = P->ams_term_i = nullptr;
-  P->ams_term_s = nullptr;
 }
 
 // Index of the first NaN / inf among x[0..count), or -1. Integer exponent test

@@ -25,8 +25,6 @@ bool prepare(Prepared* prep, const float* simhash, const int32_t* ams_index, con
              const int32_t* cs_bucket, const float* cs_sign, std::string* error) {
   EMBKERN_DISPATCH(prepare, prep, simhash, ams_index, ams_sign, cs_bucket, cs_sign, error);
 }
-// Plain memory release: the level that prepared does not matter.
-void release(Prepared* prep) { EMBKERN_ISA_BASE::release(prep); }
 int64_t row_length(const Prepared& p) { return EMBKERN_ISA_BASE::row_length(p); }
 int64_t output_length(const Prepared& p) { return EMBKERN_ISA_BASE::output_length(p); }
 // Sizes: plain arithmetic, the same at every level.

@@ -30,6 +30,7 @@
 // for its identity output to match bit for bit.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 
 #include "embkern/cpu_isa.h"
@@ -137,26 +138,29 @@ constexpr int64_t kMaxRowLength = int64_t(1) << 61;
 // ---- encoder ---------------------------------------------------------------
 
 // Tables in the layout the kernel reads, built once per config (Prepared).
-// Everything the encoder reads is owned here (copied by prepare), so the
-// caller may change or free its arrays once prepare returned.
+// Everything the encoder reads is owned here (copied by prepare, freed with
+// the Prepared), so the caller may change or free its arrays once prepare
+// returned. Unset tables are null.
 struct Prepared {
+  template <typename T>
+  using Table = std::unique_ptr<T[]>;
   int64_t d = 0, R = 0, dp = 0, final_dim = 0, rk = 0, rk_pad = 0;
   int k = 0;
   bool is_document = false, fill = false, ams = false;
-  float* gt = nullptr;            // (d, rk_pad): gt[i*rk_pad + r*k + j] = G_r[i][j], zero padded
-  int32_t* ams_col_off = nullptr; // (R, dp+1): per repetition, column -> range in ams_terms
-  int32_t* ams_term_i = nullptr;  // (R, d): inputs i grouped by column, ascending i
-  float* ams_term_s = nullptr;    // (R, d): their signs
+  Table<float> gt;             // (d, rk_pad): gt[i*rk_pad + r*k + j] = G_r[i][j], zero padded
+  Table<int32_t> ams_col_off;  // (R, dp+1): per repetition, column -> range in ams_terms
+  Table<int32_t> ams_term_i;   // (R, d): inputs i grouped by column, ascending i
+  Table<float> ams_term_s;     // (R, d): their signs
   // The count sketch packed into one integer per input: bucket | (sign < 0) in
   // the top bit (16-bit when final_dim <= 2^15, else 32-bit), built when every
   // sign is +-1 (the encoder multiplies by the +-1.0f it encodes, so the
   // arithmetic is the reference's). Half or a quarter of the 8 bytes per input
   // that the encoder streams per document.
-  uint16_t* cs16 = nullptr;
-  uint32_t* cs32 = nullptr;
+  Table<uint16_t> cs16;
+  Table<uint32_t> cs32;
   // Otherwise (some sign is not +-1) an owned copy of the tables, (L,) each.
-  int32_t* cs_bucket = nullptr;
-  float* cs_sign = nullptr;
+  Table<int32_t> cs_bucket;
+  Table<float> cs_sign;
   // Every sign is finite: s * (+-0) is +-0, and adding +-0 to a bucket that
   // starts at +0 never changes it (x + -0 = x; +0 + -0 = +0, so no bucket is
   // ever -0), so all-zero blocks may be skipped. An inf or NaN sign turns a
