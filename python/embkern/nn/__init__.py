@@ -4,6 +4,10 @@ Hypercomplex knowledge-graph embeddings (``embkern.nn.hypercomplex``):
 :class:`QuatE`, :class:`DihedronKGE`, :class:`Tetra`. Training and filtered
 link-prediction metrics for them are study helpers in
 :mod:`embkern.contrib.kg_training` (``fit``, ``evaluate``, ``kinships_benchmark``).
+
+Selective self-attention (``embkern.nn.selective_attention``):
+:class:`SelectiveSelfAttention` with its :class:`KVCache`, and
+:func:`convert_to_selective` for GPT-2 / nanoGPT-style models.
 """
 
 from .hypercomplex import (  # noqa: F401
@@ -13,5 +17,12 @@ from .hypercomplex import (  # noqa: F401
     QuatE,
     Tetra,
 )
+from .selective_attention import (  # noqa: F401
+    KVCache,
+    SelectiveSelfAttention,
+    SelectiveTemperature,
+    convert_to_selective,
+)
 
-__all__ = ["HypercomplexKGE", "KGTables", "QuatE", "DihedronKGE", "Tetra"]
+__all__ = ["HypercomplexKGE", "KGTables", "QuatE", "DihedronKGE", "Tetra", "SelectiveSelfAttention",
+           "SelectiveTemperature", "KVCache", "convert_to_selective"]

@@ -1,0 +1,189 @@
+"""embkern.nn selective attention: the layer, its KV cache (decode = full forward), and conversion of GPT-2 and
+nanoGPT-style models with unchanged outputs at step 0."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import embkern
+from embkern.nn import KVCache, SelectiveSelfAttention, convert_to_selective
+from embkern.reference import selective_attention as ref
+from helpers import oracle
+
+
+def _layer(**kw):
+    torch.manual_seed(0)
+    layer = SelectiveSelfAttention(32, 4, **kw).double()
+    with torch.no_grad():  # non-trivial temperatures: the token term and per-position term both active
+        for t in (layer.core.tau_q, layer.core.tau_v):
+            if t is not None and t.u is not None:
+                t.u.normal_()
+            if t is not None and t.beta is not None:
+                t.beta.fill_(0.5)
+    return layer
+
+
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"gate": "sigmoid", "per_head_beta": True},
+                                {"value_temperature": False, "token_aware": False}])
+def test_decoding_with_the_cache_equals_the_full_forward(kw):
+    layer = _layer(**kw)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    full = layer(x)
+    cache = KVCache()
+    steps = [layer(x[:, :4], cache)]  # prefill of 4, then one token at a time
+    for t in range(4, 9):
+        steps.append(layer(x[:, t:t + 1], cache))
+    assert cache.length == 9
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_matches_a_by_hand_computation():
+    layer = _layer()
+    x = torch.randn(1, 5, 32, dtype=torch.float64)
+    B, L, H, hd = 1, 5, 4, 8
+    q, k, v = (p(x).view(B, L, H, hd).transpose(1, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    n = torch.arange(1, L + 1, dtype=torch.float64)
+
+    def tau(x, t):
+        g = torch.exp(-torch.exp(t.beta))
+        return 1 + g * torch.log(n) + torch.tanh((torch.nn.functional.gelu(x) * t.u[None, :, None, :]).sum(-1))
+
+    tq, tv = tau(q, layer.core.tau_q), tau(v, layer.core.tau_v)
+    S = tq[..., None] * (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+    S = S.masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), float("-inf"))
+    o = torch.softmax(S, -1) @ (tv[..., None] * v)
+    want = layer.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+
+
+def test_every_temperature_parameter_gets_a_gradient():
+    layer = _layer()
+    layer(torch.randn(2, 6, 32, dtype=torch.float64)).square().sum().backward()
+    for name, p in layer.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_layer_bad_arguments():
+    with pytest.raises(ValueError, match="d_model: expected a multiple of n_heads"):
+        SelectiveSelfAttention(30, 4)
+    with pytest.raises(ValueError, match="n_kv_heads: expected a divisor"):
+        SelectiveSelfAttention(32, 4, n_kv_heads=3)
+    with pytest.raises(ValueError, match="gate: expected one of"):
+        SelectiveSelfAttention(32, 4, gate="relu")
+    with pytest.raises(ValueError, match="x: expected a 3-d tensor"):
+        SelectiveSelfAttention(32, 4)(torch.randn(32))
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+class _NanoAttention(nn.Module):
+    """A nanoGPT CausalSelfAttention, written out (c_attn, c_proj, n_head; SDPA with is_causal)."""
+
+    def __init__(self, C, n_head):
+        super().__init__()
+        self.c_attn, self.c_proj, self.n_head = nn.Linear(C, 3 * C), nn.Linear(C, C), n_head
+
+    def forward(self, x):
+        B, L, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, L, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(B, L, C))
+
+
+class _NanoBlock(nn.Module):
+    def __init__(self, C=32, n_head=4):
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(C), _NanoAttention(C, n_head), nn.LayerNorm(C)
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def test_convert_nanogpt_block_keeps_its_outputs_and_learns_temperatures():
+    torch.manual_seed(1)
+    model = nn.Sequential(_NanoBlock(), _NanoBlock()).double().eval()
+    x = torch.randn(2, 11, 32, dtype=torch.float64)
+    want = model(x)
+    convert_to_selective(model)
+    assert sum(type(m).__name__ == "_NanoGPTSelective" for m in model.modules()) == 2
+    torch.testing.assert_close(model(x), want, rtol=1e-10, atol=1e-12)
+    model(x).square().sum().backward()
+    temps = [p for n, p in model.named_parameters() if n.endswith((".beta", ".u"))]
+    assert len(temps) == 8 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in temps)
+
+
+def test_convert_rejects_a_model_without_causal_attention():
+    with pytest.raises(ValueError, match="found none"):
+        convert_to_selective(nn.Linear(3, 3))
+
+
+def _gpt2(seed=0):
+    transformers = oracle("transformers")
+    cfg = transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def test_converted_gpt2_logits_equal_the_original_at_step_0():
+    model = _gpt2()
+    ids = torch.randint(0, 97, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+        convert_to_selective(model)
+        got = model(ids).logits
+    assert sum(type(m).__name__ == "_GPT2Selective" for m in model.modules()) == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # it trains: one step changes the temperatures
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if n.endswith((".beta", ".u"))], lr=0.1)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    opt.step()
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith((".beta", ".u")))
+
+
+def test_converted_gpt2_cached_generation_equals_the_full_forward():
+    # expexp at beta 0: g = exp(-1), so a wrong n (the authors' decode bug) would show in the logits
+    model = convert_to_selective(_gpt2(3), gate="expexp", beta_init=0.0)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "SelectiveTemperature" and m.u is not None:
+                m.u.normal_(0, 0.3)
+    ids = torch.randint(0, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids).logits
+        out = model(ids[:, :5], use_cache=True)
+        logits = [out.logits]
+        past = out.past_key_values
+        for t in range(5, 12):
+            out = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits.append(out.logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_converted_gpt2_rejects_padding():
+    model = convert_to_selective(_gpt2())
+    ids = torch.randint(0, 97, (2, 6))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    with pytest.raises(ValueError, match="attention_mask"):
+        model(ids, attention_mask=mask)
+
+
+def test_reference_positions_in_decode_are_absolute_not_the_query_length():
+    # the authors' decode bug: n = query length = 1 at every step; ours is n = position + 1
+    x = torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    beta = torch.tensor(0.0, dtype=torch.float64)
+    t7 = embkern.selective_temperatures(x, 7, beta, gate="linear")
+    t0 = embkern.selective_temperatures(x, 0, beta + 1.0, gate="linear")
+    assert float(t7) == 1.0 and float(t0) == 1.0  # g = 0 -> 1; log(1) = 0 -> 1
+    t7b = embkern.selective_temperatures(x, 7, beta + 1.0, gate="linear")
+    assert float(t7b) == pytest.approx(1 + math.log(8))
+    assert ref.position_gate(torch.tensor(2.0), "expexp") == pytest.approx(math.exp(-math.exp(2.0)))
