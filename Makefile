@@ -17,8 +17,9 @@ PIP  := $(VPY) -m pip
 # download of scikit-build-core/pybind11, and incremental rebuilds in build/).
 BUILD_DEPS := "scikit-build-core>=0.10" "pybind11>=2.12" ninja numpy
 # KG triples (Nations/Kinships/UMLS) ship in the pykeen wheel; we only read its
-# data files, so it is installed without its dependencies.
-DATA_DEPS  := pykeen==1.11.1
+# data files, so it is installed without its dependencies; likewise gensim, whose
+# head500.noblanks.cor (2.3 MB of Wikipedia text) trains the SSA char-LM check.
+DATA_DEPS  := pykeen==1.11.1 gensim==4.4.0
 # What `import pykeen.nn.modules` needs, for the QuatEInteraction agreement test
 # (pykeen's full dependency set adds 34 packages, optuna and SQLAlchemy among them).
 PYKEEN_IMPORT_DEPS := class-resolver docdata more-click more-itertools pystow torch-max-mem torch-ppr \

@@ -123,6 +123,7 @@ _ORACLES = {
     "muvfde": "muvfde (Google's MUVERA reference bindings; the `test` extra)",
     "pykeen": "pykeen (installed by `make test` without its dependencies; its data files and modules)",
     "transformers": "transformers (the `test` extra)",
+    "gensim": "gensim (its test data; installed by `make test` without its dependencies)",
 }
 
 

@@ -187,3 +187,17 @@ def test_reference_positions_in_decode_are_absolute_not_the_query_length():
     t7b = embkern.selective_temperatures(x, 7, beta + 1.0, gate="linear")
     assert float(t7b) == pytest.approx(1 + math.log(8))
     assert ref.position_gate(torch.tensor(2.0), "expexp") == pytest.approx(math.exp(-math.exp(2.0)))
+
+
+def test_char_lm_on_real_text_trains_both_attentions_on_the_same_batches():
+    from embkern.contrib import ssa_lm
+
+    if ssa_lm.corpus_path() is None:
+        oracle("gensim")  # skips (or fails under make test, which installs the data)
+    res = ssa_lm.train_pair(steps=4, batch=2, context=16, d=16, heads=2, layers=1, max_chars=20_000,
+                            backends=(None, "reference"), progress=False)
+    assert set(res["curves"]) == {"vanilla", "ssa[auto]", "ssa[reference]"}
+    assert all(len(c) == 4 and all(math.isfinite(x) for x in c) for c in res["curves"].values())
+    # same seed and batches: the two SSA runs agree to rounding
+    assert res["max_abs_diff_between_ssa_backends"] < 1e-5
+    assert res["curves"]["vanilla"] != res["curves"]["ssa[auto]"]
