@@ -34,6 +34,10 @@ DESCRIPTOR = OpDescriptor(
     kernels=("forward", "backward"),
     backends={
         "reference": BackendSupport(frozenset(_checks.FLOATS), frozenset({"cpu", "cuda"})),
+        "cpu": BackendSupport(frozenset({torch.float32, torch.float64}), frozenset({"cpu"}),
+                              symbol="selective_attention.{kernel}"),
+        "triton": BackendSupport(frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                                 frozenset({"cpu", "cuda"}), symbol="selective_attention.{kernel}"),
     },
     entry_points={"selective_attention": ("forward", "backward")},
 )
@@ -57,8 +61,52 @@ def _ref_backward(grad_out, q, k, v, tau_q, tau_v, out, lse, causal, scale, q_of
 _REFERENCE = {"forward": _ref_forward, "backward": _ref_backward}
 
 
+# ---------------------------------------------------------------------------
+# C++ kernels: allocate outputs in torch, hand numpy views (zero copy) to _C.
+# Inputs are made contiguous (a copy only when they are not) and temperatures
+# cast to q's dtype, the accumulation dtype of float32 / float64.
+
+
+def _np(t: Optional[Tensor], dtype: Optional[torch.dtype] = None):
+    if t is None:
+        return None
+    t = t.detach()
+    if dtype is not None:
+        t = t.to(dtype)
+    return t.contiguous().numpy()
+
+
+def _cpu():
+    return _backends.cpu_module().selective_attention
+
+
+def _cpu_forward(q, k, v, tau_q, tau_v, causal, scale, q_offset):
+    B, Hq, Lq, _ = q.shape
+    out = torch.empty(B, Hq, Lq, v.shape[-1], dtype=q.dtype)
+    lse = torch.empty(B, Hq, Lq, dtype=q.dtype)
+    _cpu().forward(_np(q), _np(k), _np(v), _np(tau_q, q.dtype), _np(tau_v, q.dtype), out.numpy(), lse.numpy(),
+                   bool(causal), float(scale), int(q_offset))
+    return out, lse
+
+
+def _cpu_backward(grad_out, q, k, v, tau_q, tau_v, out, lse, causal, scale, q_offset):
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.empty(k.shape, dtype=q.dtype)
+    dv = torch.empty(v.shape, dtype=q.dtype)
+    dtq = torch.empty(tau_q.shape, dtype=q.dtype)
+    dtv = torch.empty(tau_v.shape, dtype=q.dtype) if tau_v is not None else None
+    _cpu().backward(_np(grad_out, q.dtype), _np(q), _np(k), _np(v), _np(tau_q, q.dtype), _np(tau_v, q.dtype),
+                    _np(out, q.dtype), _np(lse, q.dtype), dq.numpy(), dk.numpy(), dv.numpy(), dtq.numpy(),
+                    None if dtv is None else dtv.numpy(), bool(causal), float(scale), int(q_offset))
+    return (dq, dk, dv, dtq.to(tau_q.dtype),
+            dtv.to(tau_v.dtype) if dtv is not None else tau_q.new_empty(0))
+
+
+_CPU = {"forward": _cpu_forward, "backward": _cpu_backward}
+
+
 def _implementations(kernel: str) -> dict:
-    return {"reference": _REFERENCE[kernel]}
+    return {"reference": _REFERENCE[kernel], "cpu": _CPU[kernel], "triton": f"embkern.triton_kernels.selective_attention:{kernel}"}
 
 
 # ---------------------------------------------------------------------------

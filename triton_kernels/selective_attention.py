@@ -1,0 +1,312 @@
+"""Triton kernels for selective self-attention (docs/ops/selective_attention.md).
+
+Launchers called by ``embkern.ops.selective_attention`` (backend ``"triton"``)
+with torch tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``:
+
+==========  ===========================================================  =====================================
+launcher    inputs                                                       returns
+==========  ===========================================================  =====================================
+forward     q (B,Hq,Lq,d), k (B,Hkv,Lk,d), v (B,Hkv,Lk,dv), tau_q         O (B,Hq,Lq,dv) q.dtype, lse (B,Hq,Lq)
+            (B,Hq,Lq), tau_v (B,Hkv,Lk)|None, causal, scale, q_offset    fp32
+backward    grad_out, the same, O, lse                                   dq, dk, dv, dtau_q, dtau_v (or empty)
+==========  ===========================================================  =====================================
+
+Design (flash-attention 2 with the temperatures folded in):
+
+* forward: one program per (query block, batch x query head). The row scale
+  ``tau_q[i] * scale`` multiplies the q.k tile (exact: it depends on the row
+  only) and ``tau_v[j]`` multiplies the V tile as it is loaded; online
+  softmax in fp32; key blocks past the causal limit of the block's last row
+  are never visited. A row that sees no key keeps ``l = 0``: O = 0,
+  lse = -inf (no NaN: the running max is replaced by 0 while it is -inf).
+* backward: ``D_i = sum_d dO_i O_i`` in torch, then two kernels without
+  atomics (results do not depend on scheduling): dk / dv' per (key block,
+  batch x kv head), looping over the group's query heads and the query blocks
+  that can see the keys; dq' per (query block, batch x query head). P is
+  recomputed from lse in both. Epilogues: ``dv = tau_v dv'``,
+  ``dtau_v = sum_d dv' v``, ``dq = tau_q dq'``, ``dtau_q = sum_d dq' q``.
+* precision: fp32 inputs use ``input_precision="ieee"`` (no TF32: the same
+  contract as the reference's fp32 matmuls). fp16 / bf16 go to tensor cores
+  with fp32 accumulation; P is rounded to the input dtype before P V and
+  dS before dS K / dS^T Q, as flash-attention does.
+* the interpreter keeps bf16 as raw 16-bit integers and its tl.dot would
+  multiply those, so there bf16 operands are upcast to fp32 first (exact:
+  a bf16 x bf16 product is exact in fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(max(int(n), 1)))
+
+
+def _cfg(t: torch.Tensor, d: int) -> dict:
+    """Tile shapes: 16 x 16 in the interpreter (the tl.dot minimum; every program runs in Python);
+    on the GPU 64 x 64 with 4 warps (fp32) or 128 x 64 with 8 warps (fp16/bf16), 32-wide key tiles
+    for head dims above 128 to bound registers."""
+    if t.device.type != "cuda":
+        return dict(BM=16, BN=16, warps=1, stages=1)
+    bn = 32 if d > 128 else 64
+    if t.dtype == torch.float32:
+        return dict(BM=64, BN=bn, warps=4, stages=2)
+    return dict(BM=128, BN=bn, warps=8, stages=2)
+
+
+def _opts(t: torch.Tensor, c: dict) -> dict:
+    opts = dict(num_warps=c["warps"], num_stages=c["stages"])
+    if t.device.type == "cuda":
+        opts["enable_fp_fusion"] = True
+    return opts
+
+
+def _upcast(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda" and t.dtype == torch.bfloat16
+
+
+def _device_ctx(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, tq_ptr, tv_ptr, o_ptr, lse_ptr,
+                Hq, groups, Lq, Lk, d, dv, scale, q_offset,
+                HAS_TV: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                BD: tl.constexpr, BDV: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = b * (Hq // groups) + h // groups  # flat (batch, kv head)
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < Lq
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    q = tl.load(q_ptr + (bh * Lq + rows)[:, None] * d + od[None, :], mask=rmask[:, None] & (od < d)[None, :],
+                other=0.0)
+    rs = tl.load(tq_ptr + bh * Lq + rows, mask=rmask, other=1.0).to(tl.float32) * scale
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BDV], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, pid_m * BM + BM - 1 + q_offset + 1)
+    for n0 in range(0, hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < Lk
+        k = tl.load(k_ptr + (hk * Lk + cols)[:, None] * d + od[None, :], mask=cmask[:, None] & (od < d)[None, :],
+                    other=0.0)
+        v = tl.load(v_ptr + (hk * Lk + cols)[:, None] * dv + odv[None, :],
+                    mask=cmask[:, None] & (odv < dv)[None, :], other=0.0)
+        if HAS_TV:
+            tv = tl.load(tv_ptr + hk * Lk + cols, mask=cmask, other=0.0).to(tl.float32)
+            v = (v.to(tl.float32) * tv[:, None]).to(v.dtype)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * rs[:, None]
+        ok = cmask[None, :]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + q_offset)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    tl.store(o_ptr + (bh * Lq + rows)[:, None] * dv + odv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (odv < dv)[None, :])
+    tl.store(lse_ptr + bh * Lq + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, tq_ptr, tv_ptr, do_ptr, lse_ptr, delta_ptr,
+                   dk_ptr, dv_ptr, dtv_ptr,
+                   Hkv, groups, Lq, Lk, d, dv, scale, q_offset,
+                   HAS_TV: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                   BD: tl.constexpr, BDV: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bk = tl.program_id(1)  # flat (batch, kv head)
+    b = bk // Hkv
+    hk = bk % Hkv
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < Lk
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    k = tl.load(k_ptr + (bk * Lk + cols)[:, None] * d + od[None, :], mask=cmask[:, None] & (od < d)[None, :],
+                other=0.0)
+    v = tl.load(v_ptr + (bk * Lk + cols)[:, None] * dv + odv[None, :], mask=cmask[:, None] & (odv < dv)[None, :],
+                other=0.0)
+    vs = v
+    if HAS_TV:
+        tv = tl.load(tv_ptr + bk * Lk + cols, mask=cmask, other=0.0).to(tl.float32)
+        vs = (v.to(tl.float32) * tv[:, None]).to(v.dtype)
+    dk = tl.zeros([BN, BD], tl.float32)
+    dvp = tl.zeros([BN, BDV], tl.float32)
+    lo = 0
+    if CAUSAL:  # the first query row that sees key pid_n * BN is pid_n * BN - q_offset
+        lo = tl.maximum(0, pid_n * BN - q_offset)
+        lo = (lo // BM) * BM
+    for g in range(0, groups):
+        bh = (b * Hkv + hk) * groups + g  # flat (batch, query head)
+        for m0 in range(lo, Lq, BM):
+            rows = m0 + tl.arange(0, BM)
+            rmask = rows < Lq
+            q = tl.load(q_ptr + (bh * Lq + rows)[:, None] * d + od[None, :],
+                        mask=rmask[:, None] & (od < d)[None, :], other=0.0)
+            rs = tl.load(tq_ptr + bh * Lq + rows, mask=rmask, other=0.0).to(tl.float32) * scale
+            do = tl.load(do_ptr + (bh * Lq + rows)[:, None] * dv + odv[None, :],
+                         mask=rmask[:, None] & (odv < dv)[None, :], other=0.0)
+            lse = tl.load(lse_ptr + bh * Lq + rows, mask=rmask, other=float("-inf"))
+            dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rmask, other=0.0)
+            s = _dot(q, tl.trans(k), UPCAST, IEEE) * rs[:, None]
+            ok = cmask[None, :] & rmask[:, None] & (lse != float("-inf"))[:, None]
+            if CAUSAL:
+                ok = ok & (cols[None, :] <= rows[:, None] + q_offset)
+            lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+            p = tl.where(ok, tl.exp(s - lse_safe[:, None]), 0.0)
+            dvp += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
+            dp = _dot(do, tl.trans(vs), UPCAST, IEEE)
+            ds = p * (dp - dlt[:, None]) * rs[:, None]  # dS scaled by the row's tau_q * scale
+            dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
+    dv_out = dvp
+    if HAS_TV:
+        dv_out = dvp * tv[:, None]
+        dtv = tl.sum(dvp * v.to(tl.float32), 1)
+        tl.store(dtv_ptr + bk * Lk + cols, dtv, mask=cmask)
+    tl.store(dk_ptr + (bk * Lk + cols)[:, None] * d + od[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=cmask[:, None] & (od < d)[None, :])
+    tl.store(dv_ptr + (bk * Lk + cols)[:, None] * dv + odv[None, :], dv_out.to(dv_ptr.dtype.element_ty),
+             mask=cmask[:, None] & (odv < dv)[None, :])
+
+
+@triton.jit
+def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, tq_ptr, tv_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, dtq_ptr,
+                  Hq, groups, Lq, Lk, d, dv, scale, q_offset,
+                  HAS_TV: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                  BD: tl.constexpr, BDV: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = b * (Hq // groups) + h // groups
+    rows = pid_m * BM + tl.arange(0, BM)
+    rmask = rows < Lq
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    q = tl.load(q_ptr + (bh * Lq + rows)[:, None] * d + od[None, :], mask=rmask[:, None] & (od < d)[None, :],
+                other=0.0)
+    tq = tl.load(tq_ptr + bh * Lq + rows, mask=rmask, other=0.0).to(tl.float32)
+    rs = tq * scale
+    do = tl.load(do_ptr + (bh * Lq + rows)[:, None] * dv + odv[None, :], mask=rmask[:, None] & (odv < dv)[None, :],
+                 other=0.0)
+    lse = tl.load(lse_ptr + bh * Lq + rows, mask=rmask, other=float("-inf"))
+    dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rmask, other=0.0)
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+    dqp = tl.zeros([BM, BD], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, pid_m * BM + BM - 1 + q_offset + 1)
+    for n0 in range(0, hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        cmask = cols < Lk
+        k = tl.load(k_ptr + (hk * Lk + cols)[:, None] * d + od[None, :], mask=cmask[:, None] & (od < d)[None, :],
+                    other=0.0)
+        v = tl.load(v_ptr + (hk * Lk + cols)[:, None] * dv + odv[None, :],
+                    mask=cmask[:, None] & (odv < dv)[None, :], other=0.0)
+        if HAS_TV:
+            tv = tl.load(tv_ptr + hk * Lk + cols, mask=cmask, other=0.0).to(tl.float32)
+            v = (v.to(tl.float32) * tv[:, None]).to(v.dtype)
+        s = _dot(q, tl.trans(k), UPCAST, IEEE) * rs[:, None]
+        ok = cmask[None, :] & (lse != float("-inf"))[:, None]
+        if CAUSAL:
+            ok = ok & (cols[None, :] <= rows[:, None] + q_offset)
+        p = tl.where(ok, tl.exp(s - lse_safe[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - dlt[:, None])
+        dqp += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+    dqp = dqp * scale
+    dtq = tl.sum(dqp * q.to(tl.float32), 1)
+    tl.store(dq_ptr + (bh * Lq + rows)[:, None] * d + od[None, :], (dqp * tq[:, None]).to(dq_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (od < d)[None, :])
+    tl.store(dtq_ptr + bh * Lq + rows, dtq, mask=rmask)
+
+
+def _prep(q, k, v, tau_q, tau_v):
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    tq = tau_q.to(torch.float32).contiguous()
+    tv = tau_v.to(torch.float32).contiguous() if tau_v is not None else tq  # unread when HAS_TV is False
+    return q, k, v, tq, tv
+
+
+def _consts(q, k, v, tau_v, causal):
+    B, Hq, Lq, d = q.shape
+    c = _cfg(q, d)
+    return dict(HAS_TV=tau_v is not None, CAUSAL=bool(causal), BM=c["BM"], BN=c["BN"], BD=_pow2(d),
+                BDV=_pow2(v.shape[-1]), UPCAST=_upcast(q), IEEE=q.dtype == torch.float32), c
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau_q: torch.Tensor, tau_v: Optional[torch.Tensor],
+            causal: bool, scale: float, q_offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, Hq, Lq, d = q.shape
+    Hkv, Lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    q, k, v, tq, tv = _prep(q, k, v, tau_q, tau_v)
+    out = torch.zeros(B, Hq, Lq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or Lk == 0:
+        return out, lse
+    kw, c = _consts(q, k, v, tau_v, causal)
+    with _device_ctx(q):
+        _fwd_kernel[(triton.cdiv(Lq, kw["BM"]), B * Hq)](
+            q, k, v, tq, tv, out, lse, Hq, Hq // Hkv, Lq, Lk, d, dv, float(scale), int(q_offset), **kw,
+            **_opts(q, c))
+    return out, lse
+
+
+def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau_q: torch.Tensor,
+             tau_v: Optional[torch.Tensor], out: torch.Tensor, lse: torch.Tensor, causal: bool, scale: float,
+             q_offset: int):
+    B, Hq, Lq, d = q.shape
+    Hkv, Lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    q, k, v, tq, tv = _prep(q, k, v, tau_q, tau_v)
+    do = grad_out.to(q.dtype).contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    delta = (do.to(torch.float32) * out.to(torch.float32)).sum(-1).contiguous()
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dvv = torch.zeros_like(v)
+    dtq = torch.zeros(B, Hq, Lq, dtype=torch.float32, device=q.device)
+    dtv = torch.zeros(B, Hkv, Lk, dtype=torch.float32, device=q.device)
+    if q.numel() and k.numel():
+        kw, c = _consts(q, k, v, tau_v, causal)
+        with _device_ctx(q):
+            _bwd_kv_kernel[(triton.cdiv(Lk, kw["BN"]), B * Hkv)](
+                q, k, v, tq, tv, do, lse, delta, dk, dvv, dtv, Hkv, Hq // Hkv, Lq, Lk, d, dv, float(scale),
+                int(q_offset), **kw, **_opts(q, c))
+            _bwd_q_kernel[(triton.cdiv(Lq, kw["BM"]), B * Hq)](
+                q, k, v, tq, tv, do, lse, delta, dq, dtq, Hq, Hq // Hkv, Lq, Lk, d, dv, float(scale),
+                int(q_offset), **kw, **_opts(q, c))
+    dtau_q = dtq.to(tau_q.dtype)
+    dtau_v = dtv.to(tau_v.dtype) if tau_v is not None else tau_q.new_empty(0)
+    return dq, dk, dvv, dtau_q, dtau_v
+
+
+__all__ = ["forward", "backward"]
