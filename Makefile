@@ -47,7 +47,7 @@ install: setup
 # The whole suite runs at the best ISA level this CPU has; the cpu-backend
 # parity and exactness files then run again at every lower level it can run
 # (EMBKERN_CPU_ISA), so a kernel that is only right at one level fails here.
-ISA_TEST_FILES := test_hypercomplex_cpu.py test_hypercomplex.py test_fde.py test_cpu_isa.py
+ISA_TEST_FILES := test_hypercomplex_cpu.py test_hypercomplex.py test_fde.py test_cpu_isa.py test_selective_attention_cpu.py test_selective_attention.py
 
 # EMBKERN_TEST_STRICT=1: an outside oracle this target installed (muvfde, pykeen)
 # that fails to import is a test failure, not a skip (tests/helpers.py).

@@ -20,6 +20,7 @@ std::string openmp_runtime_path();
 inline void load_openmp_runtime() {}
 inline std::string openmp_runtime_path() { return "linked at build time"; }
 #endif
+void register_selective_attention(pybind11::module_& m);  // csrc/selective_attention.cpp
 }  // namespace embkern
 
 namespace {
@@ -94,4 +95,6 @@ PYBIND11_MODULE(_C, m) {
   embkern::register_hypercomplex(hc);
   auto fde = m.def_submodule("fde", "MUVERA fixed dimensional encodings and Chamfer similarity");
   embkern::register_fde(fde);
+  auto ssa = m.def_submodule("selective_attention", "selective attention (per-query and per-value temperatures)");
+  embkern::register_selective_attention(ssa);
 }

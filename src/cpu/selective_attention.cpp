@@ -1,0 +1,683 @@
+// CPU kernels of selective self-attention (docs/ops/selective_attention.md).
+//
+// Flash-style: the (Lq, Lk) score matrix is never formed. Queries are cut in
+// blocks of kBM rows and keys in blocks of kBN; every product is a small GEMM
+// on a block pair, done by one register-tiled micro-kernel (tile() below).
+//
+// Temperatures ("Why pre-scaling is exact"): tau_q[i] * scale is the row
+// scale of the scores (rs_i), applied to q_i . k_j; tau_v is folded into the
+// V tile load (v'_j = tau_v[j] v_j is what the products read).
+//
+// Forward, one task per (batch, query head, query block), in the transposed
+// orientation S^T[j][i] (queries along the vector lanes), so that the row
+// max, the row sum and the rescale of the output are lane-wise, with no
+// horizontal reduction:
+//   S^T = K Q^T, x = rs_i S^T, online softmax (m_i, l_i), O^T += V'^T P^T,
+//   out_i = O_i / l_i, lse_i = m_i + log l_i.
+// Under the causal mask only the key blocks [0, last query + q_offset] are
+// visited, and only blocks crossing the diagonal are masked element-wise.
+//
+// Backward (standard flash backward on q' = tau_q q, k, v' = tau_v v, with
+// D_i = dO_i . O_i computed first), in two passes that partition the outputs
+// by ownership, so no two threads ever add into the same element:
+//   pass 1, one task per (batch, kv head, key block): for every query head of
+//     the group and every query block that sees the keys, in a fixed order,
+//     S = Q K^T, P = exp(rs S - lse), dP = dO V'^T, dS = P (dP - D),
+//     dV'^T += dO^T P, dK^T += Q^T (rs dS); then dk, dv = tau_v dv',
+//     dtau_v_j = dv'_j . v_j.
+//   pass 2, one task per (batch, query head, query block): P^T and dS^T
+//     recomputed (the same operations in the same order, so the same bits as
+//     in pass 1), dQ^T += K^T dS^T; then dq = rs dq~, dtau_q = scale dq~ . q.
+// Scratch is a few tiles per thread (O(block * d)) plus D, one value per
+// query row.
+//
+// Determinism: every product element is one chain of fused multiply-adds in
+// a fixed order (over d, or over the keys / queries of a block, blocks in
+// ascending order), vectorised across independent outputs only; exp is the
+// fixed polynomial vexp() below, made of the same IEEE operations at every
+// level (the generic level's std::fma is the correctly rounded fma). Block
+// sizes do not depend on the ISA level, only the register tile does, and a
+// tile's shape changes which outputs are computed together, never the chain
+// of any one of them. So results are the same bits at every ISA level and
+// every thread count. log (once per row) is the one libm call.
+#include "embkern/selective_attention.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#include <immintrin.h>
+#endif
+
+namespace embkern {
+namespace ssa {
+EMBKERN_ISA_BEGIN
+namespace {
+
+// Block sizes: the same at every ISA level (they fix where the online
+// softmax rescales, hence the rounding). Multiples of every level's tile
+// width NR (4, 16 or 32 lanes).
+constexpr int64_t kBM = 64;  // queries per block
+constexpr int64_t kBN = 64;  // keys per block
+constexpr int64_t kMaxNR = 32;
+
+// ---------------------------------------------------------------------------
+// Vector descriptor: W lanes, and the register tile MR rows x NV vectors of
+// the micro-kernel. Only operations whose IEEE result is defined lane by
+// lane (no horizontal ones), so any W gives the same bits.
+
+template <typename T>
+struct Vec;
+
+#if defined(__AVX512F__)
+template <>
+struct Vec<float> {
+  using R = __m512;
+  static constexpr int W = 16, MR = 8, NV = 2;
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R x) { _mm512_storeu_ps(p, x); }
+  static R set1(float x) { return _mm512_set1_ps(x); }
+  static R zero() { return _mm512_setzero_ps(); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }  // a > b ? a : b
+  static R keep_unless_below(R x, R lo, R y) {            // x < lo ? 0 : y
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, lo, _CMP_NLT_UQ), y);
+  }
+  static R pow2_shifted(R t) {  // 2^n from the bits of t = 1.5 * 2^23 + n
+    __m512i i = _mm512_add_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(127 - 0x4B400000));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(i, 23));
+  }
+};
+template <>
+struct Vec<double> {
+  using R = __m512d;
+  static constexpr int W = 8, MR = 8, NV = 2;
+  static R load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, R x) { _mm512_storeu_pd(p, x); }
+  static R set1(double x) { return _mm512_set1_pd(x); }
+  static R zero() { return _mm512_setzero_pd(); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
+  static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_pd(a, b); }
+  static R max(R a, R b) { return _mm512_max_pd(a, b); }
+  static R keep_unless_below(R x, R lo, R y) {
+    return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(x, lo, _CMP_NLT_UQ), y);
+  }
+  static R pow2_shifted(R t) {  // t = 1.5 * 2^52 + n
+    __m512i i = _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(1023 - 0x4338000000000000LL));
+    return _mm512_castsi512_pd(_mm512_slli_epi64(i, 52));
+  }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+template <>
+struct Vec<float> {
+  using R = __m256;
+  static constexpr int W = 8, MR = 6, NV = 2;
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R x) { _mm256_storeu_ps(p, x); }
+  static R set1(float x) { return _mm256_set1_ps(x); }
+  static R zero() { return _mm256_setzero_ps(); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static R keep_unless_below(R x, R lo, R y) { return _mm256_and_ps(_mm256_cmp_ps(x, lo, _CMP_NLT_UQ), y); }
+  static R pow2_shifted(R t) {
+    __m256i i = _mm256_add_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(127 - 0x4B400000));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(i, 23));
+  }
+};
+template <>
+struct Vec<double> {
+  using R = __m256d;
+  static constexpr int W = 4, MR = 6, NV = 2;
+  static R load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, R x) { _mm256_storeu_pd(p, x); }
+  static R set1(double x) { return _mm256_set1_pd(x); }
+  static R zero() { return _mm256_setzero_pd(); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_pd(a, b, c); }
+  static R mul(R a, R b) { return _mm256_mul_pd(a, b); }
+  static R add(R a, R b) { return _mm256_add_pd(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_pd(a, b); }
+  static R max(R a, R b) { return _mm256_max_pd(a, b); }
+  static R keep_unless_below(R x, R lo, R y) { return _mm256_and_pd(_mm256_cmp_pd(x, lo, _CMP_NLT_UQ), y); }
+  static R pow2_shifted(R t) {
+    __m256i i = _mm256_add_epi64(_mm256_castpd_si256(t), _mm256_set1_epi64x(1023 - 0x4338000000000000LL));
+    return _mm256_castsi256_pd(_mm256_slli_epi64(i, 52));
+  }
+};
+#else
+// Scalar lanes: the same operations one element at a time. max and the
+// comparison follow the x86 vector instructions' NaN / signed-zero rules.
+template <typename T, typename U, U kBias, int kShift>
+struct ScalarVec {
+  using R = T;
+  static constexpr int W = 1, MR = 4, NV = 4;
+  static R load(const T* p) { return *p; }
+  static void store(T* p, R x) { *p = x; }
+  static R set1(T x) { return x; }
+  static R zero() { return T(0); }
+  static R fma(R a, R b, R c) { return std::fma(a, b, c); }
+  static R mul(R a, R b) { return a * b; }
+  static R add(R a, R b) { return a + b; }
+  static R sub(R a, R b) { return a - b; }
+  static R max(R a, R b) { return a > b ? a : b; }
+  static R keep_unless_below(R x, R lo, R y) { return x < lo ? T(0) : y; }
+  static R pow2_shifted(R t) {
+    U i;
+    std::memcpy(&i, &t, sizeof(U));
+    i = (i + kBias) << kShift;
+    T r;
+    std::memcpy(&r, &i, sizeof(U));
+    return r;
+  }
+};
+template <>
+struct Vec<float> : ScalarVec<float, uint32_t, uint32_t(127 - 0x4B400000), 23> {};
+template <>
+struct Vec<double> : ScalarVec<double, uint64_t, uint64_t(1023 - 0x4338000000000000LL), 52> {};
+#endif
+
+template <typename T>
+constexpr int64_t kNR = int64_t(Vec<T>::W) * Vec<T>::NV;
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// ---------------------------------------------------------------------------
+// exp(x) for x <= 0 (every argument here is a score minus its row max or
+// log-sum-exp): n = round(x / ln 2) by the shifter trick, r = x - n ln 2 in
+// two fused steps, a Taylor polynomial in Horner form, times 2^n built from
+// the shifter's bits. Below ln(smallest normal) it returns 0 (so -inf and the
+// masked scores give exactly 0). About 1 ulp for float (degree 7) and a few
+// ulp for double (degree 13).
+
+template <typename T>
+struct ExpConst;
+template <>
+struct ExpConst<float> {
+  static constexpr float lo = -87.33654f;  // ln(2^-126)
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float shifter = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float ln2_hi = 0.693359375f;
+  static constexpr float ln2_lo = -2.12194440e-4f;
+  static constexpr int degree = 7;
+};
+template <>
+struct ExpConst<double> {
+  static constexpr double lo = -708.3964185322641;  // ln(2^-1022)
+  static constexpr double log2e = 1.4426950408889634074;
+  static constexpr double shifter = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double ln2_hi = 6.93147180369123816490e-01;
+  static constexpr double ln2_lo = 1.90821492927058770002e-10;
+  static constexpr int degree = 13;
+};
+
+template <typename T>
+inline typename Vec<T>::R vexp(typename Vec<T>::R x) {
+  using V = Vec<T>;
+  using C = ExpConst<T>;
+  using R = typename V::R;
+  const R lo = V::set1(C::lo);
+  const R xc = V::max(x, lo);
+  const R t = V::fma(xc, V::set1(C::log2e), V::set1(C::shifter));
+  const R n = V::sub(t, V::set1(C::shifter));
+  R r = V::fma(n, V::set1(-C::ln2_hi), xc);
+  r = V::fma(n, V::set1(-C::ln2_lo), r);
+  // 1/k!, k = degree .. 0
+  T inv_fact[C::degree + 1];
+  inv_fact[0] = T(1);
+  for (int k = 1; k <= C::degree; ++k) inv_fact[k] = inv_fact[k - 1] / T(k);
+  R p = V::set1(inv_fact[C::degree]);
+  for (int k = C::degree - 1; k >= 0; --k) p = V::fma(p, r, V::set1(inv_fact[k]));
+  return V::keep_unless_below(x, lo, V::mul(p, V::pow2_shifted(t)));
+}
+
+// ---------------------------------------------------------------------------
+// The micro-kernel: C[r][0..NR) (+)= sum_{k < K} A(r, k) * B[k][0..NR) for
+// rows r < ROWS, with A(r, k) = A[r*sr + k*sk] (any orientation, read in
+// place) and B row-major with stride ldb. Each C element is one FMA chain
+// over k = 0..K-1, from +0 or from the value already in C.
+
+template <typename T, int ROWS>
+inline void tile(int64_t K, const T* A, int64_t sr, int64_t sk, const T* B, int64_t ldb, T* C, int64_t ldc,
+                 bool accumulate) {
+  using V = Vec<T>;
+  constexpr int NV = V::NV, W = V::W;
+  typename V::R c[ROWS][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; ++u) c[r][u] = accumulate ? V::load(C + r * ldc + u * W) : V::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    typename V::R b[NV];
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; ++u) b[u] = V::load(B + k * ldb + u * W);
+    const T* a = A + k * sk;
+#pragma GCC unroll 16
+    for (int r = 0; r < ROWS; ++r) {
+      const typename V::R ar = V::set1(a[r * sr]);
+#pragma GCC unroll 4
+      for (int u = 0; u < NV; ++u) c[r][u] = V::fma(ar, b[u], c[r][u]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; ++u) V::store(C + r * ldc + u * W, c[r][u]);
+}
+
+template <typename T, int ROWS>
+inline void tile_rows(int rows, int64_t K, const T* A, int64_t sr, int64_t sk, const T* B, int64_t ldb, T* C,
+                      int64_t ldc, bool accumulate) {
+  if (rows == ROWS) {
+    tile<T, ROWS>(K, A, sr, sk, B, ldb, C, ldc, accumulate);
+  } else if constexpr (ROWS > 1) {
+    tile_rows<T, ROWS - 1>(rows, K, A, sr, sk, B, ldb, C, ldc, accumulate);
+  }
+}
+
+// C (M x N) (+)= A (M x K) B (K x N), N a multiple of NR; A(m, k) = A[m*sr + k*sk].
+template <typename T>
+void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sr, int64_t sk, const T* B, int64_t ldb, T* C,
+          int64_t ldc, bool accumulate) {
+  constexpr int MR = Vec<T>::MR;
+  constexpr int64_t NR = kNR<T>;
+  for (int64_t n0 = 0; n0 < N; n0 += NR)
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      const int rows = static_cast<int>(std::min<int64_t>(MR, M - m0));
+      tile_rows<T, MR>(rows, K, A + m0 * sr, sr, sk, B + n0, ldb, C + m0 * ldc + n0, ldc, accumulate);
+    }
+}
+
+// ---------------------------------------------------------------------------
+
+template <typename T>
+struct Problem {
+  int64_t B, Hq, Hkv, G, Lq, Lk, d, dv;
+  bool causal;
+  T scale;
+  int64_t off;  // clamped q_offset
+  // Last key (exclusive) any of the queries [i0, i0 + mb) sees.
+  int64_t key_end(int64_t i0, int64_t mb) const {
+    if (!causal) return Lk;
+    return std::max<int64_t>(0, std::min<int64_t>(Lk, i0 + mb + off));
+  }
+};
+
+template <typename T>
+Problem<T> make_problem(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t d, int64_t dv,
+                        bool causal, double scale, int64_t q_offset) {
+  Problem<T> p{B, Hq, Hkv, Hkv > 0 ? Hq / Hkv : 0, Lq, Lk, d, dv, causal, T(scale), 0};
+  // j <= i + off for 0 <= i < Lq, 0 <= j < Lk: off >= Lk sees every key,
+  // off < -Lq none; clamping keeps every mask and every i + off in range.
+  p.off = std::max<int64_t>(-Lq - 1, std::min<int64_t>(Lk, q_offset));
+  return p;
+}
+
+// Per-thread scratch, in elements.
+template <typename T>
+int64_t forward_tile_elems(int64_t d, int64_t dv) {
+  return (d + kBN + dv) * kBM + kBN * dv + 3 * kBM;
+}
+template <typename T>
+int64_t backward_tile_elems(int64_t d, int64_t dv) {
+  const int64_t pass1 = (2 * d + 2 * dv) * kBN + 2 * kBM * kBN;
+  const int64_t pass2 = (2 * d + dv) * kBM + 2 * kBN * kBM + kBN * dv + 3 * kBM;
+  return std::max(pass1, pass2);
+}
+
+// Transpose rows [0, rows) of X (row-major, width w) into dst[c*ld + r],
+// zero-padding r in [rows, rows_pad); `scale` (may be null) multiplies row r.
+template <typename T>
+void pack_transposed(const T* X, int64_t rows, int64_t rows_pad, int64_t w, const T* scale, T* dst, int64_t ld) {
+  for (int64_t c = 0; c < w; ++c) {
+    T* o = dst + c * ld;
+    if (scale) {
+      for (int64_t r = 0; r < rows; ++r) o[r] = scale[r] * X[r * w + c];
+    } else {
+      for (int64_t r = 0; r < rows; ++r) o[r] = X[r * w + c];
+    }
+    for (int64_t r = rows; r < rows_pad; ++r) o[r] = T(0);
+  }
+}
+
+// v'_j = tau_v[j] v_j for rows [0, rows) into dst (row-major, width w); or v itself without tau_v.
+template <typename T>
+const T* scaled_rows(const T* X, int64_t rows, int64_t w, const T* scale, T* dst) {
+  if (!scale) return X;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < w; ++c) dst[r * w + c] = scale[r] * X[r * w + c];
+  return dst;
+}
+
+// ---------------------------------------------------------------------------
+// Forward: one query block [i0, i0 + mb) of one (batch, query head).
+
+template <typename T>
+void forward_block(const Problem<T>& P, const T* q, const T* k, const T* v, const T* tq, const T* tv, T* out,
+                   T* lse, int64_t i0, T* s) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int64_t W = V::W;
+  const int64_t d = P.d, dv = P.dv;
+  const int64_t mb = std::min(kBM, P.Lq - i0), Np = round_up(mb, kNR<T>);
+  T* Qt = s;                 // d x kBM: Qt[c][i] = q[i0 + i][c]
+  T* St = Qt + d * kBM;      // kBN x kBM: S^T, then P^T
+  T* Ot = St + kBN * kBM;    // dv x kBM: unnormalised O^T
+  T* Vs = Ot + dv * kBM;     // kBN x dv: v' rows of the key block
+  T* m = Vs + kBN * dv;      // running max (never -inf: starts at the lowest finite value)
+  T* l = m + kBM;            // running sum
+  T* rs = l + kBM;           // row scale tau_q[i] * scale (0 on padding)
+  const T lowest = std::numeric_limits<T>::lowest();
+
+  pack_transposed(q + i0 * d, mb, Np, d, static_cast<const T*>(nullptr), Qt, kBM);
+  for (int64_t i = 0; i < Np; ++i) {
+    rs[i] = i < mb ? tq[i0 + i] * P.scale : T(0);
+    m[i] = lowest;
+    l[i] = T(0);
+  }
+  for (int64_t c = 0; c < dv; ++c) std::fill(Ot + c * kBM, Ot + c * kBM + Np, T(0));
+
+  const int64_t j_end = P.key_end(i0, mb);
+  for (int64_t j0 = 0; j0 < j_end; j0 += kBN) {
+    const int64_t nb = std::min(kBN, j_end - j0);
+    gemm<T>(nb, Np, d, k + j0 * d, d, 1, Qt, kBM, St, kBM, false);
+    // Key j0 + j is masked for the queries i < j0 + j - off - i0 (a prefix of row j).
+    const bool partial = P.causal && j0 + nb - 1 > i0 + P.off;
+    T bm[kBM];
+    for (int64_t i = 0; i < Np; i += W) V::store(bm + i, V::set1(-std::numeric_limits<T>::infinity()));
+    for (int64_t j = 0; j < nb; ++j) {
+      T* row = St + j * kBM;
+      for (int64_t i = 0; i < Np; i += W) V::store(row + i, V::mul(V::load(row + i), V::load(rs + i)));
+      if (partial) {
+        const int64_t thr = std::max<int64_t>(0, std::min<int64_t>(Np, j0 + j - P.off - i0));
+        for (int64_t i = 0; i < thr; ++i) row[i] = -std::numeric_limits<T>::infinity();
+      }
+      for (int64_t i = 0; i < Np; i += W) V::store(bm + i, V::max(V::load(bm + i), V::load(row + i)));
+    }
+    T alpha[kBM];
+    for (int64_t i = 0; i < Np; i += W) {
+      const R mo = V::load(m + i), mn = V::max(mo, V::load(bm + i));
+      V::store(alpha + i, vexp<T>(V::sub(mo, mn)));
+      V::store(m + i, mn);
+      V::store(l + i, V::mul(V::load(l + i), V::load(alpha + i)));
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      T* row = St + j * kBM;
+      for (int64_t i = 0; i < Np; i += W) {
+        const R p = vexp<T>(V::sub(V::load(row + i), V::load(m + i)));
+        V::store(row + i, p);
+        V::store(l + i, V::add(V::load(l + i), p));
+      }
+    }
+    for (int64_t c = 0; c < dv; ++c) {
+      T* o = Ot + c * kBM;
+      for (int64_t i = 0; i < Np; i += W) V::store(o + i, V::mul(V::load(o + i), V::load(alpha + i)));
+    }
+    const T* vr = scaled_rows(v + j0 * dv, nb, dv, tv ? tv + j0 : nullptr, Vs);
+    // O^T[c][i] += sum_j v'[j][c] P^T[j][i]
+    gemm<T>(dv, Np, nb, vr, 1, dv, St, kBM, Ot, kBM, true);
+  }
+  for (int64_t i = 0; i < mb; ++i) {
+    T* o = out + (i0 + i) * dv;
+    if (l[i] > T(0)) {
+      for (int64_t c = 0; c < dv; ++c) o[c] = Ot[c * kBM + i] / l[i];
+      lse[i0 + i] = m[i] + std::log(l[i]);
+    } else {  // sees no key
+      for (int64_t c = 0; c < dv; ++c) o[c] = T(0);
+      lse[i0 + i] = -std::numeric_limits<T>::infinity();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward pass 1: dk, dv (and dtau_v) of one key block [j0, j0 + nb) of one
+// (batch, kv head), summed over the group's query heads.
+
+template <typename T>
+void backward_key_block(const Problem<T>& P, const T* go, const T* q, const T* k, const T* v, const T* tq,
+                        const T* tv, const T* lse, const T* Drow, T* dk, T* dvo, T* dtv, int64_t j0, T* s) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int64_t W = V::W;
+  const int64_t d = P.d, dv = P.dv, Lq = P.Lq;
+  const int64_t nb = std::min(kBN, P.Lk - j0), Np = round_up(nb, kNR<T>);
+  T* Kt = s;               // d x kBN: Kt[c][j] = k[j0 + j][c]
+  T* Vt = Kt + d * kBN;    // dv x kBN: v'^T
+  T* dKt = Vt + dv * kBN;  // d x kBN
+  T* dVt = dKt + d * kBN;  // dv x kBN: dv'^T
+  T* Sm = dVt + dv * kBN;  // kBM x kBN: S, then P
+  T* dP = Sm + kBM * kBN;  // kBM x kBN: dP, then rs * dS
+  pack_transposed(k + j0 * d, nb, Np, d, static_cast<const T*>(nullptr), Kt, kBN);
+  pack_transposed(v + j0 * dv, nb, Np, dv, tv ? tv + j0 : nullptr, Vt, kBN);
+  for (int64_t c = 0; c < d; ++c) std::fill(dKt + c * kBN, dKt + c * kBN + Np, T(0));
+  for (int64_t c = 0; c < dv; ++c) std::fill(dVt + c * kBN, dVt + c * kBN + Np, T(0));
+
+  // Query i sees key j0 iff j0 <= i + off.
+  const int64_t i_lo = P.causal ? std::max<int64_t>(0, j0 - P.off) : 0;
+  const T inf = std::numeric_limits<T>::infinity();
+  for (int64_t g = 0; g < P.G; ++g) {
+    const int64_t hq = g * Lq;  // row offset of the group's g-th query head
+    const T* qh = q + hq * d;
+    const T* goh = go + hq * dv;
+    for (int64_t i0 = i_lo / kBM * kBM; i0 < Lq; i0 += kBM) {
+      const int64_t mb = std::min(kBM, Lq - i0);
+      gemm<T>(mb, Np, d, qh + i0 * d, d, 1, Kt, kBN, Sm, kBN, false);
+      gemm<T>(mb, Np, dv, goh + i0 * dv, dv, 1, Vt, kBN, dP, kBN, false);
+      for (int64_t i = 0; i < mb; ++i) {
+        const int64_t r = hq + i0 + i;
+        const T rsi = tq[r] * P.scale;
+        const T li = lse[r] == -inf ? inf : lse[r];
+        const int64_t lim = P.causal ? std::max<int64_t>(0, std::min<int64_t>(nb, i0 + i + P.off - j0 + 1)) : nb;
+        T* srow = Sm + i * kBN;
+        T* drow = dP + i * kBN;
+        const R vr = V::set1(rsi), vl = V::set1(li), vd = V::set1(Drow[r]);
+        for (int64_t j = 0; j < Np; j += W) {
+          const R p = vexp<T>(V::sub(V::mul(V::load(srow + j), vr), vl));
+          V::store(srow + j, p);
+        }
+        for (int64_t j = lim; j < Np; ++j) srow[j] = T(0);
+        for (int64_t j = 0; j < Np; j += W) {
+          const R p = V::load(srow + j);
+          const R ds = V::mul(p, V::sub(V::load(drow + j), vd));
+          V::store(drow + j, V::mul(ds, vr));
+        }
+      }
+      // dv'^T[c][j] += sum_i dO[i][c] P[i][j];  dK^T[c][j] += sum_i q[i][c] (rs dS)[i][j]
+      gemm<T>(dv, Np, mb, goh + i0 * dv, 1, dv, Sm, kBN, dVt, kBN, true);
+      gemm<T>(d, Np, mb, qh + i0 * d, 1, d, dP, kBN, dKt, kBN, true);
+    }
+  }
+  for (int64_t j = 0; j < nb; ++j) {
+    const int64_t jj = j0 + j;
+    for (int64_t c = 0; c < d; ++c) dk[jj * d + c] = dKt[c * kBN + j];
+    if (tv) {
+      T acc = T(0);
+      for (int64_t c = 0; c < dv; ++c) {
+        const T gvp = dVt[c * kBN + j];
+        dvo[jj * dv + c] = tv[jj] * gvp;
+        acc = std::fma(gvp, v[jj * dv + c], acc);
+      }
+      dtv[jj] = acc;
+    } else {
+      for (int64_t c = 0; c < dv; ++c) dvo[jj * dv + c] = dVt[c * kBN + j];
+    }
+  }
+}
+
+// Backward pass 2: dq and dtau_q of one query block [i0, i0 + mb) of one
+// (batch, query head).
+
+template <typename T>
+void backward_query_block(const Problem<T>& P, const T* go, const T* q, const T* k, const T* v, const T* tq,
+                          const T* tv, const T* lse, const T* Drow, T* dq, T* dtq, int64_t i0, T* s) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int64_t W = V::W;
+  const int64_t d = P.d, dv = P.dv;
+  const int64_t mb = std::min(kBM, P.Lq - i0), Np = round_up(mb, kNR<T>);
+  T* Qt = s;                  // d x kBM
+  T* dOt = Qt + d * kBM;      // dv x kBM
+  T* dQt = dOt + dv * kBM;    // d x kBM: dq~^T = sum_j dS_ij k_j
+  T* St = dQt + d * kBM;      // kBN x kBM: S^T, then P^T
+  T* dPt = St + kBN * kBM;    // kBN x kBM: dP^T, then dS^T
+  T* Vs = dPt + kBN * kBM;    // kBN x dv
+  T* rs = Vs + kBN * dv;      // kBM each: row scale, lse (+inf: P = 0), D
+  T* ls = rs + kBM;
+  T* Dv = ls + kBM;
+  const T inf = std::numeric_limits<T>::infinity();
+  pack_transposed(q + i0 * d, mb, Np, d, static_cast<const T*>(nullptr), Qt, kBM);
+  pack_transposed(go + i0 * dv, mb, Np, dv, static_cast<const T*>(nullptr), dOt, kBM);
+  for (int64_t i = 0; i < Np; ++i) {
+    rs[i] = i < mb ? tq[i0 + i] * P.scale : T(0);
+    ls[i] = i < mb && lse[i0 + i] != -inf ? lse[i0 + i] : inf;
+    Dv[i] = i < mb ? Drow[i0 + i] : T(0);
+  }
+  for (int64_t c = 0; c < d; ++c) std::fill(dQt + c * kBM, dQt + c * kBM + Np, T(0));
+
+  const int64_t j_end = P.key_end(i0, mb);
+  for (int64_t j0 = 0; j0 < j_end; j0 += kBN) {
+    const int64_t nb = std::min(kBN, j_end - j0);
+    const bool partial = P.causal && j0 + nb - 1 > i0 + P.off;
+    gemm<T>(nb, Np, d, k + j0 * d, d, 1, Qt, kBM, St, kBM, false);
+    const T* vr = scaled_rows(v + j0 * dv, nb, dv, tv ? tv + j0 : nullptr, Vs);
+    gemm<T>(nb, Np, dv, vr, dv, 1, dOt, kBM, dPt, kBM, false);
+    for (int64_t j = 0; j < nb; ++j) {
+      T* srow = St + j * kBM;
+      T* drow = dPt + j * kBM;
+      for (int64_t i = 0; i < Np; i += W) {
+        const R p = vexp<T>(V::sub(V::mul(V::load(srow + i), V::load(rs + i)), V::load(ls + i)));
+        V::store(srow + i, p);
+      }
+      if (partial) {
+        const int64_t thr = std::max<int64_t>(0, std::min<int64_t>(Np, j0 + j - P.off - i0));
+        for (int64_t i = 0; i < thr; ++i) srow[i] = T(0);
+      }
+      for (int64_t i = 0; i < Np; i += W)
+        V::store(drow + i, V::mul(V::load(srow + i), V::sub(V::load(drow + i), V::load(Dv + i))));
+    }
+    // dq~^T[c][i] += sum_j k[j][c] dS^T[j][i]
+    gemm<T>(d, Np, nb, k + j0 * d, 1, d, dPt, kBM, dQt, kBM, true);
+  }
+  for (int64_t i = 0; i < mb; ++i) {
+    const int64_t ii = i0 + i;
+    T acc = T(0);
+    for (int64_t c = 0; c < d; ++c) {
+      const T g = dQt[c * kBM + i];
+      dq[ii * d + c] = rs[i] * g;
+      acc = std::fma(g, q[ii * d + c], acc);
+    }
+    dtq[ii] = P.scale * acc;
+  }
+}
+
+inline int64_t sat_mul(int64_t a, int64_t b) {
+  if (a <= 0 || b <= 0) return 0;
+  return a > INT64_MAX / b ? INT64_MAX : a * b;
+}
+inline int64_t sat_add(int64_t a, int64_t b) { return a > INT64_MAX - b ? INT64_MAX : a + b; }
+
+// Below ~256 K multiply-adds an OpenMP team costs more than it saves.
+inline bool worth_threads(int64_t tasks, int64_t work) { return tasks > 1 && work > (int64_t(1) << 18); }
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+
+template <typename T>
+void forward(const T* q, const T* k, const T* v, const T* tau_q, const T* tau_v, T* out, T* lse, int64_t B,
+             int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t d, int64_t dv, bool causal, double scale,
+             int64_t q_offset) {
+  const Problem<T> P = make_problem<T>(B, Hq, Hkv, Lq, Lk, d, dv, causal, scale, q_offset);
+  const int64_t nqb = (Lq + kBM - 1) / kBM, tasks = B * Hq * nqb;
+  if (tasks == 0) return;
+  const int64_t per = forward_tile_elems<T>(d, dv);
+  const int nt = omp_get_max_threads();
+  std::vector<T> scratch(static_cast<size_t>(per) * static_cast<size_t>(nt));
+  const bool par = worth_threads(tasks, B * Hq * Lq * std::max<int64_t>(1, Lk) * (d + dv));
+#pragma omp parallel if (par)
+  {
+    T* s = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * static_cast<size_t>(per);
+    // Latest query blocks first: under the causal mask they see the most keys.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb;
+      const int64_t b = bh / Hq, h = bh % Hq, kvh = b * Hkv + h / P.G;
+      forward_block<T>(P, q + bh * Lq * d, k + kvh * Lk * d, v + kvh * Lk * dv, tau_q + bh * Lq,
+                       tau_v ? tau_v + kvh * Lk : nullptr, out + bh * Lq * dv, lse + bh * Lq, qb * kBM, s);
+    }
+  }
+}
+
+template <typename T>
+void backward(const T* grad_out, const T* q, const T* k, const T* v, const T* tau_q, const T* tau_v, const T* out,
+              const T* lse, T* dq, T* dk, T* dv, T* dtau_q, T* dtau_v, int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq,
+              int64_t Lk, int64_t d, int64_t dv_dim, bool causal, double scale, int64_t q_offset) {
+  const Problem<T> P = make_problem<T>(B, Hq, Hkv, Lq, Lk, d, dv_dim, causal, scale, q_offset);
+  const int64_t dvd = dv_dim;
+  const int64_t rows = B * Hq * Lq;
+  const int64_t nqb = (Lq + kBM - 1) / kBM, nkb = (Lk + kBN - 1) / kBN;
+  const int64_t tasks1 = B * Hkv * nkb, tasks2 = B * Hq * nqb;
+  const int64_t per = backward_tile_elems<T>(d, dvd);
+  const int nt = omp_get_max_threads();
+  std::vector<T> D(static_cast<size_t>(std::max<int64_t>(1, rows)));
+  std::vector<T> scratch(static_cast<size_t>(per) * static_cast<size_t>(nt));
+  const int64_t work = B * Hq * Lq * std::max<int64_t>(1, Lk) * (d + dvd);
+#pragma omp parallel if (worth_threads(std::max(rows, tasks1), work))
+  {
+    T* s = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * static_cast<size_t>(per);
+    // D_i = dO_i . O_i, one FMA chain per row.
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* g = grad_out + r * dvd;
+      const T* o = out + r * dvd;
+      T acc = T(0);
+      for (int64_t c = 0; c < dvd; ++c) acc = std::fma(g[c], o[c], acc);
+      D[r] = acc;
+    }
+    // Pass 1: dk, dv, dtau_v by key block. Earliest key blocks first (most queries see them).
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks1; ++t) {
+      const int64_t bk = t / nkb, kb = t % nkb;
+      const int64_t b = bk / Hkv, h = bk % Hkv, hq0 = b * Hq + h * P.G;  // first query head of the group
+      backward_key_block<T>(P, grad_out + hq0 * Lq * dvd, q + hq0 * Lq * d, k + bk * Lk * d, v + bk * Lk * dvd,
+                            tau_q + hq0 * Lq, tau_v ? tau_v + bk * Lk : nullptr, lse + hq0 * Lq, D.data() + hq0 * Lq,
+                            dk + bk * Lk * d, dv + bk * Lk * dvd, tau_v ? dtau_v + bk * Lk : nullptr, kb * kBN, s);
+    }
+    // Pass 2: dq, dtau_q by query block. Latest query blocks first.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks2; ++t) {
+      const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb;
+      const int64_t b = bh / Hq, h = bh % Hq, kvh = b * Hkv + h / P.G;
+      backward_query_block<T>(P, grad_out + bh * Lq * dvd, q + bh * Lq * d, k + kvh * Lk * d, v + kvh * Lk * dvd,
+                              tau_q + bh * Lq, tau_v ? tau_v + kvh * Lk : nullptr, lse + bh * Lq, D.data() + bh * Lq,
+                              dq + bh * Lq * d, dtau_q + bh * Lq, qb * kBM, s);
+    }
+  }
+}
+
+int64_t scratch_bytes(bool backward, int64_t B, int64_t Hq, int64_t Lq, int64_t d, int64_t dv, int elem_size) {
+  const int64_t nt = omp_get_max_threads();
+  const int64_t per = backward ? backward_tile_elems<float>(d, dv) : forward_tile_elems<float>(d, dv);
+  int64_t b = sat_mul(sat_mul(per, nt), elem_size);
+  if (backward) b = sat_add(b, sat_mul(sat_mul(sat_mul(B, Hq), std::max<int64_t>(1, Lq)), elem_size));
+  return b;
+}
+
+EMBKERN_SSA_INSTANTIATE(float)
+EMBKERN_SSA_INSTANTIATE(double)
+
+EMBKERN_ISA_END
+}  // namespace ssa
+}  // namespace embkern
