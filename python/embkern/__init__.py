@@ -18,6 +18,7 @@ from .ops.hypercomplex import (  # noqa: E402
 )
 from .ops.fde import FDEConfig, FDEEncoder, chamfer, chamfer_rerank, fde_encode  # noqa: E402
 from .ops.selective_attention import selective_attention, selective_temperatures  # noqa: E402
+from .ops.rel_conv_attention import causal_depthwise_conv, relative_attention  # noqa: E402
 
 
 def __getattr__(name):
@@ -45,4 +46,6 @@ __all__ = [
     "chamfer_rerank",
     "selective_attention",
     "selective_temperatures",
+    "relative_attention",
+    "causal_depthwise_conv",
 ]

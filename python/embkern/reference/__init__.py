@@ -2,5 +2,6 @@
 from . import hypercomplex  # noqa: F401
 from . import fde  # noqa: F401
 from . import selective_attention  # noqa: F401
+from . import rel_conv_attention  # noqa: F401
 
-__all__ = ["hypercomplex", "fde", "selective_attention"]
+__all__ = ["hypercomplex", "fde", "selective_attention", "rel_conv_attention"]

@@ -1,0 +1,241 @@
+"""Relative (Transformer-XL) attention and the causal depthwise conv of RCMHA (docs/ops/rel_conv_attention.md):
+the two references agree, every backend of the descriptor meets the parity rule with all gradients,
+torch.library, bad input."""
+
+import math
+
+import pytest
+import torch
+
+import embkern
+from embkern import testing
+from embkern.ops import rel_conv_attention as ops
+from embkern.reference import rel_conv_attention as ref
+from helpers import backend_params, device_of, require_backend
+
+BACKENDS = backend_params(*ops.DESCRIPTOR.backends)
+P = 160
+
+
+def _inputs(B, H, Lq, Lk, d, dv, dtype=torch.float32, seed=0, device="cpu", P=P):
+    g = torch.Generator().manual_seed(seed)
+
+    def rn(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype).to(device)
+
+    return (rn(B, H, Lq, d), rn(B, H, Lk, d), rn(B, H, Lk, dv), rn(2 * P, H, d, s=0.5), rn(2 * P, H, s=0.5),
+            rn(H, d, s=0.5))
+
+
+# --------------------------------------------------------------------------- references
+
+
+@pytest.mark.parametrize("Lq,Lk,causal", [(1, 1, True), (17, 17, True), (5, 21, True), (17, 17, False),
+                                          (6, 30, False)])
+def test_gather_reference_equals_the_authors_shift_formulation(Lq, Lk, causal):
+    args = _inputs(2, 3, Lq, Lk, 8, 5, torch.float64)
+    torch.testing.assert_close(ref.attention(*args, causal=causal), ref.authors_attention(*args, causal=causal),
+                               rtol=1e-12, atol=1e-12)
+
+
+def test_reference_scores_by_hand():
+    q, k, v, R, S, u = _inputs(1, 2, 3, 7, 4, 4, torch.float64)
+    s = ref.scores(q, k, R, S, u, True, 4)
+    for i in range(3):
+        ia = i + 4
+        for j in range(7):
+            if j > ia:
+                assert torch.all(torch.isinf(s[0, :, i, j]))
+                continue
+            r = P + j - ia
+            want = ((q[0, :, i] + u) * k[0, :, j]).sum(-1) + (q[0, :, i] * R[r]).sum(-1) + S[r]
+            torch.testing.assert_close(s[0, :, i, j], want / 2.0, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_conv_is_pytorch_conv1d_padded_and_cropped():
+    # the authors' construction: Conv1d(padding=K-1, groups=C), last K-1 outputs dropped
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64)
+    want = torch.nn.functional.conv1d(x.transpose(1, 2), w[:, None, :], b, padding=2, groups=6)[..., :-2]
+    torch.testing.assert_close(embkern.causal_depthwise_conv(x, w, b), want.transpose(1, 2), rtol=1e-12,
+                               atol=1e-12)
+    # general K, K > T, no bias
+    w5 = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    want = torch.nn.functional.conv1d(x.transpose(1, 2), w5[:, None, :], None, padding=11, groups=6)[..., :-11]
+    torch.testing.assert_close(embkern.causal_depthwise_conv(x, w5), want.transpose(1, 2), rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- every backend
+
+SHAPES = [  # B, H, Lq, Lk, d, dv, causal, q_offset
+    (1, 2, 1, 1, 16, 16, True, None),
+    (2, 2, 17, 17, 16, 16, True, None),
+    (1, 2, 17, 49, 32, 16, True, None),      # memory M = 32
+    (1, 1, 130, 130, 16, 16, True, None),
+    (1, 2, 17, 17, 16, 32, False, None),
+    (1, 2, 9, 20, 16, 16, True, 4),
+]
+
+
+def _id(s):
+    return "x".join(map(str, s[:6])) + f"-c{int(s[6])}-o{s[7]}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
+def test_parity_fp32(backend, shape):
+    *dims, causal, qo = shape
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "forward", backend, dev, torch.float32)
+    args = _inputs(*dims, device=dev)
+    testing.assert_parity(
+        lambda *a: embkern.relative_attention(*a, causal=causal, q_offset=qo, max_distance=P, backend=backend),
+        lambda *a: ref.attention(*a, causal=causal, q_offset=qo), args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_parity_low_precision(backend, dtype):
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "forward", backend, dev, dtype)
+    args = _inputs(2, 2, 33, 40, 32, 32, dtype, device=dev)
+    testing.assert_parity(lambda *a: embkern.relative_attention(*a, max_distance=P, backend=backend),
+                          lambda *a: ref.attention(*a), args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[4], SHAPES[5]], ids=["memory", "noncausal", "offset"])
+def test_gradients_of_q_k_v_and_the_three_tables(backend, shape):
+    *dims, causal, qo = shape
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "backward", backend, dev, torch.float32)
+    testing.assert_grad_parity(
+        lambda *a: embkern.relative_attention(*a, causal=causal, q_offset=qo, max_distance=P, backend=backend),
+        lambda *a: ref.attention(*a, causal=causal, q_offset=qo), _inputs(*dims, device=dev))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradcheck_float64(backend):
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "backward", backend, dev, torch.float64)
+    args = [t.requires_grad_(True) for t in _inputs(1, 2, 3, 5, 4, 3, torch.float64, device=dev, P=8)]
+    assert torch.autograd.gradcheck(
+        lambda *a: embkern.relative_attention(*a, max_distance=8, backend=backend), args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_parity_and_gradients(backend):
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "conv_backward", backend, dev, torch.float32)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 130, 16, generator=g).to(dev)
+    w = torch.randn(16, 3, generator=g).to(dev)
+    b = torch.randn(16, generator=g).to(dev)
+    testing.assert_parity(lambda *a: embkern.causal_depthwise_conv(*a, backend=backend),
+                          ref.causal_depthwise_conv, (x, w, b))
+    testing.assert_grad_parity(lambda *a: embkern.causal_depthwise_conv(*a, backend=backend),
+                               ref.causal_depthwise_conv, (x, w, b))
+    xs = [t.double().requires_grad_(True) for t in (x[:1, :1, :7], w, b)]
+    assert torch.autograd.gradcheck(lambda *a: embkern.causal_depthwise_conv(*a, backend=backend), xs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_inputs(backend):
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "forward", backend, dev, torch.float32)
+    q, k, v, R, S, u = _inputs(1, 2, 9, 9, 16, 16, device=dev)
+    nc = [testing.noncontiguous(t) for t in (q, k, v)]
+    assert not nc[0].is_contiguous()
+    testing.assert_parity(lambda *a: embkern.relative_attention(*a, max_distance=P, backend=backend),
+                          ref.attention, (*nc, R, S, u))
+
+
+# --------------------------------------------------------------------------- torch.library
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "backward", backend, dev, torch.float32)
+    args = [t.requires_grad_(True) for t in _inputs(1, 2, 5, 7, 8, 4, device=dev)]
+    torch.library.opcheck(torch.ops.embkern.rca_forward.default, (*args, True, 2, backend))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 6, 4, generator=g).to(dev).requires_grad_(True)
+    w = torch.randn(4, 3, generator=g).to(dev).requires_grad_(True)
+    torch.library.opcheck(torch.ops.embkern.causal_conv.default, (x, w, None, backend))
+    torch.library.opcheck(torch.ops.embkern.causal_conv.default, (x, w, torch.randn(4).requires_grad_(True),
+                                                                  backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_forward_and_backward(backend):
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "backward", backend, dev, torch.float32)
+    args = _inputs(1, 2, 5, 7, 8, 4, device=dev)
+    cw = torch.randn(8, 3).to(dev)
+
+    def f(q, k, v, R, S, u, cw):
+        q = embkern.causal_depthwise_conv(q, cw, backend=backend)
+        return embkern.relative_attention(q, k, v, R, S, u, max_distance=P, backend=backend).square().sum()
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True)
+    a = [t.clone().requires_grad_(True) for t in (*args, cw)]
+    b = [t.clone().requires_grad_(True) for t in (*args, cw)]
+    cf(*a).backward()
+    f(*b).backward()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.grad, y.grad)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_input_names_the_argument():
+    q, k, v, R, S, u = _inputs(1, 2, 5, 7, 8, 4)
+    ra = embkern.relative_attention
+    with pytest.raises(ValueError, match=r"rel_emb: expected shape \(2 \* max_distance, H, d\)"):
+        ra(q, k, v, R, S, u)  # the tables are for P = 160, max_distance defaults to 4096
+    kw = dict(max_distance=P)
+    with pytest.raises(ValueError, match=r"rel_bias: expected shape"):
+        ra(q, k, v, R, S[:, :1], u, **kw)
+    with pytest.raises(ValueError, match=r"content_bias: expected shape \(H, d\)"):
+        ra(q, k, v, R, S, u[:1], **kw)
+    with pytest.raises(ValueError, match=r"k: expected shape \(B, H, Lk, d\)"):
+        ra(q, k[:, :1], v, R, S, u, **kw)
+    with pytest.raises(ValueError, match=r"v: expected shape"):
+        ra(q, k, v[:, :, :3], R, S, u, **kw)
+    with pytest.raises(TypeError, match="k: expected dtype float32"):
+        ra(q, k.double(), v, R, S, u, **kw)
+    with pytest.raises(ValueError, match="q: expected a 4-d tensor"):
+        ra(q[0], k, v, R, S, u, **kw)
+    big = _inputs(1, 2, 5, P + 6, 8, 4)
+    with pytest.raises(ValueError, match=f"max_distance: Lk = {P + 6} keys exceed max_distance = {P}"):
+        ra(*big, **kw)
+    with pytest.raises(ValueError, match="max_distance: query positions"):
+        ra(q, k, v, R, S, u, causal=False, q_offset=-P - 10, **kw)
+    with pytest.raises(TypeError, match="max_distance: expected an int"):
+        ra(q, k, v, R, S, u, max_distance=160.0)
+    with pytest.raises(TypeError, match="causal: expected a bool"):
+        ra(q, k, v, R, S, u, causal=1, **kw)
+    with pytest.raises(ValueError, match="backend: expected None or one of"):
+        ra(q, k, v, R, S, u, backend="tpu", **kw)
+    conv = embkern.causal_depthwise_conv
+    with pytest.raises(ValueError, match=r"weight: expected shape \(C, K\) = \(8, K >= 1\)"):
+        conv(q, torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"bias: expected shape \(C,\)"):
+        conv(q, torch.randn(8, 3), torch.randn(3))
+    with pytest.raises(ValueError, match="x: expected shape"):
+        conv(torch.randn(8), torch.randn(8, 3))
+    with pytest.raises(TypeError, match="weight: expected dtype float32"):
+        conv(q, torch.randn(8, 3, dtype=torch.float64))
+
+
+def test_a_query_that_sees_no_key_outputs_zeros():
+    q, k, v, R, S, u = _inputs(1, 2, 4, 4, 8, 8)
+    out = embkern.relative_attention(q, k, v, R, S, u, q_offset=-2, max_distance=P)
+    assert torch.all(out[:, :, :2] == 0) and torch.isfinite(out).all()
+    assert not torch.all(out[:, :, 2:] == 0)
+    assert math.isfinite(float(out.sum()))
