@@ -32,6 +32,13 @@ namespace py = pybind11;
 
 // ---- sizes up front ----------------------------------------------------------
 
+// a * b for sizes and byte counts: INT64_MAX ("too big") when it overflows or
+// either is negative.
+inline int64_t sat_mul(int64_t a, int64_t b) {
+  int64_t r;
+  return (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) ? INT64_MAX : r;
+}
+
 // "12.3 GB" (10^9 bytes), for the messages.
 inline std::string gb(int64_t bytes) {
   if (bytes == INT64_MAX) return "more than 9.2e9 GB (the size overflows int64)";
@@ -69,6 +76,15 @@ inline void check_memory(int64_t bytes, const std::string& what) {
                  " this process can allocate (physical memory, or the address-space limit)");
 }
 
+// Bytes of an array with dimensions `dims` and `elem` bytes an element
+// (saturating), after check_memory(bytes, what).
+inline int64_t checked_bytes(std::initializer_list<int64_t> dims, int64_t elem, const std::string& what) {
+  int64_t b = elem;
+  for (int64_t v : dims) b = sat_mul(b, v);
+  check_memory(b, what);
+  return b;
+}
+
 // Runs fn() without the GIL; a std::bad_alloc from it (thrown after any
 // parallel region, see src/) becomes MemoryError naming `what` and `bytes`.
 template <class F>
@@ -88,19 +104,35 @@ void run_nogil(int64_t bytes, const std::string& what, F&& fn) {
 // ---- shared structure checks ------------------------------------------------
 
 // CSR offsets of `rows` rows over `total` entries: offsets[0] == 0,
-// non-decreasing, offsets[rows] == total (`total_name` says what total is).
-// The one check of every CSR pair at this boundary (FDE points, filters).
+// non-decreasing, offsets[rows] == total (`total_name` says what total is),
+// and, when max_row >= 0, at most max_row entries a row. The one check of
+// every CSR pair at this boundary (FDE points on the CPU and the GPU,
+// filters).
 inline void check_csr_offsets(const int64_t* off, int64_t rows, int64_t total, const std::string& name,
-                              const std::string& total_name) {
+                              const std::string& total_name, int64_t max_row = -1) {
   if (off[0] != 0) value_error(name + ": expected " + name + "[0] == 0, got " + std::to_string(off[0]));
-  for (int64_t b = 0; b < rows; ++b)
+  for (int64_t b = 0; b < rows; ++b) {
     if (off[b + 1] < off[b])
       value_error(name + ": expected non-decreasing offsets, got " + name + "[" + std::to_string(b + 1) +
                   "] = " + std::to_string(off[b + 1]) + " < " + name + "[" + std::to_string(b) +
                   "] = " + std::to_string(off[b]));
+    if (max_row >= 0 && off[b + 1] - off[b] > max_row)
+      value_error(name + ": expected at most " + std::to_string(max_row) + " entries a row, got " +
+                  std::to_string(off[b + 1] - off[b]) + " in row " + std::to_string(b));
+  }
   if (off[rows] != total)
     value_error(name + ": expected " + name + "[-1] == " + total_name + " = " + std::to_string(total) + ", got " +
                 std::to_string(off[rows]));
+}
+
+// Every value of x[0..n) in [0, upper): else a ValueError naming `name`,
+// the range (`what` says what the values are) and the first value outside.
+template <typename I>
+void check_indices(const I* x, int64_t n, int64_t upper, const std::string& name, const std::string& what) {
+  for (int64_t i = 0; i < n; ++i)
+    if (x[i] < 0 || int64_t(x[i]) >= upper)
+      value_error(name + ": expected " + what + " in [0, " + std::to_string(upper) + "), got " + name + "[" +
+                  std::to_string(i) + "] = " + std::to_string(x[i]));
 }
 
 inline std::string shape_str(const py::buffer_info& info) {

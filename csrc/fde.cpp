@@ -7,29 +7,18 @@
 #include <string>
 
 #include "common.h"
+#include "fde_checks.h"
 
 namespace embkern {
 namespace {
 
+using fde_checks::check_projection;
+
 // The one check of each FDE size at this boundary (tables and plans alike).
-void check_k(int64_t k) {
-  if (k < 0 || k > fde::kMaxSimhash)
-    value_error("num_simhash_projections: expected 0 <= k <= " + std::to_string(fde::kMaxSimhash) + ", got " +
-                std::to_string(k));
-}
-// d_p and D index int32 tables: one bound, fde::kMaxProjection = 2^31 - 1.
-void check_projection(int64_t v, const char* name) {
-  if (v <= 0 || v > fde::kMaxProjection)
-    value_error(std::string(name) + ": expected in [1, 2^31 - 1 = " + std::to_string(fde::kMaxProjection) +
-                "] (indices are stored as int32), got " + std::to_string(v));
-}
 void check_sizes(int64_t d, int64_t R, int64_t k, int64_t dp) {
-  // d: AMS term indices are int32 too, and identity means d_p = d
-  if (d <= 0 || d > fde::kMaxProjection)
-    value_error("dimension: expected in [1, 2^31 - 1 = " + std::to_string(fde::kMaxProjection) + "], got " +
-                std::to_string(d));
-  if (R <= 0) value_error("num_repetitions: expected >= 1, got " + std::to_string(R));
-  check_k(k);
+  fde_checks::check_dimension(d);
+  fde_checks::check_repetitions(R);
+  fde_checks::check_simhash_k(k);
   check_projection(dp, "projection_dimension");
 }
 
@@ -47,14 +36,6 @@ int64_t checked_row_length(int64_t d, int64_t R, int64_t k, int64_t dp, int64_t 
   return L;
 }
 
-int64_t elems_bytes(std::initializer_list<int64_t> dims, int64_t elem, const std::string& what) {
-  int64_t b = elem;
-  for (int64_t v : dims)
-    if (__builtin_mul_overflow(b, v, &b)) b = INT64_MAX;
-  check_memory(b, what);
-  return b;
-}
-
 uint32_t as_seed(int64_t seed) {
   if (seed < -(int64_t(1) << 31) || seed >= (int64_t(1) << 32))
     value_error("seed: expected an int in [-2^31, 2^32), got " + std::to_string(seed));
@@ -63,7 +44,7 @@ uint32_t as_seed(int64_t seed) {
 
 py::array_t<float> simhash_table(int64_t seed, int64_t d, int64_t k, int64_t R) {
   check_sizes(d, R, k, 1);
-  elems_bytes({R, d, k}, 4, "simhash table float32 (R, d, k) = (" + std::to_string(R) + ", " + std::to_string(d) +
+  checked_bytes({R, d, k}, 4, "simhash table float32 (R, d, k) = (" + std::to_string(R) + ", " + std::to_string(d) +
                                 ", " + std::to_string(k) + ")");
   py::array_t<float> out({R, d, k});
   float* p = out.mutable_data();
@@ -77,7 +58,7 @@ py::array_t<float> simhash_table(int64_t seed, int64_t d, int64_t k, int64_t R) 
 
 py::tuple ams_table(int64_t seed, int64_t d, int64_t dp, int64_t R) {
   check_sizes(d, R, 0, dp);
-  elems_bytes({R, d}, 8, "AMS table int32 + float32 (R, d) = (" + std::to_string(R) + ", " + std::to_string(d) + ")");
+  checked_bytes({R, d}, 8, "AMS table int32 + float32 (R, d) = (" + std::to_string(R) + ", " + std::to_string(d) + ")");
   py::array_t<int32_t> idx({R, d});
   py::array_t<float> sgn({R, d});
   int32_t* pi = idx.mutable_data();
@@ -93,7 +74,7 @@ py::tuple ams_table(int64_t seed, int64_t d, int64_t dp, int64_t R) {
 py::tuple count_sketch_table(int64_t seed, int64_t length, int64_t D) {
   if (length < 0) value_error("length: expected >= 0, got " + std::to_string(length));
   check_projection(D, "final_projection_dimension");
-  elems_bytes({length}, 8, "count-sketch table int32 + float32 of length " + std::to_string(length));
+  checked_bytes({length}, 8, "count-sketch table int32 + float32 of length " + std::to_string(length));
   py::array_t<int32_t> idx(length);
   py::array_t<float> sgn(length);
   int32_t* pi = idx.mutable_data();
@@ -110,11 +91,8 @@ py::tuple count_sketch_csr(py::buffer bucket_buf, int64_t D) {
   auto bucket = view<int32_t>(bucket_buf, "bucket", 1);
   check_projection(D, "final_projection_dimension");
   const int64_t L = bucket.size(0);
-  for (int64_t i = 0; i < L; ++i)
-    if (bucket.data[i] < 0 || bucket.data[i] >= D)
-      value_error("bucket: expected values in [0, " + std::to_string(D) + "), got " + std::to_string(bucket.data[i]) +
-                  " at " + std::to_string(i));
-  const int64_t bytes = elems_bytes({D + 1 + L}, 8, "count-sketch CSR int64 (D+1 + L = " + std::to_string(D + 1 + L) + ")");
+  check_indices(bucket.data, L, D, "bucket", "values");
+  const int64_t bytes = checked_bytes({D + 1 + L}, 8, "count-sketch CSR int64 (D+1 + L = " + std::to_string(D + 1 + L) + ")");
   py::array_t<int64_t> off(D + 1);
   py::array_t<int64_t> mem(L);
   int64_t* po = off.mutable_data();
@@ -134,7 +112,7 @@ std::unique_ptr<Plan> make_plan(int64_t d, int64_t R, int64_t k, int64_t dp, boo
                                 int64_t final_dim, py::buffer simhash, py::object ams_index, py::object ams_sign,
                                 py::object cs_bucket, py::object cs_sign) {
   check_sizes(d, R, k, dp);
-  if (fill && !is_document) value_error("fill_empty_partitions: query encodings do not support fill");
+  fde_checks::check_fill(fill, is_document);
   if (final_dim != 0) check_projection(final_dim, "final_projection_dimension (0 for none)");
   const int64_t L = checked_row_length(d, R, k, dp, final_dim);
   auto G = view<float>(simhash, "simhash", 3);
@@ -147,11 +125,11 @@ std::unique_ptr<Plan> make_plan(int64_t d, int64_t R, int64_t k, int64_t dp, boo
     auto S = view<float>(ams_sign.cast<py::buffer>(), "ams_sign", 2);
     expect_shape(I, "ams_index", {R, d});
     expect_shape(S, "ams_sign", {R, d});
+    check_indices(I.data, R * d, dp, "ams_index", "values");
     ai = I.data;
     as = S.data;
-  } else if (dp != d) {
-    value_error("projection_dimension: the identity projection needs d_p == d = " + std::to_string(d) + ", got " +
-                std::to_string(dp));
+  } else {
+    fde_checks::check_identity(dp, d, "projection_dimension");
   }
   auto plan = std::make_unique<Plan>();
   plan->prep.d = d;
@@ -169,10 +147,7 @@ std::unique_ptr<Plan> make_plan(int64_t d, int64_t R, int64_t k, int64_t dp, boo
     auto CS = view<float>(cs_sign.cast<py::buffer>(), "cs_sign", 1);
     expect_shape(CB, "cs_bucket", {L});
     expect_shape(CS, "cs_sign", {L});
-    for (int64_t i = 0; i < L; ++i)
-      if (CB.data[i] < 0 || CB.data[i] >= final_dim)
-        value_error("cs_bucket: expected values in [0, " + std::to_string(final_dim) + "), got " +
-                    std::to_string(CB.data[i]));
+    check_indices(CB.data, L, final_dim, "cs_bucket", "values");
     cb = CB.data;
     cs = CS.data;
   }
@@ -181,14 +156,11 @@ std::unique_ptr<Plan> make_plan(int64_t d, int64_t R, int64_t k, int64_t dp, boo
   check_memory(bytes, what);
   // With the GIL held: prepare reads the caller's arrays, which another
   // Python thread could otherwise resize while it copies them.
-  std::string err;
-  bool ok = false;
   try {
-    ok = fde::prepare(&plan->prep, G.data, ai, as, cb, cs, &err);
+    fde::prepare(&plan->prep, G.data, ai, as, cb, cs);
   } catch (const std::bad_alloc&) {
     memory_error(what + ": allocating " + gb(bytes) + " failed (out of memory)");
   }
-  if (!ok) value_error("fde tables: " + err);
   return plan;
 }
 
@@ -221,7 +193,7 @@ void encode(const Plan& plan, py::buffer points_buf, py::buffer offsets_buf, py:
 
 void register_fde(py::module_& m) {
   m.def("simhash_table", &simhash_table, py::arg("seed"), py::arg("dimension"), py::arg("num_simhash"),
-        py::arg("num_repetitions"), "SimHash Gaussians float32 (R, d, k) (spec RNG, bit-exact)");
+        py::arg("num_repetitions"), "SimHash Gaussians float32 (R, d, k) (the RNG of docs/ops/fde.md, bit-exact)");
   m.def("ams_table", &ams_table, py::arg("seed"), py::arg("dimension"), py::arg("projection_dim"),
         py::arg("num_repetitions"), "AMS sketch (index int32 (R, d), sign float32 (R, d))");
   m.def("count_sketch_table", &count_sketch_table, py::arg("seed"), py::arg("length"), py::arg("final_dim"),

@@ -68,14 +68,7 @@ void check_width(int64_t D, const char* name) {
   }
 }
 
-void check_targets(const View<int64_t>& t, int64_t N) {
-  for (int64_t b = 0; b < t.size(0); ++b) {
-    if (t.data[b] < 0 || t.data[b] >= N) {
-      value_error("targets: expected indices in [0, " + std::to_string(N) + "), got targets[" + std::to_string(b) +
-                  "] = " + std::to_string(t.data[b]));
-    }
-  }
-}
+void check_targets(const View<int64_t>& t, int64_t N) { check_indices(t.data, t.size(0), N, "targets", "indices"); }
 
 // Returns the largest number of distinct ids in one row of a valid CSR filter
 // (duplicates skip nothing extra, so they must not shrink the allowed k).
@@ -89,13 +82,8 @@ int64_t check_filter(const View<int64_t>& fo, const View<int64_t>& fi, bool has_
   expect_shape(fo, "filter_offsets", {B + 1});
   const int64_t nnz = fi.size(0);
   check_csr_offsets(fo.data, B, nnz, "filter_offsets", "len(filter_index)");
+  check_indices(fi.data, nnz, N, "filter_index", "entity ids");
   int64_t widest = 0;
-  for (int64_t i = 0; i < nnz; ++i) {
-    if (fi.data[i] < 0 || fi.data[i] >= N) {
-      value_error("filter_index: expected entity ids in [0, " + std::to_string(N) + "), got filter_index[" +
-                  std::to_string(i) + "] = " + std::to_string(fi.data[i]));
-    }
-  }
   std::vector<int64_t> row;
   for (int64_t b = 0; b < B; ++b) {
     row.assign(fi.data + fo.data[b], fi.data + fo.data[b + 1]);
@@ -275,7 +263,7 @@ void ce_backward_t(py::object gl_, py::object q_, py::object E_, py::object bh_,
 }
 
 // Dispatch on the dtype of the first float array.
-#define EMBKERN_DISPATCH(first, name, fn, ...)                          \
+#define EMBKERN_BY_FLOAT(first, name, fn, ...)                          \
   do {                                                                  \
     if (float_kind(first, name) == FloatKind::F32) return fn<float>(__VA_ARGS__); \
     return fn<double>(__VA_ARGS__);                                     \
@@ -288,7 +276,7 @@ void register_hypercomplex(py::module_& m) {
   m.def(
       "query_forward",
       [](py::object h, py::object r, py::object q_out, int algebra, int layout, bool normalize) {
-        EMBKERN_DISPATCH(h, "h", query_forward_t, h, r, q_out, algebra, layout, normalize);
+        EMBKERN_BY_FLOAT(h, "h", query_forward_t, h, r, q_out, algebra, layout, normalize);
       },
       arg("h"), arg("r"), arg("q_out"), arg("algebra"), arg("layout"), arg("normalize"),
       "q_out (B, 4d) = h (x) r_hat; algebra 0 quaternion / 1 dihedron, layout 0 [a|b|c|d] / 1 (d, 4).");
@@ -296,7 +284,7 @@ void register_hypercomplex(py::module_& m) {
       "query_backward",
       [](py::object grad_q, py::object h, py::object r, py::object grad_h_out, py::object grad_r_out, int algebra,
          int layout, bool normalize) {
-        EMBKERN_DISPATCH(grad_q, "grad_q", query_backward_t, grad_q, h, r, grad_h_out, grad_r_out, algebra, layout,
+        EMBKERN_BY_FLOAT(grad_q, "grad_q", query_backward_t, grad_q, h, r, grad_h_out, grad_r_out, algebra, layout,
                          normalize);
       },
       arg("grad_q"), arg("h"), arg("r"), arg("grad_h_out"), arg("grad_r_out"), arg("algebra"), arg("layout"),
@@ -304,7 +292,7 @@ void register_hypercomplex(py::module_& m) {
   m.def(
       "score_forward",
       [](py::object q, py::object E, py::object bh, py::object bt, py::object S_out, int score) {
-        EMBKERN_DISPATCH(q, "q", score_forward_t, q, E, bh, bt, S_out, score);
+        EMBKERN_BY_FLOAT(q, "q", score_forward_t, q, E, bh, bt, S_out, score);
       },
       arg("q"), arg("E"), arg("bias_h"), arg("bias_t"), arg("S_out"), arg("score"),
       "S_out (B, N) = epilogue(q E^T); score 0 inner, 1 distance (bias_h (B,), bias_t (N,) optional).");
@@ -312,7 +300,7 @@ void register_hypercomplex(py::module_& m) {
       "rank",
       [](py::object q, py::object E, py::object bh, py::object bt, py::object targets, py::object fo, py::object fi,
          py::object ranks_out, int score, int ties) {
-        EMBKERN_DISPATCH(q, "q", rank_t, q, E, bh, bt, targets, fo, fi, ranks_out, score, ties);
+        EMBKERN_BY_FLOAT(q, "q", rank_t, q, E, bh, bt, targets, fo, fi, ranks_out, score, ties);
       },
       arg("q"), arg("E"), arg("bias_h"), arg("bias_t"), arg("targets"), arg("filter_offsets"), arg("filter_index"),
       arg("ranks_out"), arg("score"), arg("ties"),
@@ -322,7 +310,7 @@ void register_hypercomplex(py::module_& m) {
       "topk",
       [](py::object q, py::object E, py::object bh, py::object bt, py::object fo, py::object fi,
          py::object values_out, py::object indices_out, int score) {
-        EMBKERN_DISPATCH(q, "q", topk_t, q, E, bh, bt, fo, fi, values_out, indices_out, score);
+        EMBKERN_BY_FLOAT(q, "q", topk_t, q, E, bh, bt, fo, fi, values_out, indices_out, score);
       },
       arg("q"), arg("E"), arg("bias_h"), arg("bias_t"), arg("filter_offsets"), arg("filter_index"),
       arg("values_out"), arg("indices_out"), arg("score"),
@@ -331,7 +319,7 @@ void register_hypercomplex(py::module_& m) {
       "ce_forward",
       [](py::object q, py::object E, py::object bh, py::object bt, py::object targets, py::object loss_out,
          py::object lse_out, int score) {
-        EMBKERN_DISPATCH(q, "q", ce_forward_t, q, E, bh, bt, targets, loss_out, lse_out, score);
+        EMBKERN_BY_FLOAT(q, "q", ce_forward_t, q, E, bh, bt, targets, loss_out, lse_out, score);
       },
       arg("q"), arg("E"), arg("bias_h"), arg("bias_t"), arg("targets"), arg("loss_out"), arg("lse_out"),
       arg("score"), "1-N cross-entropy: loss_out (B,) = lse - S[b, t], lse_out (B,).");
@@ -339,7 +327,7 @@ void register_hypercomplex(py::module_& m) {
       "ce_backward",
       [](py::object grad_loss, py::object q, py::object E, py::object bh, py::object bt, py::object targets,
          py::object lse, py::object gq, py::object gE, py::object gbh, py::object gbt, int score) {
-        EMBKERN_DISPATCH(q, "q", ce_backward_t, grad_loss, q, E, bh, bt, targets, lse, gq, gE, gbh, gbt, score);
+        EMBKERN_BY_FLOAT(q, "q", ce_backward_t, grad_loss, q, E, bh, bt, targets, lse, gq, gE, gbh, gbt, score);
       },
       arg("grad_loss"), arg("q"), arg("E"), arg("bias_h"), arg("bias_t"), arg("targets"), arg("lse"),
       arg("grad_q_out"), arg("grad_E_out"), arg("grad_bias_h_out"), arg("grad_bias_t_out"), arg("score"),

@@ -8,6 +8,7 @@
 #endif
 
 #include <atomic>
+#include <cassert>
 #include <climits>
 #include <new>
 
@@ -717,12 +718,12 @@ void count_sketch_csr(const int32_t* bucket, int64_t length, int64_t D, int64_t*
 int64_t row_length(const Prepared& p) { return p.R * (int64_t(1) << p.k) * p.dp; }
 int64_t output_length(const Prepared& p) { return p.final_dim > 0 ? p.final_dim : row_length(p); }
 
-bool prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const float* ams_sign,
-             const int32_t* cs_bucket, const float* cs_sign, std::string* error) {
-  if (P->d <= 0 || P->R <= 0 || P->k < 0 || P->k > kMaxSimhash || P->dp <= 0 || P->dp > kMaxProjection) {
-    *error = "invalid FDE sizes";
-    return false;
-  }
+void prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const float* ams_sign,
+             const int32_t* cs_bucket, const float* cs_sign) {
+  assert(P->d > 0 && P->d <= kMaxProjection && P->R > 0 && P->k >= 0 && P->k <= kMaxSimhash && P->dp > 0 &&
+         P->dp <= kMaxProjection && P->final_dim >= 0 && P->final_dim <= kMaxProjection);
+  assert((ams_index == nullptr) == (ams_sign == nullptr) && (ams_index != nullptr || P->dp == P->d));
+  assert(P->final_dim == 0 || (cs_bucket != nullptr && cs_sign != nullptr));
   P->rk = P->R * P->k;
   // padded to 8 (one vector), not 16: R20 k5 gives 104 columns instead of 112
   P->rk_pad = std::max<int64_t>(8, ((P->rk + 7) / 8) * 8);
@@ -739,10 +740,7 @@ bool prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const 
       int32_t* off = P->ams_col_off.get() + r * (P->dp + 1);
       const int32_t* idx = ams_index + r * P->d;
       for (int64_t i = 0; i < P->d; ++i) {
-        if (idx[i] < 0 || idx[i] >= P->dp) {
-          *error = "ams_index out of range";
-          return false;
-        }
+        assert(idx[i] >= 0 && idx[i] < P->dp);
         ++off[idx[i] + 1];
       }
       for (int64_t c = 0; c < P->dp; ++c) off[c + 1] += off[c];
@@ -753,10 +751,6 @@ bool prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const 
         P->ams_term_s[r * P->d + at] = ams_sign[r * P->d + i];
       }
     }
-  }
-  if (P->final_dim > 0 && (cs_bucket == nullptr || cs_sign == nullptr)) {
-    *error = "final projection without count-sketch tables";
-    return false;
   }
   if (P->final_dim > 0) {
     const int64_t L = row_length(*P);
@@ -775,7 +769,7 @@ bool prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const 
       for (int64_t i = 0; i < L; ++i)
         P->cs32[i] = uint32_t(cs_bucket[i]) | (cs_sign[i] < 0.0f ? 0x80000000u : 0u);
     } else {
-      // Not +-1: keep the tables as given, in a copy of our own (a pointer
+      // Some sign is not +-1 (the buckets are in range: a precondition): keep the tables as given, in a copy of our own (a pointer
       // into the caller's arrays dangled once they were resized or freed).
       P->cs_bucket = std::make_unique<int32_t[]>(size_t(L));
       P->cs_sign = std::make_unique<float[]>(size_t(L));
@@ -783,7 +777,6 @@ bool prepare(Prepared* P, const float* simhash, const int32_t* ams_index, const 
       std::memcpy(P->cs_sign.get(), cs_sign, sizeof(float) * size_t(L));
     }
   }
-  return true;
 }
 
 int64_t prepare_bytes(const Prepared& P) {
@@ -833,6 +826,7 @@ int encode_threads(int64_t B) { return int(std::max<int64_t>(1, std::min<int64_t
 }  // namespace
 
 int64_t encode(const Prepared& P, const float* points, const int64_t* offsets, int64_t B, float* out) {
+  assert(B >= 0 && offsets[0] == 0 && std::is_sorted(offsets, offsets + B + 1));  // checked by the binding
   const int64_t D = output_length(P);
 #ifdef __linux__
   // A fresh output (R20 k5: 327 KB a document) faults in one 4 KiB page per

@@ -35,6 +35,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstring>
 #include <initializer_list>
@@ -201,6 +202,7 @@ struct Scorer {
 
   Scorer(const T* q_, const T* E_, const T* bh_, const T* bt_, int64_t B_, int64_t N_, int64_t K_, Score s)
       : q(q_), E(E_), bh(bh_), bt(bt_), B(B_), N(N_), K(K_), dist(s == Score::Distance) {
+    assert(B >= 0 && N >= 0 && K >= 0 && (dist || (!bh && !bt)));
     Bpad = (B + NR - 1) / NR * NR;
     const int64_t panels = Bpad / NR;
     qp.resize(static_cast<size_t>(std::max<int64_t>(1, Bpad * K)));
@@ -321,6 +323,7 @@ struct Filter {
   bool active = false;
   Filter(const int64_t* fo, const int64_t* fi, int64_t B) {
     if (!fo || !fi) return;
+    assert(fo[0] == 0 && std::is_sorted(fo, fo + B + 1));  // a valid CSR (the binding checks it)
     active = true;
     off.assign(static_cast<size_t>(B + 1), 0);
     idx.reserve(static_cast<size_t>(fo[B]));
@@ -759,6 +762,7 @@ void rank(const T* q, const T* E, const T* bias_h, const T* bias_t, const int64_
           const int64_t* filter_offsets, const int64_t* filter_index, double* ranks, int64_t B, int64_t N, int64_t K,
           Score score, Ties ties) {
   if (B == 0) return;
+  assert(N > 0 && std::all_of(targets, targets + B, [N](int64_t t) { return t >= 0 && t < N; }));
   Scorer<T> sc(q, E, bias_h, bias_t, B, N, K, score);
   Filter flt(filter_offsets, filter_index, B);
   rank_impl(sc, targets, flt, ranks, ties);
@@ -769,6 +773,7 @@ void topk(const T* q, const T* E, const T* bias_h, const T* bias_t, const int64_
           const int64_t* filter_index, T* values, int64_t* indices, int64_t B, int64_t N, int64_t K, int64_t k,
           Score score) {
   if (B == 0 || k == 0) return;
+  assert(k <= N);
   Scorer<T> sc(q, E, bias_h, bias_t, B, N, K, score);
   Filter flt(filter_offsets, filter_index, B);
   topk_impl(sc, flt, values, indices, k);

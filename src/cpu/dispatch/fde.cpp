@@ -21,9 +21,9 @@ void count_sketch_table(uint32_t seed, int64_t length, int64_t D, int32_t* bucke
 void count_sketch_csr(const int32_t* bucket, int64_t length, int64_t D, int64_t* offsets, int64_t* members) {
   EMBKERN_DISPATCH(count_sketch_csr, bucket, length, D, offsets, members);
 }
-bool prepare(Prepared* prep, const float* simhash, const int32_t* ams_index, const float* ams_sign,
-             const int32_t* cs_bucket, const float* cs_sign, std::string* error) {
-  EMBKERN_DISPATCH(prepare, prep, simhash, ams_index, ams_sign, cs_bucket, cs_sign, error);
+void prepare(Prepared* prep, const float* simhash, const int32_t* ams_index, const float* ams_sign,
+             const int32_t* cs_bucket, const float* cs_sign) {
+  EMBKERN_DISPATCH(prepare, prep, simhash, ams_index, ams_sign, cs_bucket, cs_sign);
 }
 int64_t row_length(const Prepared& p) { return EMBKERN_ISA_BASE::row_length(p); }
 int64_t output_length(const Prepared& p) { return EMBKERN_ISA_BASE::output_length(p); }
