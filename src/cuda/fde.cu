@@ -1,4 +1,4 @@
-// MUVERA fixed dimensional encodings on the GPU (spec: specs/fde.md).
+// MUVERA fixed dimensional encodings on the GPU (docs/ops/fde.md).
 //
 // Pipeline per chunk of documents (chunks bound the scratch memory):
 //   1. simhash_codes_kernel: one thread per (point, repetition) computes the
@@ -31,6 +31,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cassert>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -297,7 +298,7 @@ __global__ void __launch_bounds__(kCodePoints* kCodeReps)
   uint32_t part = 0;
   if (tiled_ok[lane]) {
     // Gray decoding, hyperplane 0 most significant; `> 0.0f` is false for
-    // +0, -0 and NaN (spec Algorithm step 1).
+    // +0, -0 and NaN (docs/ops/fde.md, Algorithm step 1).
 #pragma unroll
     for (int j = 0; j < KMAX; ++j) {
       if (EXACT || j < k) {
@@ -681,65 +682,30 @@ inline int64_t align_up(int64_t v) { return (v + kAlign - 1) / kAlign * kAlign; 
 
 // Documents per chunk for the count-sketch grid (y = ceil(docs/32) <= 65535).
 constexpr int64_t kMaxChunkDocs = int64_t(65535) * 32;
-// Repetitions are split over gridDim.y of the codes kernel (<= 65535 blocks
-// of 8): R <= 524280.
-constexpr int64_t kMaxReps = int64_t(65535) * kCodeReps;
+static_assert(kMaxRepetitions == int64_t(65535) * kCodeReps, "R is split over gridDim.y in groups of kCodeReps");
 
-bool fail(std::string* error, const std::string& msg) {
-  if (error) *error = msg;
-  return false;
-}
-
-bool validate(const Problem& p, std::string* error) {
-  if (p.dim <= 0) return fail(error, "dimension: expected > 0, got " + std::to_string(p.dim));
-  if (p.num_points < 0) return fail(error, "points: negative row count");
-  if (p.num_docs < 0) return fail(error, "offsets: negative document count");
-  if (p.num_docs > 0 && p.offsets_host == nullptr) return fail(error, "offsets: missing host copy");
-  if (p.num_repetitions < 1 || p.num_repetitions > kMaxReps)
-    return fail(error, "num_repetitions: expected 1.." + std::to_string(kMaxReps) + ", got " +
-                           std::to_string(p.num_repetitions));
-  if (p.num_simhash < 0 || p.num_simhash > kMaxSimhash)
-    return fail(error, "num_simhash_projections: expected 0 <= k <= " + std::to_string(fde::kMaxSimhash) + ", got " +
-                           std::to_string(p.num_simhash));
-  if (p.projection_dim <= 0 || p.projection_dim >= (int64_t(1) << 31) - 1)
-    return fail(error, "projection_dim: expected 1..2^31-2, got " + std::to_string(p.projection_dim));
-  if (p.dim >= (int64_t(1) << 31))
-    return fail(error, "dimension: expected < 2^31, got " + std::to_string(p.dim));
-  if ((p.ams_index == nullptr) != (p.ams_sign == nullptr))
-    return fail(error, "tables: ams_index and ams_sign must both be given or both be absent");
-  if (p.ams_index == nullptr && p.projection_dim != p.dim)
-    return fail(error, "projection_dim: the identity projection needs projection_dim == dimension (" +
-                           std::to_string(p.dim) + "), got " + std::to_string(p.projection_dim));
-  if (p.fill_empty && !p.is_document)
-    return fail(error, "fill_empty_partitions: only documents can fill empty partitions");
-  if (p.num_simhash > 0 && p.simhash == nullptr) return fail(error, "tables: simhash is missing");
-  if (p.final_dim < 0) return fail(error, "final_projection_dimension: expected > 0");
-  if (p.final_dim > 0 && (p.cs_offsets == nullptr || (p.cs_len > 0 && (p.cs_members == nullptr ||
-                                                                         p.cs_signs == nullptr))))
-    return fail(error, "tables: the count-sketch CSR is missing");
-  if (p.chunk_budget_bytes <= 0) return fail(error, "chunk_budget_bytes: expected > 0");
-  if (p.num_docs > 0) {
-    const int64_t* o = p.offsets_host;
-    if (o[0] != 0) return fail(error, "offsets: expected offsets[0] == 0, got " + std::to_string(o[0]));
-    for (int64_t b = 0; b < p.num_docs; ++b) {
-      const int64_t len = o[b + 1] - o[b];
-      if (len < 0) return fail(error, "offsets: expected non-decreasing values, offsets[" + std::to_string(b + 1) +
-                                          "] < offsets[" + std::to_string(b) + "]");
-      if (len > INT32_MAX) return fail(error, "offsets: document " + std::to_string(b) + " has more than 2^31-1 points");
-    }
-    if (o[p.num_docs] != p.num_points)
-      return fail(error, "offsets: expected offsets[-1] == number of points " + std::to_string(p.num_points) +
-                             ", got " + std::to_string(o[p.num_docs]));
-  } else if (p.num_points != 0) {
-    return fail(error, "offsets: no documents but " + std::to_string(p.num_points) + " points");
-  }
-  std::string e;
-  if (fde_row_length(p.num_repetitions, p.num_simhash, p.projection_dim, &e) < 0) return fail(error, e);
-  // the codes kernel's 1-d grid: point tiles x repetition groups < 2^31
-  if ((p.num_points / kCodePoints + 1) > INT32_MAX / ((p.num_repetitions + kCodeReps - 1) / kCodeReps))
-    return fail(error, "points: " + std::to_string(p.num_points) + " points x " + std::to_string(p.num_repetitions) +
-                           " repetitions exceed one launch; encode in smaller batches");
-  if (p.points == nullptr && p.num_points > 0) return fail(error, "points: null pointer");
+// The preconditions fde_cuda.h lists (the csrc/ boundary checks them, with
+// messages); debug builds assert them.
+[[maybe_unused]] bool preconditions(const Problem& p) {
+  const bool ok =
+      p.dim >= 1 && p.dim <= kMaxDimension && p.num_points >= 0 && p.num_docs >= 0 && p.num_repetitions >= 1 &&
+      p.num_repetitions <= kMaxRepetitions && p.num_simhash >= 0 && p.num_simhash <= kMaxSimhash &&
+      p.projection_dim >= 1 && p.projection_dim <= kMaxProjectionDim &&
+      (p.ams_index == nullptr) == (p.ams_sign == nullptr) && (p.ams_index != nullptr || p.projection_dim == p.dim) &&
+      (!p.fill_empty || p.is_document) && (p.num_simhash == 0 || p.simhash != nullptr) && p.final_dim >= 0 &&
+      p.chunk_budget_bytes > 0 && (p.num_points == 0 || p.points != nullptr) &&
+      fde_fits_one_launch(p.num_points, p.num_repetitions);
+  if (!ok) return false;
+  const int64_t row_len = fde_row_length(p.num_repetitions, p.num_simhash, p.projection_dim, nullptr);
+  if (row_len < 0) return false;
+  if (p.final_dim > 0 && (p.cs_offsets == nullptr || p.cs_len != row_len ||
+                          (p.cs_len > 0 && (p.cs_members == nullptr || p.cs_signs == nullptr))))
+    return false;
+  if (p.num_docs == 0) return p.num_points == 0;
+  const int64_t* o = p.offsets_host;
+  if (o == nullptr || o[0] != 0 || o[p.num_docs] != p.num_points) return false;
+  for (int64_t b = 0; b < p.num_docs; ++b)
+    if (o[b + 1] < o[b] || o[b + 1] - o[b] > kMaxDocPoints) return false;
   return true;
 }
 
@@ -802,11 +768,14 @@ Status cuda_fail(std::string* error, const char* what, cudaError_t st) {
 
 }  // namespace
 
+bool fde_fits_one_launch(int64_t num_points, int64_t num_repetitions) {
+  // the codes kernel's 1-d grid: point tiles x repetition groups < 2^31
+  return num_points >= 0 && num_repetitions >= 1 &&
+         (num_points / kCodePoints + 1) <= INT32_MAX / ((num_repetitions + kCodeReps - 1) / kCodeReps);
+}
+
 int64_t fde_row_length(int64_t num_repetitions, int num_simhash, int64_t projection_dim, std::string* error) {
-  if (num_repetitions < 1 || num_simhash < 0 || num_simhash > kMaxSimhash || projection_dim < 1) {
-    if (error) *error = "invalid FDE configuration";
-    return -1;
-  }
+  assert(num_repetitions >= 1 && num_simhash >= 0 && num_simhash <= kMaxSimhash && projection_dim >= 1);
   // R * 2^k * d_p must fit in int64 with room for a document-row offset.
   const int64_t limit = int64_t(1) << 62;
   const int64_t parts = int64_t(1) << num_simhash;
@@ -820,14 +789,8 @@ int64_t fde_row_length(int64_t num_repetitions, int num_simhash, int64_t project
 }
 
 int64_t fde_workspace_bytes(const Problem& p, std::string* error) {
-  if (!validate(p, error)) return -1;
+  assert(preconditions(p));
   const int64_t row_len = fde_row_length(p.num_repetitions, p.num_simhash, p.projection_dim, error);
-  if (p.final_dim > 0 && p.cs_len != row_len) {
-    if (error)
-      *error = "tables: cs_bucket_members has " + std::to_string(p.cs_len) + " entries, expected R * 2^k * d_p = " +
-               std::to_string(row_len);
-    return -1;
-  }
   int64_t scratch = 0;
   plan(p, row_len, &scratch);
   return ams_bytes(p) + scratch;
@@ -835,18 +798,10 @@ int64_t fde_workspace_bytes(const Problem& p, std::string* error) {
 
 Status fde_encode(const Problem& p, void* workspace, int64_t workspace_bytes, int device, void* stream_ptr,
                   std::string* error) {
-  const int64_t need = fde_workspace_bytes(p, error);
-  if (need < 0) return Status::InvalidArgument;
-  if (workspace_bytes < need || (need > 0 && workspace == nullptr)) {
-    if (error)
-      *error = "workspace: expected >= " + std::to_string(need) + " bytes, got " + std::to_string(workspace_bytes);
-    return Status::InvalidArgument;
-  }
+  [[maybe_unused]] const int64_t need = fde_workspace_bytes(p, error);
+  assert(workspace_bytes >= need && (need == 0 || workspace != nullptr));
   if (p.num_docs == 0) return Status::Ok;
-  if (p.out == nullptr) {
-    if (error) *error = "out: null pointer";
-    return Status::InvalidArgument;
-  }
+  assert(p.out != nullptr);
 
   DeviceGuard guard;
   cudaError_t st = guard.enter(device);

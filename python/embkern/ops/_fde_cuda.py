@@ -1,13 +1,14 @@
 """CUDA launcher of the FDE encoder (``embkern._C_cuda.fde``).
 
 ``encode_cuda`` is what ``embkern.ops.fde`` calls for CUDA inputs with
-backend ``"cuda"``. The random tables come from the CPU side (bit-exact spec
-RNG), already on the device; this module checks them, allocates the output
-and a workspace through torch (so both live in torch's caching allocator and
-follow its stream semantics), and enqueues the kernels on the current stream
-of the points' device. The compiled code is torch-free: it receives integer
-data pointers, element counts, a host copy of the offsets and the stream
-handle.
+backend ``"cuda"``. The random tables come from the CPU side (the bit-exact
+RNG of docs/ops/fde.md), already on the device; this module checks them,
+allocates the output and a workspace through torch (so both live in torch's
+caching allocator and follow its stream semantics), and enqueues the kernels
+on the current stream of the points' device. The compiled code is
+torch-free: it receives one ``Problem`` object whose device buffers are
+``ArrayView`` s (data pointer, element count, dtype name), a host copy of the
+offsets, and the stream handle.
 
 Output is bit-identical to the CPU kernel and ``embkern.reference.fde`` for
 every projection (src/cuda/fde.cu follows the reference's float32 summation
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _checks
+from .._checks import _dt
 from ..reference import fde as ref
 
 # Per-chunk scratch cap (sign codes + unprojected rows for the count sketch):
@@ -39,10 +41,6 @@ _CHECKED: Dict[int, tuple] = {}
 
 def _module():
     return _backends.cuda_module().fde
-
-
-def _dt(d: torch.dtype) -> str:
-    return str(d).replace("torch.", "")
 
 
 def _device_tensor(t, name: str, dtype: torch.dtype, shape: tuple, device: torch.device) -> Tensor:
@@ -221,25 +219,18 @@ def encode_cuda(
         if not out.is_contiguous():
             raise ValueError("out: expected a contiguous tensor")
 
-    def ptr(t: Optional[Tensor]) -> int:
-        return 0 if t is None else t.data_ptr()
+    def view(t: Optional[Tensor]):
+        return None if t is None else mod.ArrayView(t.data_ptr(), t.numel(), _dt(t.dtype))
 
-    def numel(t: Optional[Tensor]) -> int:
-        return 0 if t is None else t.numel()
-
-    problem = dict(
-        points=ptr(points), num_points=N, dimension=d, offsets=ptr(offsets_dev), offsets_host=offsets_host.numpy(),
+    problem = mod.Problem(
+        points=view(points), num_points=N, dimension=d, offsets=view(offsets_dev), offsets_host=offsets_host.numpy(),
         num_repetitions=R, num_simhash_projections=k, projection_dim=dp, is_document=bool(is_document),
         fill_empty_partitions=bool(fill_empty_partitions), final_projection_dimension=D,
-        simhash=ptr(simhash), simhash_numel=numel(simhash),
-        ams_index=ptr(ams_index), ams_index_numel=numel(ams_index),
-        ams_sign=ptr(ams_sign), ams_sign_numel=numel(ams_sign),
-        cs_bucket_offsets=ptr(cs_off), cs_bucket_offsets_numel=numel(cs_off),
-        cs_bucket_members=ptr(cs_mem), cs_bucket_members_numel=numel(cs_mem),
-        cs_bucket_signs=ptr(cs_sgn), cs_bucket_signs_numel=numel(cs_sgn),
+        simhash=view(simhash), ams_index=view(ams_index), ams_sign=view(ams_sign),
+        cs_bucket_offsets=view(cs_off), cs_bucket_members=view(cs_mem), cs_bucket_signs=view(cs_sgn),
         chunk_budget_bytes=int(chunk_budget_bytes),
     )
-    ws_bytes = mod.workspace_size(**problem)
+    ws_bytes = mod.workspace_size(problem)
     need = max(ws_bytes, 1) + (B * width * 4 if out is None else 0)
     _checks.fits(need, device, f"fde_encode (cuda): the ({B}, {width}) float32 output and a {_checks.gb(ws_bytes)} "
                  f"workspace (R={R}, k={k}, projection_dim={dp}, final_projection_dimension={D})")
@@ -249,6 +240,5 @@ def encode_cuda(
     index = device.index if device.index is not None else torch.cuda.current_device()
     with torch.cuda.device(index):
         stream = torch.cuda.current_stream(index).cuda_stream
-        mod.encode(**problem, out=ptr(out), out_numel=out.numel(), workspace=ptr(workspace),
-                   workspace_bytes=ws_bytes, device=index, stream=stream)
+        mod.encode(problem, out=view(out), workspace=view(workspace), device=index, stream=stream)
     return out

@@ -16,7 +16,7 @@
 //   cs_signs       float32 (L,)               members ascending per bucket)
 //   out            float32 (B, D) with final projection, else (B, R*NP*d_p)
 //
-// Exactness (spec "Exactness rules"): output is bit-identical to the CPU
+// Exactness (docs/ops/fde.md, "Numerics contract"): output is bit-identical to the CPU
 // kernel (src/cpu/fde.cpp) and the reference for every projection. The sign
 // bits and AMS values are fp32 sums in Eigen's order (fde::dot_order() in
 // embkern/fde.h), each term a rounded product (explicit __fmul_rn/__fadd_rn,
@@ -30,6 +30,17 @@
 
 namespace embkern {
 namespace fde_cuda {
+
+// The limits of these kernels (each a precondition below).
+// R: repetitions are split over gridDim.y of the codes kernel (<= 65535
+// blocks of 8 repetitions).
+constexpr int64_t kMaxRepetitions = int64_t(65535) * 8;
+// d: dimensions are indexed as int32 (2^31 - 1 at most).
+constexpr int64_t kMaxDimension = 0x7fffffffLL;
+// d_p: the AMS inverse table holds d_p + 1 int32 offsets per repetition.
+constexpr int64_t kMaxProjectionDim = 0x7fffffffLL - 1;
+// Points of one document: a warp ballot walks them with an int32 index.
+constexpr int64_t kMaxDocPoints = 0x7fffffffLL;
 
 struct Problem {
   // inputs
@@ -61,21 +72,41 @@ struct Problem {
   int64_t chunk_budget_bytes = int64_t(128) << 20;
 };
 
-enum class Status : int { Ok = 0, InvalidArgument = 1, CudaError = 2 };
+// Preconditions of fde_workspace_bytes and fde_encode, checked by the caller
+// (the csrc/ boundary) and asserted in debug builds only:
+//   1 <= d <= kMaxDimension, N >= 0, B >= 0, 1 <= R <= kMaxRepetitions,
+//   0 <= k <= fde::kMaxSimhash, 1 <= d_p <= kMaxProjectionDim;
+//   ams_index and ams_sign both set (d_p any) or both null (d_p == d);
+//   fill_empty only for documents; final_dim >= 0, and with final_dim > 0
+//   the count-sketch CSR set and cs_len == fde_row_length(R, k, d_p);
+//   simhash set when k > 0; points set when N > 0; chunk_budget_bytes > 0;
+//   offsets_host a valid CSR (offsets[0] == 0, non-decreasing,
+//   offsets[B] == N; empty when B == 0) with at most kMaxDocPoints points a
+//   document; fde_fits_one_launch(N, R); fde_row_length(R, k, d_p) >= 0;
+//   the device buffers hold the shapes listed above.
+
+// Whether N points x R repetitions fit the codes kernel's 1-d grid (< 2^31
+// blocks). Larger batches are encoded in smaller calls.
+bool fde_fits_one_launch(int64_t num_points, int64_t num_repetitions);
+
+// Launch failures come back as CudaError with cudaGetErrorString text.
+enum class Status : int { Ok = 0, CudaError = 2 };
 
 // Length of one output row before the final projection: R * 2^k * d_p, or
-// -1 (with *error) if it overflows int64 / the kernels' index range.
+// -1 (with *error) if it overflows the kernels' int64 index range.
+// Requires R >= 1, 0 <= k <= fde::kMaxSimhash, d_p >= 1.
 int64_t fde_row_length(int64_t num_repetitions, int num_simhash, int64_t projection_dim,
                        std::string* error);
 
 // Bytes of device workspace fde_encode needs for this problem (host work
-// only: reads offsets_host). Negative on an invalid problem, with *error.
+// only: reads offsets_host).
 int64_t fde_workspace_bytes(const Problem& p, std::string* error);
 
 // Enqueue the encoder on `stream` (a cudaStream_t; 0 = legacy default
 // stream) on device `device`. Asynchronous: returns after the launches.
-// Launch failures come back as Status::CudaError with cudaGetErrorString
-// text; nothing aborts.
+// Also requires workspace_bytes >= fde_workspace_bytes(p) (workspace set
+// when that is > 0) and, when B > 0, out set. Launch failures come back as
+// Status::CudaError with cudaGetErrorString text; nothing aborts.
 Status fde_encode(const Problem& p, void* workspace, int64_t workspace_bytes, int device,
                   void* stream, std::string* error);
 
