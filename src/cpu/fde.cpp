@@ -110,7 +110,7 @@ class Normal {
       const float yy = y * y;
       r2 = xx + yy;
     } while (r2 > 1.0f || r2 == 0.0f);
-    // glibc logf (not correctly rounded; the spec pins it).
+    // glibc logf (not correctly rounded; docs/ops/fde.md pins it).
     const float mult = std::sqrt(-2.0f * ::logf(r2) / r2);
     saved_ = x * mult;
     saved_ok_ = true;
@@ -182,8 +182,7 @@ inline void copy_out(float* dst, const float* src, int64_t n, bool nt) {
 // x + p * xs) at once, c in one tile of 8*NV columns; each element is one
 // ordered chain. Kept out of line with one row pointer: inlined into
 // encode_doc (or with a pointer per row) GCC spilled 10 of the 12
-// accumulators to the stack, a load + store per term (perf on EPYC; the
-// encode went from ~0.22 to ~0.19 ms per 80-point R20 k5 document).
+// accumulators to the stack, a load + store per term.
 template <int PR, int NV>
 __attribute__((noinline)) void seq_tile(const float* __restrict x, int64_t xs, const float* __restrict gt,
                                         int64_t ld, int64_t i0, int64_t i1, float* __restrict acc) {
@@ -325,7 +324,7 @@ inline int popcount64(uint64_t v) { return __builtin_popcountll(v); }
 // A power-of-two count divides by multiplying with its exact reciprocal: both
 // are one correctly rounded operation on the same real value, so the bits are
 // those of the IEEE division (subnormals included), and a vmulps costs a
-// fraction of a vdivps (80 Gaussian points, R20 k5: 65% of the non-empty
+// fraction of a vdivps (with tens of points a document, most non-empty
 // blocks hold 1, 2, 4 or 8 points).
 enum class Scale { kNone, kDivide, kMulExact };
 
@@ -377,10 +376,10 @@ void sum_block(const float* Y, int64_t dp, const int64_t* mem, int64_t m, bool d
 }
 
 // Sign pattern (hyperplane 0 = MSB) and partition of every (repetition, point).
-// The spec's Gray decode P = (P << 1) | (b_j ^ (P & 1)) sets bit k-1-j of P to
+// The Gray decode of docs/ops/fde.md, P = (P << 1) | (b_j ^ (P & 1)), sets bit k-1-j of P to
 // b_0 ^ ... ^ b_j, i.e. P = code ^ (code >> 1) ^ (code >> 2) ^ ..., done here
 // with 5 shift-xors instead of a serial chain per bit. Out of line: inlined,
-// GCC kept k and the loop bounds on the stack (~10% of the encode time).
+// GCC kept k and the loop bounds on the stack.
 __attribute__((noinline)) void sign_codes(const float* dots, int64_t n, int64_t ld, int64_t R, int k,
                                           int32_t* part, uint32_t* code) {
   for (int64_t p = 0; p < n; ++p) {
@@ -495,8 +494,8 @@ inline int64_t nearest_point(const uint32_t* code, int64_t n, uint32_t target) {
 
 // The sign of a packed count-sketch entry as the float the reference multiplies
 // by: s * v is then the reference's own operation (NaN operands included).
-// Cheaper than flipping v's sign bit in an integer register (298 vs 373 us per
-// R40 k6 document on EPYC: no moves between integer and vector registers).
+// Cheaper than flipping v's sign bit in an integer register: no moves between
+// integer and vector registers.
 constexpr float kSketchSign[2] = {1.0f, -1.0f};
 
 // out[bucket(t[c])] += sign(t[c]) * b[c] for c < dp, t packed bucket | sign in the top bit.
@@ -514,7 +513,7 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
   // Every block of every repetition is written in step 2: no zero pass. With a
   // final projection each block goes through one dp-float buffer straight
   // into the count sketch (step 3 below) instead of a scratch row of L floats
-  // (R40 k6 d128: 1.3 MB a document, written then read back: 22% of the time).
+  // written and then read back (megabytes a document at large R and k).
   const bool sketch = P.final_dim > 0;
   float* fde = sketch ? (s.raw.resize(size_t(dp)), s.raw.data()) : out_row;
   // streaming stores into the output row when every block is 32-byte aligned
@@ -606,8 +605,8 @@ void encode_doc(const Prepared& P, const float* X, int64_t n, float* out_row, Sc
     // input order), then write every block exactly once: the in-order sum
     // from +0 (divided by the count for documents), the fill copy, or zeros.
     // Same arithmetic as scattering each point into a zeroed row, without the
-    // zero pass and the read-modify-write of the 327 KB row (R20 k5 d128) per
-    // point (~45% of the encode time, perf on EPYC).
+    // zero pass and the read-modify-write of the whole row (R * 2^k * d_p
+    // floats) per point.
     float* blocks = sketch ? fde : fde + r * NP * dp;
     const int32_t* part = s.part.data() + r * n;
     const uint32_t* code = s.code.data() + r * n;
@@ -794,8 +793,8 @@ int64_t prepare_bytes(const Prepared& P) {
 
 // Index of the first NaN / inf among x[0..count), or -1. Integer exponent test
 // (vectorises without -ffast-math), one 2 KiB block at a time; the points it
-// reads are the ones the encoder reads next, so it costs a few percent where
-// torch.isfinite on the whole batch cost 17 ms of a 55 ms encode (400 docs).
+// reads are the ones the encoder reads next (still in cache), unlike a
+// separate torch.isfinite pass over the whole batch.
 int64_t first_nonfinite(const float* x, int64_t count) {
   constexpr int64_t kBlock = 512;
   for (int64_t i0 = 0; i0 < count; i0 += kBlock) {
@@ -829,11 +828,9 @@ int64_t encode(const Prepared& P, const float* points, const int64_t* offsets, i
   assert(B >= 0 && offsets[0] == 0 && std::is_sorted(offsets, offsets + B + 1));  // checked by the binding
   const int64_t D = output_length(P);
 #ifdef __linux__
-  // A fresh output (R20 k5: 327 KB a document) faults in one 4 KiB page per
-  // 1024 floats written; asking for transparent huge pages on its 2 MiB-aligned
-  // interior makes that one fault per 2 MiB (torch.empty output, 400 docs:
-  // ~0.29 -> ~0.13 ms a document; numpy already advises its own large
-  // allocations). Advisory only (THP "madvise" mode; ignored for file
+  // A fresh output faults in one 4 KiB page per 1024 floats written; asking
+  // for transparent huge pages on its 2 MiB-aligned interior makes that one
+  // fault per 2 MiB (numpy already advises its own large allocations). Advisory only (THP "madvise" mode; ignored for file
   // mappings or when THP is off); contents unchanged.
   {
     const uintptr_t huge = uintptr_t(1) << 21;

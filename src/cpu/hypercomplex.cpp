@@ -10,11 +10,9 @@
 // Blocking: an entity block of NB = 96 rows (154 KB at K = 400, L2-resident)
 // against a query block of MB = 64 rows gives a 96 x 64 score block C, stored
 // entity-major (C[n*MB + b], query lanes contiguous) in a 24 KB per-thread
-// buffer; the op's epilogue consumes C while it is hot. Measured on the 2-core
-// EPYC (AVX2+FMA), fp32, N = 14,505, K = 400, one thread, CPU time: the tile
-// loop runs at ~75-80 GFLOP/s (~144 with everything in L1; packing E into
-// 6-row panels, K-blocking at 128/200 and software prefetch gained nothing),
-// score_forward at B = 128 takes ~21 ms vs ~45-55 ms for torch.mm(q, E.T).
+// buffer; the op's epilogue consumes C while it is hot. Packing E into 6-row
+// panels, K-blocking and software prefetch did not pay for themselves here
+// (benchmarks/results has the numbers).
 // Work is partitioned by entity block, i.e. by output ownership:
 //   score   each block writes its own columns of S;
 //   rank    per-thread integer counts (exact, so summing them in any order is
@@ -55,14 +53,13 @@ using gemm::Buffer;
 using gemm::Tile;
 
 // Block sizes: NB multiple of MR = 6, MB multiple of NR = 16 (fp32) and 8
-// (fp64). NB in 48..288 and MB in 64..256 measured within 10% of each other at
-// B = 128 and 1024; 96 x 64 keeps C at 24 KB and the E block in L2.
+// (fp64). The time is flat over a wide range of both; 96 x 64 keeps C at
+// 24 KB and the E block in L2.
 constexpr int64_t kNB = 96;
 constexpr int64_t kMB = 64;
 // ce partials live per fixed entity chunk (a function of N only, so the
-// merge order never depends on the thread count). 8 chunks give 2 cores
-// dynamic load balance at a grad_q partial cost of 8*B*K (1.6 MB at B = 128,
-// K = 400).
+// merge order never depends on the thread count). 8 chunks give a few cores
+// dynamic load balance at a grad_q partial cost of 8*B*K values.
 constexpr int64_t kMaxChunks = 8;
 
 // Below ~256 K multiply-adds an OpenMP team costs more than it saves.
@@ -83,12 +80,11 @@ constexpr int kSign[2][4][4] = {
 // every ISA level. -ffp-contract=off (this file's build flag) is not enough:
 // GCC 12's SLP vectoriser turns the interleaved layout's mixed lanes
 // (x*y - z in some lanes, x*y + z in others) into vfmaddsub231ps even then,
-// at -march=x86-64-v3 and above; 52 of 572 values came out fused, off by up
-// to 4.8e-7 (and the old `#pragma GCC optimize("fp-contract=off")` made no
-// difference). So every product goes through rounded(): an empty asm that
-// makes the rounded product opaque, which no pass can fuse with the add that
-// follows. Cost: the product loop stays scalar, ~0.1 ms at B = 128, d = 100,
-// next to ~20 ms for the scores that follow.
+// at -march=x86-64-v3 and above, so some values came out fused (and a
+// `#pragma GCC optimize("fp-contract=off")` makes no difference). So every
+// product goes through rounded(): an empty asm that makes the rounded product
+// opaque, which no pass can fuse with the add that follows. Cost: the product
+// loop stays scalar, O(B d), small next to the O(B N d) scores that follow.
 template <typename T>
 inline T rounded(T p) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -129,7 +125,7 @@ void query_forward_impl(const T* h, const T* r, T* q, int64_t B, int64_t d, bool
       const T a1 = x[0], b1 = x[1], c1 = x[2], d1 = x[3];
       const T a2 = y[0], b2 = y[1], c2 = y[2], d2 = y[3];
       T o[4];
-      // The spec's formulas term for term, left to right (reference order).
+      // docs/ops/hypercomplex.md's formulas term for term, left to right (reference order).
       if (ALG == 0) {
         o[0] = rounded(a1 * a2) - rounded(b1 * b2) - rounded(c1 * c2) - rounded(d1 * d2);
         o[1] = rounded(a1 * b2) + rounded(b1 * a2) + rounded(c1 * d2) - rounded(d1 * c2);
@@ -399,8 +395,8 @@ void rank_impl(const Scorer<T>& sc, const int64_t* targets, const Filter& flt, d
         }
         if (flt.active) {
           // Un-count the row's filtered ids in this block, read from the tile
-          // itself (no recompute, no gather of E rows: with 1,000 filtered
-          // ids per row, recomputing them doubled the time of rank).
+          // itself: no recompute, no gather of E rows, whose cost would grow
+          // with the number of filtered ids per row.
           for (int64_t b = 0; b < mb; ++b) {
             const int64_t row = b0 + b, t = targets[row];
             const int64_t* end = flt.idx.data() + flt.end(row);

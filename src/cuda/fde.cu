@@ -412,9 +412,8 @@ struct WriteArgs {
 // Identity projection: a block copies its document's points into shared
 // memory once (n * d <= 12288 floats, 48 KB: 96 tokens at d = 128) and every
 // warp reads the member rows from there. Unstaged, each of the R / rep_groups
-// repetitions a block handles re-reads all n rows through L1/L2 (R20 k5 d128,
-// 80 tokens: 0.8 MB of row reads per document for 0.33 MB written; the write
-// kernel was 59% of the encode, 640 GB/s of stores on an H100).
+// repetitions a block handles re-reads all n rows through L1/L2: more bytes
+// of row reads per document than the bytes it writes.
 constexpr int kStageFloats = 12288;
 constexpr int kStagedWarps = 8;  // 48 KB a block: 4 blocks, 32 warps per SM
 

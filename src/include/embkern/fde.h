@@ -1,5 +1,5 @@
 // MUVERA fixed dimensional encodings (FDE), CPU. Torch-free: raw pointers to
-// C-contiguous buffers, sizes as int64_t. Spec: specs/fde.md; numerics
+// C-contiguous buffers, sizes as int64_t. Semantics: docs/ops/fde.md; numerics
 // contract: python/embkern/reference/fde.py.
 //
 // Shapes (N = total points, B = documents, d = point dimension, R
