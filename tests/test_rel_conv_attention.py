@@ -239,3 +239,93 @@ def test_a_query_that_sees_no_key_outputs_zeros():
     assert torch.all(out[:, :, :2] == 0) and torch.isfinite(out).all()
     assert not torch.all(out[:, :, 2:] == 0)
     assert math.isfinite(float(out.sum()))
+
+
+# --------------------------------------------------------------------------- the layer
+
+
+def _layer(conv, rel="learned", memory_len=0, seed=0):
+    from embkern.nn import RelConvMultiHeadAttention
+
+    torch.manual_seed(seed)
+    m = RelConvMultiHeadAttention(32, 4, conv=conv, rel=rel, memory_len=memory_len, max_distance=P).double()
+    with torch.no_grad():  # non-zero relative terms, so they are exercised
+        for name, p in m.named_parameters():
+            if name in ("rel_emb", "rel_bias", "content_bias", "pos_bias"):
+                p.normal_(0, 0.3)
+    return m
+
+
+def test_rmha_with_zero_tables_is_plain_causal_attention():
+    from embkern.nn import RelConvMultiHeadAttention
+
+    torch.manual_seed(0)
+    m = RelConvMultiHeadAttention(32, 4, conv=None, max_distance=P).double()
+    z = torch.randn(2, 9, 32, dtype=torch.float64)
+    q, k, v = (w(z).view(2, 9, 4, 8).transpose(1, 2) for w in (m.w_q, m.w_k, m.w_v))
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    want = m.w_o(o.transpose(1, 2).reshape(2, 9, 32))
+    out, mem = m(z)
+    assert mem is None
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+
+
+def test_rmha_memory_segments_equal_the_full_sequence():
+    # without the q conv, a segment attending over its memory sees exactly what the full sequence sees
+    m = _layer(None, memory_len=8)
+    z = torch.randn(1, 14, 32, dtype=torch.float64)
+    full, _ = m(z)
+    first, mem = m(z[:, :8])
+    assert mem.shape == (1, 8, 32) and not mem.requires_grad
+    second, mem2 = m(z[:, 8:], mem)
+    torch.testing.assert_close(torch.cat([first, second], dim=1), full, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mem2, z[:, 6:])
+
+
+@pytest.mark.parametrize("conv", ["shared", "per_head"])
+def test_rcmha_by_hand(conv):
+    m = _layer(conv, memory_len=4)
+    mem = torch.randn(2, 4, 32, dtype=torch.float64)
+    z = torch.randn(2, 5, 32, dtype=torch.float64)
+    full = torch.cat([mem, z], dim=1)
+
+    def conv_of(x, c):
+        if conv == "shared":
+            xh = x.view(x.shape[0], x.shape[1], 4, 8).transpose(1, 2)
+            return ref.causal_depthwise_conv(xh, c.weight, c.bias).transpose(1, 2).reshape(x.shape)
+        return ref.causal_depthwise_conv(x, c.weight, None)
+
+    q = conv_of(m.w_q(z), m.convs["q"])  # the segment only
+    k, v = conv_of(m.w_k(full), m.convs["k"]), conv_of(m.w_v(full), m.convs["v"])
+    q, k, v = (t.view(2, -1, 4, 8).transpose(1, 2) for t in (q, k, v))
+    o = ref.authors_attention(q, k, v, m.rel_emb, m.rel_bias, m.content_bias)
+    want = m.w_o(o.transpose(1, 2).reshape(2, 5, 32))
+    torch.testing.assert_close(m(z, mem)[0], want, rtol=1e-12, atol=1e-12)
+    if conv == "per_head":
+        assert m.convs["q"].bias is None and torch.all(m.convs["q"].weight[:, -1] == 0.5)
+
+
+@pytest.mark.parametrize("conv,rel", [("shared", "learned"), ("per_head", "sinusoidal"), (None, "learned")])
+def test_layer_gradients_reach_every_parameter(conv, rel):
+    m = _layer(conv, rel, memory_len=3)
+    z = torch.randn(2, 6, 32, dtype=torch.float64)
+    _, mem = m(z)
+    out, _ = m(z, mem)
+    out.square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_layer_bad_arguments():
+    from embkern.nn import RelConvMultiHeadAttention
+
+    with pytest.raises(ValueError, match="conv: expected one of"):
+        RelConvMultiHeadAttention(32, 4, conv="full")
+    with pytest.raises(ValueError, match="rel: expected one of"):
+        RelConvMultiHeadAttention(32, 4, rel="rotary")
+    with pytest.raises(ValueError, match="d_model: expected a multiple of n_heads"):
+        RelConvMultiHeadAttention(30, 4)
+    m = RelConvMultiHeadAttention(32, 4, max_distance=8)
+    with pytest.raises(ValueError, match="max_distance"):
+        m(torch.randn(1, 12, 32))

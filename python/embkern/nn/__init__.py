@@ -8,6 +8,9 @@ link-prediction metrics for them are study helpers in
 Selective self-attention (``embkern.nn.selective_attention``):
 :class:`SelectiveSelfAttention` with its :class:`KVCache`, and
 :func:`convert_to_selective` for GPT-2 / nanoGPT-style models.
+
+Relative convolutional attention (``embkern.nn.rel_conv_attention``):
+:class:`RelConvMultiHeadAttention` (RCMHA; RMHA with ``conv=None``).
 """
 
 from .hypercomplex import (  # noqa: F401
@@ -17,6 +20,7 @@ from .hypercomplex import (  # noqa: F401
     QuatE,
     Tetra,
 )
+from .rel_conv_attention import RelConvMultiHeadAttention  # noqa: F401
 from .selective_attention import (  # noqa: F401
     KVCache,
     SelectiveSelfAttention,
@@ -25,4 +29,4 @@ from .selective_attention import (  # noqa: F401
 )
 
 __all__ = ["HypercomplexKGE", "KGTables", "QuatE", "DihedronKGE", "Tetra", "SelectiveSelfAttention",
-           "SelectiveTemperature", "KVCache", "convert_to_selective"]
+           "SelectiveTemperature", "KVCache", "convert_to_selective", "RelConvMultiHeadAttention"]
