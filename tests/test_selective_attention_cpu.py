@@ -127,8 +127,11 @@ def test_no_value_temperature_equals_ones():
 # --------------------------------------------------------------------------- exactness
 
 
+# Lq = 3 and 1 take forward_block_rows at the vector levels and (Lq = 3)
+# forward_block at the generic one: the two layouts must agree bit for bit.
 EXACT = [(2, 4, 2, 130, 200, 64, 48, True, None), (1, 2, 1, 70, 65, 20, 36, False, None),
-         (1, 3, 3, 129, 129, 16, 16, True, -7)]
+         (1, 3, 3, 129, 129, 16, 16, True, -7), (2, 4, 2, 3, 150, 32, 20, True, None),
+         (1, 2, 1, 1, 300, 64, 64, True, None), (1, 2, 2, 3, 70, 16, 8, True, -1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

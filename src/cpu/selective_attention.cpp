@@ -325,10 +325,12 @@ Problem<T> make_problem(int64_t B, int64_t Hq, int64_t Hkv, int64_t Lq, int64_t 
   return p;
 }
 
-// Per-thread scratch, in elements.
+// Per-thread scratch, in elements (the larger of the two forward layouts).
 template <typename T>
 int64_t forward_tile_elems(int64_t d, int64_t dv) {
-  return (d + kBN + dv) * kBM + kBN * dv + 3 * kBM;
+  const int64_t lanes = (d + kBN + dv) * kBM + kBN * dv + 3 * kBM;
+  const int64_t rows = d * kBN + kBM * kBN + (kBN + kBM) * (dv + kMaxNR) + 3 * kBM;
+  return std::max(lanes, rows);
 }
 template <typename T>
 int64_t backward_tile_elems(int64_t d, int64_t dv) {
@@ -437,6 +439,94 @@ void forward_block(const Problem<T>& P, const T* q, const T* k, const T* v, cons
     } else {  // sees no key
       for (int64_t c = 0; c < dv; ++c) o[c] = T(0);
       lse[i0 + i] = -std::numeric_limits<T>::infinity();
+    }
+  }
+}
+
+// The same forward for a query block of a few rows (decoding: Lq = 1), which
+// would fill only mb of the NR lanes of forward_block: here the keys run
+// along the lanes (S = Q K^T against a transposed K block, O = P V' against
+// padded V' rows). It computes every value with the same operations in the
+// same order as forward_block -- each score and output element is the same
+// FMA chain, the block max the same sequence of max, the row sum the same
+// sequence of additions over the keys -- so the two give the same bits and
+// the choice between them (by mb and the level's NR) changes no result.
+
+template <typename T>
+T exp1(T x) {  // vexp of one value (lane 0)
+  T buf[Vec<T>::W];
+  Vec<T>::store(buf, vexp<T>(Vec<T>::set1(x)));
+  return buf[0];
+}
+
+template <typename T>
+void forward_block_rows(const Problem<T>& P, const T* q, const T* k, const T* v, const T* tq, const T* tv, T* out,
+                        T* lse, int64_t i0, T* s) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int64_t W = V::W;
+  const int64_t d = P.d, dv = P.dv;
+  const int64_t mb = std::min(kBM, P.Lq - i0), dvp = round_up(dv, kNR<T>);
+  T* Kt = s;               // d x kBN: Kt[c][j] = k[j0 + j][c]
+  T* Sm = Kt + d * kBN;    // mb x kBN: S, then P
+  T* Vp = Sm + kBM * kBN;  // kBN x dvp: v' rows, zero-padded
+  T* O = Vp + kBN * dvp;   // mb x dvp: unnormalised O
+  T* m = O + kBM * dvp;
+  T* l = m + kBM;
+  T* rs = l + kBM;
+  const T lowest = std::numeric_limits<T>::lowest(), ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < mb; ++i) {
+    rs[i] = tq[i0 + i] * P.scale;
+    m[i] = lowest;
+    l[i] = T(0);
+    std::fill(O + i * dvp, O + (i + 1) * dvp, T(0));
+  }
+  const int64_t j_end = P.key_end(i0, mb);
+  for (int64_t j0 = 0; j0 < j_end; j0 += kBN) {
+    const int64_t nb = std::min(kBN, j_end - j0), Nb = round_up(nb, kNR<T>);
+    pack_transposed(k + j0 * d, nb, Nb, d, static_cast<const T*>(nullptr), Kt, kBN);
+    gemm<T>(mb, Nb, d, q + i0 * d, d, 1, Kt, kBN, Sm, kBN, false);
+    for (int64_t i = 0; i < mb; ++i) {
+      T* row = Sm + i * kBN;
+      const R vr = V::set1(rs[i]);
+      for (int64_t j = 0; j < Nb; j += W) V::store(row + j, V::mul(V::load(row + j), vr));
+      const int64_t lim = P.causal ? std::max<int64_t>(0, std::min<int64_t>(nb, i0 + i + P.off - j0 + 1)) : nb;
+      for (int64_t j = lim; j < Nb; ++j) row[j] = ninf;
+      T bm = ninf;
+      for (int64_t j = 0; j < nb; ++j) bm = bm > row[j] ? bm : row[j];  // V::max, one key at a time
+      const T mo = m[i], mn = mo > bm ? mo : bm;
+      const T alpha = exp1<T>(mo - mn);
+      m[i] = mn;
+      T li = l[i] * alpha;
+      const R vm = V::set1(mn);
+      for (int64_t j = 0; j < Nb; j += W) V::store(row + j, vexp<T>(V::sub(V::load(row + j), vm)));
+      for (int64_t j = 0; j < nb; ++j) li = li + row[j];
+      l[i] = li;
+      T* o = O + i * dvp;
+      const R va = V::set1(alpha);
+      for (int64_t c = 0; c < dvp; c += W) V::store(o + c, V::mul(V::load(o + c), va));
+    }
+    for (int64_t j = 0; j < nb; ++j) {
+      T* dst = Vp + j * dvp;
+      const T* src = v + (j0 + j) * dv;
+      if (tv) {
+        for (int64_t c = 0; c < dv; ++c) dst[c] = tv[j0 + j] * src[c];
+      } else {
+        for (int64_t c = 0; c < dv; ++c) dst[c] = src[c];
+      }
+      for (int64_t c = dv; c < dvp; ++c) dst[c] = T(0);
+    }
+    // O[i][c] += sum_j P[i][j] v'[j][c]
+    gemm<T>(mb, dvp, nb, Sm, kBN, 1, Vp, dvp, O, dvp, true);
+  }
+  for (int64_t i = 0; i < mb; ++i) {
+    T* o = out + (i0 + i) * dv;
+    if (l[i] > T(0)) {
+      for (int64_t c = 0; c < dv; ++c) o[c] = O[i * dvp + c] / l[i];
+      lse[i0 + i] = m[i] + std::log(l[i]);
+    } else {
+      for (int64_t c = 0; c < dv; ++c) o[c] = T(0);
+      lse[i0 + i] = ninf;
     }
   }
 }
@@ -614,8 +704,11 @@ void forward(const T* q, const T* k, const T* v, const T* tau_q, const T* tau_v,
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb;
       const int64_t b = bh / Hq, h = bh % Hq, kvh = b * Hkv + h / P.G;
-      forward_block<T>(P, q + bh * Lq * d, k + kvh * Lk * d, v + kvh * Lk * dv, tau_q + bh * Lq,
-                       tau_v ? tau_v + kvh * Lk : nullptr, out + bh * Lq * dv, lse + bh * Lq, qb * kBM, s);
+      const int64_t i0 = qb * kBM, mb = std::min(kBM, Lq - i0);
+      // Keys along the lanes when the block fills at most a quarter of them.
+      auto block = 4 * mb <= kNR<T> ? forward_block_rows<T> : forward_block<T>;
+      block(P, q + bh * Lq * d, k + kvh * Lk * d, v + kvh * Lk * dv, tau_q + bh * Lq,
+            tau_v ? tau_v + kvh * Lk : nullptr, out + bh * Lq * dv, lse + bh * Lq, i0, s);
     }
   }
 }
