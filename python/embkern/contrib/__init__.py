@@ -6,8 +6,8 @@
   for the :mod:`embkern.nn` hypercomplex models.
 * :mod:`embkern.contrib.fde_eval`: FDE retrieval recall against exact Chamfer on
   real MiniLM token vectors.
-* :mod:`embkern.contrib.ssa_lm`: a char LM on real text (gensim's
-  head500.noblanks.cor), vanilla vs selective attention loss curves.
+* :mod:`embkern.contrib.char_lm`: a char LM on real text (gensim's
+  head500.noblanks.cor): MHA vs SSA vs RMHA vs RCMHA loss curves.
 * ``embkern.contrib._minilm``: the offline all-MiniLM-L6-v2 token encoder
   ``fde_eval`` reads its vectors from.
 """

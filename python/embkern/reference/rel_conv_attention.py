@@ -14,8 +14,8 @@ Transformer-XL's learned relative attention):
 * ``causal_depthwise_conv``: ``y[t] = sum_k w[:, k] x[t - K + 1 + k] + b``,
   taps oldest first, ``x[t < 0] = 0``.
 
-:func:`attention_forward` gathers ``q . R[r]`` from ``q R^T`` over the whole
-table (simple, O(Lq * 2P) per head); :func:`authors_attention` is the
+:func:`attention_forward` gathers ``q . R[r]`` from ``q R^T`` over the table
+rows some pair reads (simple, O(Lq * (Lq + Lk)) per head); :func:`authors_attention` is the
 authors' formulation (the relative term for a window of rows, realigned with
 Transformer-XL's pad-and-reshape shift), a second, independent check and the
 bench's materialised anchor. fp16 / bf16 compute in float32; float32 and
@@ -71,6 +71,13 @@ def rel_index(Lq: int, Lk: int, P: int, q_offset: int, device) -> torch.Tensor:
     return (P + torch.arange(Lk, device=device)[None, :] - i).clamp(0, 2 * P - 1)
 
 
+def _window(Lq: int, Lk: int, P: int, q_offset: int) -> Tuple[int, int]:
+    """First and last table rows any (i, j) reads, clamped into the table: at most Lq + Lk - 1 rows."""
+    lo = min(max(P - (Lq - 1 + q_offset), 0), 2 * P - 1)
+    hi = max(min(P + (Lk - 1) - q_offset, 2 * P - 1), lo)
+    return lo, hi
+
+
 def scores(q, k, R, S, u, causal: bool, q_offset: int) -> torch.Tensor:
     """(B, H, Lq, Lk) masked scores in the accumulation dtype."""
     acc = _acc_dtype(q.dtype)
@@ -78,10 +85,11 @@ def scores(q, k, R, S, u, causal: bool, q_offset: int) -> torch.Tensor:
     Lk, P = k.shape[2], R.shape[0] // 2
     qa, ka, Ra, Sa, ua = (t.to(acc) for t in (q, k, R, S, u))
     content = (qa + ua[None, :, None, :]) @ ka.transpose(-1, -2)
-    idx = rel_index(Lq, Lk, P, q_offset, q.device)
-    qR = qa @ Ra.permute(1, 2, 0)  # (B, H, Lq, 2P)
+    lo, hi = _window(Lq, Lk, P, q_offset)
+    idx = rel_index(Lq, Lk, P, q_offset, q.device).clamp(lo, hi) - lo
+    qR = qa @ Ra[lo:hi + 1].permute(1, 2, 0)  # (B, H, Lq, W): only the rows some (i, j) reads
     pos = qR.gather(-1, idx[None, None].expand(B, H, Lq, Lk))
-    bias = Sa.T[:, idx]  # (H, Lq, Lk)
+    bias = Sa[lo:hi + 1].T[:, idx]  # (H, Lq, Lk)
     s = (content + pos + bias[None]) / math.sqrt(d)
     m = visible(Lq, Lk, causal, q_offset, q.device)
     return s if m is None else s.masked_fill(~m, float("-inf"))
@@ -131,11 +139,14 @@ def attention_backward(grad_out, q, k, v, R, S, u, causal: bool = True, q_offset
     dq = ds @ ka
     dk = ds.transpose(-1, -2) @ (qa + ua[None, :, None, :])
     du = torch.einsum("bhij,bhjd->hd", ds, ka)
-    idx = rel_index(Lq, Lk, P, q_offset, q.device)[None, None].expand(B, H, Lq, Lk)
-    G = torch.zeros(B, H, Lq, 2 * P, dtype=acc, device=q.device).scatter_add_(-1, idx, ds)
-    dq = dq + G @ Ra.permute(1, 0, 2)
-    dR = torch.einsum("bhir,bhid->rhd", G, qa)
-    dS = G.sum(dim=(0, 2)).T
+    lo, hi = _window(Lq, Lk, P, q_offset)
+    idx = (rel_index(Lq, Lk, P, q_offset, q.device).clamp(lo, hi) - lo)[None, None].expand(B, H, Lq, Lk)
+    G = torch.zeros(B, H, Lq, hi - lo + 1, dtype=acc, device=q.device).scatter_add_(-1, idx, ds)
+    dq = dq + G @ Ra[lo:hi + 1].permute(1, 0, 2)
+    dR = torch.zeros(R.shape, dtype=acc, device=q.device)
+    dR[lo:hi + 1] = torch.einsum("bhir,bhid->rhd", G, qa)
+    dS = torch.zeros(S.shape, dtype=acc, device=q.device)
+    dS[lo:hi + 1] = G.sum(dim=(0, 2)).T
     return tuple(g.to(t.dtype).contiguous() for g, t in zip((dq, dk, dv, dR, dS, du), (q, k, v, R, S, u)))
 
 

@@ -1,4 +1,4 @@
-"""A small causal character-level LM on real text, vanilla attention vs selective attention (a study).
+"""A small causal character-level LM on real text, trained with different attentions (a study).
 
 The text is gensim's ``head500.noblanks.cor`` (500 stemmed Wikipedia articles,
 2.3 MB, shipped in the gensim wheel; read as a file, gensim is never
@@ -6,14 +6,15 @@ imported). Both models are the same pre-norm transformer (embedding, learned
 positions, ``n_layers`` blocks of attention + GELU MLP, tied output), trained
 with the same seed, batches and optimizer; only the attention differs:
 
-* ``vanilla``: ``scaled_dot_product_attention`` (causal);
+* ``vanilla`` (MHA): ``scaled_dot_product_attention`` (causal);
 * ``ssa``: :class:`embkern.nn.SelectiveSelfAttention` (query and value
   temperatures, position- and token-aware, ``expexp`` gate with the authors'
-  pre-training ``beta = 1.5``), through ``embkern.selective_attention`` with
-  the chosen backend.
+  pre-training ``beta = 1.5``), through ``embkern.selective_attention``;
+* ``rmha`` / ``rcmha``: :class:`embkern.nn.RelConvMultiHeadAttention` without /
+  with the shared causal depthwise convs, through ``embkern.relative_attention``.
 
-:func:`train_pair` returns both loss curves (and the held-out loss at the end);
-:func:`plot_curves` draws them side by side. Running the SSA model once per
+:func:`train_models` returns every loss curve (and the held-out loss at the
+end); :func:`plot_curves` draws them side by side. Running a model once per
 backend from the same seed checks that kernel and reference give the same
 curve to rounding.
 """
@@ -30,9 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._progress import Progress
+from ..nn.rel_conv_attention import RelConvMultiHeadAttention
 from ..nn.selective_attention import SelectiveSelfAttention
 
 INSTALL_HINT = "pip install --no-deps gensim   (only its test data file is read)"
+ATTENTIONS = ("vanilla", "ssa", "rmha", "rcmha")
 
 
 def corpus_path() -> Optional[str]:
@@ -65,6 +68,15 @@ class _Vanilla(nn.Module):
         return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, C))
 
 
+class _RelAttn(nn.Module):
+    def __init__(self, d: int, heads: int, conv, context: int, backend):
+        super().__init__()
+        self.attn = RelConvMultiHeadAttention(d, heads, conv=conv, max_distance=context, backend=backend)
+
+    def forward(self, x):
+        return self.attn(x)[0]
+
+
 class _Block(nn.Module):
     def __init__(self, d: int, attn: nn.Module):
         super().__init__()
@@ -77,7 +89,7 @@ class _Block(nn.Module):
 
 
 class CharLM(nn.Module):
-    """Pre-norm character transformer; ``attention="vanilla"`` or ``"ssa"`` (with ``backend``)."""
+    """Pre-norm character transformer; ``attention`` one of :data:`ATTENTIONS` (with ``backend``)."""
 
     def __init__(self, vocab: int, context: int, d: int = 64, heads: int = 4, layers: int = 2,
                  attention: str = "ssa", backend: Optional[str] = None):
@@ -89,6 +101,8 @@ class CharLM(nn.Module):
         def attn():
             if attention == "vanilla":
                 return _Vanilla(d, heads)
+            if attention in ("rmha", "rcmha"):
+                return _RelAttn(d, heads, "shared" if attention == "rcmha" else None, context, backend)
             return SelectiveSelfAttention(d, heads, gate="expexp", beta_init=1.5, backend=backend)
 
         self.blocks = nn.ModuleList(_Block(d, attn()) for _ in range(layers))
@@ -101,15 +115,20 @@ class CharLM(nn.Module):
         return self.ln(x) @ self.tok.weight.T
 
 
-def train_pair(steps: int = 200, batch: int = 16, context: int = 128, d: int = 64, heads: int = 4,
-               layers: int = 2, lr: float = 3e-3, seed: int = 0, backends: Sequence[Optional[str]] = (None,),
-               max_chars: int = 400_000, progress: bool = True) -> Dict:
-    """Train the vanilla model and one SSA model per entry of ``backends`` on the same batches.
+def train_models(models: Sequence[str] = ("vanilla", "ssa"), steps: int = 200, batch: int = 16,
+                 context: int = 128, d: int = 64, heads: int = 4, layers: int = 2, lr: float = 3e-3, seed: int = 0,
+                 backends: Sequence[Optional[str]] = (None,), max_chars: int = 400_000,
+                 progress: bool = True) -> Dict:
+    """Train each of ``models`` (names in :data:`ATTENTIONS`) on the same batches; every model but
+    ``vanilla`` once per entry of ``backends``.
 
     Returns ``{"steps", "curves": {name: [loss per step]}, "heldout": {name: loss}, "seconds": {name: s},
-    "max_abs_diff_between_ssa_backends": float or None, ...}``; names are ``"vanilla"`` and
-    ``"ssa[<backend>]"``.
+    "max_abs_diff_between_backends": {model: float} ...}``; names are ``"vanilla"`` and
+    ``"<model>[<backend>]"``.
     """
+    for m in models:
+        if m not in ATTENTIONS:
+            raise ValueError(f"models: expected names in {ATTENTIONS}, got {m!r}")
     text = load_text(max_chars)
     chars = sorted(set(text))
     table = {c: i for i, c in enumerate(chars)}
@@ -125,10 +144,12 @@ def train_pair(steps: int = 200, batch: int = 16, context: int = 128, d: int = 6
         chunk = src[idx]
         return chunk[:, :-1], chunk[:, 1:]
 
-    runs = [("vanilla", "vanilla", None)] + [(f"ssa[{b or 'auto'}]", "ssa", b) for b in backends]
+    runs = []
+    for m in models:
+        runs += [("vanilla", "vanilla", None)] if m == "vanilla" else [(f"{m}[{b or 'auto'}]", m, b) for b in backends]
     curves: Dict[str, List[float]] = {}
     heldout, seconds = {}, {}
-    bar = Progress(steps * len(runs), desc="ssa_lm", unit="step", enabled=progress)
+    bar = Progress(steps * len(runs), desc="char_lm", unit="step", enabled=progress)
     for name, attention, be in runs:
         torch.manual_seed(seed)
         model = CharLM(len(chars), context, d, heads, layers, attention, be)
@@ -151,17 +172,18 @@ def train_pair(steps: int = 200, batch: int = 16, context: int = 128, d: int = 6
         heldout[name] = sum(hl) / len(hl)
         curves[name] = losses
     bar.close()
-    ssa = [n for n in curves if n.startswith("ssa")]
-    diff = None
-    if len(ssa) > 1:
-        diff = max(abs(a - b) for n in ssa[1:] for a, b in zip(curves[ssa[0]], curves[n]))
+    diff = {}
+    for m in models:
+        names = [n for n in curves if n.startswith(m + "[")]
+        if len(names) > 1:
+            diff[m] = max(abs(a - b) for n in names[1:] for a, b in zip(curves[names[0]], curves[n]))
     return {"steps": steps, "batch": batch, "context": context, "d": d, "heads": heads, "layers": layers,
             "vocab": len(chars), "chars": len(text), "curves": curves, "heldout": heldout, "seconds": seconds,
-            "max_abs_diff_between_ssa_backends": diff}
+            "max_abs_diff_between_backends": diff}
 
 
 def plot_curves(result: Dict, path: str) -> str:
-    """PNG of the loss curves (vanilla vs SSA) side by side with the held-out losses; returns the path."""
+    """PNG of the loss curves side by side with the held-out losses; returns the path."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4))

@@ -1,0 +1,190 @@
+"""Benchmark workloads of relative (Transformer-XL) attention, the core of RCMHA, fp32, causal (issue sizes).
+
+Sizes: B = 4, H = 8, d = dv = 64, the tables' half-width P = 4096, L = 1024
+(``--quick``), and also 2048 and 4096 in the full run; R, S, u drawn with
+std 0.3 (zero tables would reduce the relative terms to nothing).
+
+Cases: ``forward L=...`` and ``forward+backward L=...`` (gradients of q, k, v,
+R, S and u from one random output gradient).
+
+Anchors:
+
+* ``sdpa (no relative terms)``: ``scaled_dot_product_attention`` of the same
+  q, k, v -- the ceiling. Target: >= 60% of its forward+backward throughput.
+* ``authors (materialised)``: the relative term for every (query, table row),
+  realigned with Transformer-XL's shift (``reference.authors_attention``).
+  Target: >= 10x faster at L = 1024. Run up to L = 2048: at L = 4096 its
+  (Lq, Lk + Lq, B, H) relative-score tensor alone is 4 GiB.
+
+The reference gathers from ``q R^T`` over the rows it reads, (B, H, L, 2L): it
+is timed at L = 1024 only. ``EMBKERN_BENCH_TINY=1`` shrinks every size.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+
+from .. import _backends
+from ..ops import rel_conv_attention as rca_ops
+from ..reference import rel_conv_attention as ref
+from .workload import Target, Workload, tiny
+
+
+def _sizes(quick: bool):
+    if tiny():
+        return dict(B=1, H=2, d=16, P=64, lengths=(32,))
+    return dict(B=4, H=8, d=64, P=4096, lengths=(1024,) if quick else (1024, 2048, 4096))
+
+
+class _Data:
+    def __init__(self, B, H, L, d, P, device, seed):
+        self.shape, self.P, self.device, self.seed = (B, H, L, d), P, device, seed
+        self.t = {}
+
+    def setup(self):
+        B, H, L, d = self.shape
+        g = torch.Generator().manual_seed(self.seed)
+        P = self.P
+        vals = {"q": torch.randn(B, H, L, d, generator=g), "k": torch.randn(B, H, L, d, generator=g),
+                "v": torch.randn(B, H, L, d, generator=g), "R": torch.randn(2 * P, H, d, generator=g) * 0.3,
+                "S": torch.randn(2 * P, H, generator=g) * 0.3, "u": torch.randn(H, d, generator=g) * 0.3,
+                "go": torch.randn(B, H, L, d, generator=g)}
+        self.t.update({n: x.to(self.device) for n, x in vals.items()})  # update: the callables hold this dict
+
+    def teardown(self):
+        self.t.clear()
+
+    def args(self):
+        return tuple(self.t[n] for n in ("q", "k", "v", "R", "S", "u"))
+
+    def leaves(self):
+        return [x.detach().clone().requires_grad_(True) for x in self.args()]
+
+
+def _availability(device, kernels):
+    run, skipped = ["reference"], {}
+    for be in (["cpu"] if device.type == "cpu" else ["triton", "cuda"]):
+        if be not in rca_ops.DESCRIPTOR.backends:
+            skipped[be] = f"rel_conv_attention has no {be} kernels yet"
+            continue
+        st = _backends.check(rca_ops.DESCRIPTOR, be, kernels, device.type, torch.float32)
+        if st.ok:
+            run.append(be)
+        else:
+            skipped[be] = st.reason
+    return run, skipped
+
+
+def _max_abs(out, want) -> float:
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    wants = want if isinstance(want, (tuple, list)) else (want,)
+    return max(float((o.detach().double() - w).abs().max()) for o, w in zip(outs, wants) if o is not None)
+
+
+def _sdpa(q, k, v, *rest):
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _case(data: _Data, L: int, backward: bool) -> Workload:
+    B, H, _, d = data.shape
+    P = data.P
+    kernels = rca_ops.DESCRIPTOR.kernels_of("relative_attention")
+    run, skipped = _availability(data.device, kernels if backward else kernels[:1])
+    with_reference = L <= 1024 or tiny()
+    with_authors = L <= 2048 or tiny()
+    if not with_reference:
+        run.remove("reference")
+        skipped["reference"] = (f"materialises q R^T of (B, H, L, 2L) = {B * H * L * 2 * L * 4 / 2**30:.0f} GiB "
+                                "and its float64 twin for the error column")
+    t = data.t
+
+    def ours(be):
+        return lambda *a: rca_ops.relative_attention(*a, max_distance=P, backend=be)
+
+    def wrap(fn):
+        if not backward:
+            return lambda: fn(*data.args())
+
+        def f():
+            leaves = data.leaves()
+            fn(*leaves).backward(t["go"])
+            return tuple(x.grad for x in leaves)
+        return f
+
+    def ref64():
+        args = [x.double() for x in data.args()]
+        if not backward:
+            return ref.attention(*args)
+        leaves = [x.requires_grad_(True) for x in args]
+        ref.attention(*leaves).backward(t["go"].double())
+        return tuple(x.grad for x in leaves)
+
+    anchors = {"sdpa (no relative terms)": wrap(_sdpa)}
+    if with_authors:
+        anchors["authors (materialised)"] = wrap(ref.authors_attention)
+    else:
+        skipped["authors (materialised)"] = (f"its (Lq, Lk + Lq, B, H) relative scores alone are "
+                                             f"{L * 2 * L * B * H * 4 / 2**30:.0f} GiB")
+    flops = 4.0 * B * H * L * L * d / 2 * (3.5 if backward else 1.0)
+    targets = [Target("time / authors' materialised (target >= 10x faster)", "authors (materialised)", "time",
+                      "speedup", 10.0)]
+    if backward:
+        targets.append(Target("sdpa time / time: share of the ceiling's throughput (target >= 0.6)",
+                              "sdpa (no relative terms)", "time", "speedup", 0.6))
+    kind = "forward+backward" if backward else "forward"
+    return Workload(
+        name=f"{kind} L={L}", group="relative_attention",
+        description=f"relative attention {kind}, B={B} H={H} L={L} d=dv={d}, P={P}, causal, fp32, "
+                    f"{data.device.type}",
+        backends={be: wrap(ours(be)) for be in run}, anchors=anchors, primary_anchor="sdpa (no relative terms)",
+        reference64=ref64 if with_reference else None, error=_max_abs,
+        row_error={}, no_error=("sdpa (no relative terms)",),
+        work=flops / 1e9, work_unit="GFLOP/s",
+        params={"B": B, "H": H, "L": L, "d": d, "P": P, "causal": True, "dtype": "float32"},
+        targets=targets, skipped=skipped, slow=("authors (materialised)", "reference"),
+        notes=["sdpa computes no relative terms (not comparable: no error); GFLOP/s counts attention FLOPs only",
+               "max err: max |output (or every gradient) - float64 reference|"],
+        setup=data.setup, teardown=data.teardown)
+
+
+def workloads(quick: bool, device) -> List[Workload]:
+    s = _sizes(quick)
+    out = []
+    for i, L in enumerate(s["lengths"]):
+        for backward in (False, True):
+            out.append(_case(_Data(s["B"], s["H"], L, s["d"], s["P"], device, 40 + 2 * i + backward), L, backward))
+    return out
+
+
+def extra_report(quick: bool) -> dict:
+    """MHA vs RMHA vs RCMHA loss curves of the char LM on real text (:func:`embkern.contrib.char_lm.train_models`)."""
+    title = "char LM on head500.noblanks.cor: MHA vs RMHA vs RCMHA"
+    try:
+        from ..contrib import char_lm
+    except Exception as exc:
+        return {"title": title, "rows": [], "panels": [], "notes": [f"skipped: {type(exc).__name__}: {exc}"]}
+    if char_lm.corpus_path() is None:
+        return {"title": title, "rows": [], "panels": [],
+                "notes": [f"skipped: no gensim data ({char_lm.INSTALL_HINT})"]}
+    fast = [be for be in ("cpu",) if be in rca_ops.DESCRIPTOR.backends and _backends.check(
+        rca_ops.DESCRIPTOR, be, rca_ops.DESCRIPTOR.kernels, "cpu", torch.float32).ok]
+    kw = dict(steps=3, batch=2, context=16, d=16, max_chars=20_000) if tiny() else dict(steps=150 if quick else 600)
+    res = char_lm.train_models(("vanilla", "rmha", "rcmha"), backends=["reference"] + fast, **kw)
+    rows = [{"model": n, "first loss": c[0], "last loss": c[-1], "held-out loss": res["heldout"][n],
+             "train s": res["seconds"][n]} for n, c in res["curves"].items()]
+    notes = [f"{res['steps']} steps of batch {res['batch']} x {res['context']} chars, {res['layers']} layers, "
+             f"d={res['d']}, {res['heads']} heads, same seed and batches for every model; vanilla = MHA (SDPA)"]
+    for m, diff in res["max_abs_diff_between_backends"].items():
+        notes.append(f"{m}: max |loss difference| between backends {diff:.2e} over all steps")
+    if not fast:
+        notes.append("RMHA / RCMHA ran on the reference only: no fast rel_conv_attention backend here to compare")
+    panels = [{"title": title, "kind": "line", "x": list(range(1, res["steps"] + 1)), "series": res["curves"],
+               "xlabel": "step", "ylabel": "training loss (nats/char)"}]
+    png = os.environ.get("EMBKERN_RCMHA_LM_PNG")
+    if png:
+        char_lm.plot_curves(res, png)
+        notes.append(f"curves also drawn to {png}")
+    return {"title": title, "rows": rows, "panels": panels, "notes": notes}
