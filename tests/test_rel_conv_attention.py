@@ -329,3 +329,38 @@ def test_layer_bad_arguments():
     m = RelConvMultiHeadAttention(32, 4, max_distance=8)
     with pytest.raises(ValueError, match="max_distance"):
         m(torch.randn(1, 12, 32))
+
+
+# --------------------------------------------------------------------------- bench workloads, real data
+
+
+def test_bench_workloads_run_and_agree_with_the_reference(monkeypatch):
+    from embkern import bench
+    from embkern.bench import rel_conv_attention as rb
+
+    monkeypatch.setenv(bench.TINY_ENV, "1")
+    ws = rb.workloads(quick=True, device=torch.device("cpu"))
+    assert [w.name for w in ws] == ["forward L=32", "forward+backward L=32"]
+    for w in ws:
+        w.setup()
+        try:
+            want = w.reference64()
+            for name, fn in {**w.backends, **w.anchors}.items():
+                out = fn()
+                if name not in w.no_error:
+                    assert w.error(out, want) < 1e-4, (w.name, name)
+        finally:
+            w.teardown()
+
+
+def test_char_lm_trains_mha_rmha_rcmha_on_the_same_batches():
+    from embkern.contrib import char_lm
+    from helpers import oracle
+
+    if char_lm.corpus_path() is None:
+        oracle("gensim")
+    res = char_lm.train_models(("vanilla", "rmha", "rcmha"), steps=3, batch=2, context=16, d=16, heads=2,
+                               layers=1, max_chars=20_000, backends=(None, "reference"), progress=False)
+    assert set(res["curves"]) == {"vanilla", "rmha[auto]", "rmha[reference]", "rcmha[auto]", "rcmha[reference]"}
+    assert res["max_abs_diff_between_backends"]["rcmha"] < 1e-5
+    assert res["curves"]["rmha[auto]"] != res["curves"]["rcmha[auto]"]
