@@ -331,22 +331,33 @@ def test_binding_rechecks_sizes():
     if cmod is None:
         pytest.skip(why)
     mod = cmod.fde
-    base = dict(points=4096, num_points=4, dimension=8, offsets=0,
+
+    def view(ptr, numel, dtype):
+        return mod.ArrayView(ptr, numel, dtype)
+
+    base = dict(points=view(4096, 32, "float32"), num_points=4, dimension=8, offsets=view(0, 2, "int64"),
                 offsets_host=np.array([0, 4], np.int64), num_repetitions=2, num_simhash_projections=3,
-                projection_dim=8, is_document=True, fill_empty_partitions=False, simhash=1, simhash_numel=48)
+                projection_dim=8, is_document=True, fill_empty_partitions=False, simhash=view(1, 48, "float32"))
+
+    def size(**change):
+        return mod.workspace_size(mod.Problem(**{**base, **change}))
+
     with pytest.raises(ValueError, match="offsets"):  # null device offsets
-        mod.workspace_size(**base)
-    base["offsets"] = 1
+        size()
+    base["offsets"] = view(1, 2, "int64")
     with pytest.raises(ValueError, match="simhash"):
-        mod.workspace_size(**{**base, "simhash_numel": 47})
+        size(simhash=view(1, 47, "float32"))
     with pytest.raises(ValueError, match="offsets"):
-        mod.workspace_size(**{**base, "offsets_host": np.array([0, 5], np.int64)})
+        size(offsets_host=np.array([0, 5], np.int64))
     with pytest.raises(TypeError, match="offsets_host"):
-        mod.workspace_size(**{**base, "offsets_host": np.array([0, 4], np.int32)})
+        size(offsets_host=np.array([0, 4], np.int32))
     with pytest.raises(ValueError, match="projection_dim"):
-        mod.workspace_size(**{**base, "projection_dim": 4})
+        size(projection_dim=4)
     with pytest.raises(ValueError, match="out"):
-        mod.encode(**base, out=0, out_numel=10, workspace=0, workspace_bytes=0, device=0, stream=0)
+        mod.encode(mod.Problem(**base), out=view(0, 10, "float32"), workspace=view(0, 0, "uint8"), device=0,
+                   stream=0)
+    with pytest.raises(ValueError, match="numel"):
+        view(1, -1, "float32")
 
 
 @pytest.mark.slow
