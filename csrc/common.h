@@ -135,6 +135,22 @@ void check_indices(const I* x, int64_t n, int64_t upper, const std::string& name
                   std::to_string(i) + "] = " + std::to_string(x[i]));
 }
 
+// The float dtype of an array argument (the kernels are instantiated for float32 and float64):
+// anything else is a TypeError naming the argument.
+enum class FloatKind { F32, F64 };
+
+inline FloatKind float_kind(const py::object& obj, const char* name) {
+  if (!py::isinstance<py::buffer>(obj)) {
+    type_error(std::string(name) + ": expected a float32 or float64 array, got " +
+               std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  py::buffer_info info = obj.cast<py::buffer>().request();
+  py::dtype dt(info);
+  if (dt.equal(py::dtype::of<float>())) return FloatKind::F32;
+  if (dt.equal(py::dtype::of<double>())) return FloatKind::F64;
+  type_error(std::string(name) + ": expected dtype float32 or float64, got format '" + info.format + "'");
+}
+
 inline std::string shape_str(const py::buffer_info& info) {
   std::ostringstream s;
   s << "(";

@@ -19,20 +19,6 @@ namespace {
 
 namespace ssa = embkern::ssa;
 
-enum class FloatKind { F32, F64 };
-
-FloatKind float_kind(const py::object& obj, const char* name) {
-  if (!py::isinstance<py::buffer>(obj)) {
-    type_error(std::string(name) + ": expected a float32 or float64 array, got " +
-               std::string(py::str(py::type::of(obj).attr("__name__"))));
-  }
-  py::buffer_info info = obj.cast<py::buffer>().request();
-  py::dtype dt(info);
-  if (dt.equal(py::dtype::of<float>())) return FloatKind::F32;
-  if (dt.equal(py::dtype::of<double>())) return FloatKind::F64;
-  type_error(std::string(name) + ": expected dtype float32 or float64, got format '" + info.format + "'");
-}
-
 template <typename T>
 View<T> req(const py::object& obj, const char* name, int ndim, bool writable = false) {
   if (obj.is_none() || !py::isinstance<py::buffer>(obj)) {

@@ -85,6 +85,19 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(k_ptr, v_ptr, tv_ptr, hk, Lk, cols, cmask, od, odv, d, dv, HAS_TV: tl.constexpr):
+    """The key tile and the value tile scaled by tau_v (as it is loaded), rows ``cols`` of kv head ``hk``."""
+    k = tl.load(k_ptr + (hk * Lk + cols)[:, None] * d + od[None, :], mask=cmask[:, None] & (od < d)[None, :],
+                other=0.0)
+    v = tl.load(v_ptr + (hk * Lk + cols)[:, None] * dv + odv[None, :], mask=cmask[:, None] & (odv < dv)[None, :],
+                other=0.0)
+    if HAS_TV:
+        tv = tl.load(tv_ptr + hk * Lk + cols, mask=cmask, other=0.0).to(tl.float32)
+        v = (v.to(tl.float32) * tv[:, None]).to(v.dtype)
+    return k, v
+
+
+@triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, tq_ptr, tv_ptr, o_ptr, lse_ptr,
                 Hq, groups, Lq, Lk, d, dv, scale, q_offset,
                 HAS_TV: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -110,13 +123,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, tq_ptr, tv_ptr, o_ptr, lse_ptr,
     for n0 in range(0, hi, BN):
         cols = n0 + tl.arange(0, BN)
         cmask = cols < Lk
-        k = tl.load(k_ptr + (hk * Lk + cols)[:, None] * d + od[None, :], mask=cmask[:, None] & (od < d)[None, :],
-                    other=0.0)
-        v = tl.load(v_ptr + (hk * Lk + cols)[:, None] * dv + odv[None, :],
-                    mask=cmask[:, None] & (odv < dv)[None, :], other=0.0)
-        if HAS_TV:
-            tv = tl.load(tv_ptr + hk * Lk + cols, mask=cmask, other=0.0).to(tl.float32)
-            v = (v.to(tl.float32) * tv[:, None]).to(v.dtype)
+        k, v = _load_kv(k_ptr, v_ptr, tv_ptr, hk, Lk, cols, cmask, od, odv, d, dv, HAS_TV)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * rs[:, None]
         ok = cmask[None, :]
         if CAUSAL:
@@ -228,13 +235,7 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, tq_ptr, tv_ptr, do_ptr, lse_ptr, delta_pt
     for n0 in range(0, hi, BN):
         cols = n0 + tl.arange(0, BN)
         cmask = cols < Lk
-        k = tl.load(k_ptr + (hk * Lk + cols)[:, None] * d + od[None, :], mask=cmask[:, None] & (od < d)[None, :],
-                    other=0.0)
-        v = tl.load(v_ptr + (hk * Lk + cols)[:, None] * dv + odv[None, :],
-                    mask=cmask[:, None] & (odv < dv)[None, :], other=0.0)
-        if HAS_TV:
-            tv = tl.load(tv_ptr + hk * Lk + cols, mask=cmask, other=0.0).to(tl.float32)
-            v = (v.to(tl.float32) * tv[:, None]).to(v.dtype)
+        k, v = _load_kv(k_ptr, v_ptr, tv_ptr, hk, Lk, cols, cmask, od, odv, d, dv, HAS_TV)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * rs[:, None]
         ok = cmask[None, :] & (lse != float("-inf"))[:, None]
         if CAUSAL:

@@ -22,7 +22,6 @@ is timed at L = 1024 only. ``EMBKERN_BENCH_TINY=1`` shrinks every size.
 
 from __future__ import annotations
 
-import os
 from typing import List
 
 import torch
@@ -160,31 +159,12 @@ def workloads(quick: bool, device) -> List[Workload]:
 
 
 def extra_report(quick: bool) -> dict:
-    """MHA vs RMHA vs RCMHA loss curves of the char LM on real text (:func:`embkern.contrib.char_lm.train_models`)."""
+    """MHA vs RMHA vs RCMHA loss curves of the char LM on real text (:func:`embkern.contrib.char_lm.bench_report`)."""
     title = "char LM on head500.noblanks.cor: MHA vs RMHA vs RCMHA"
     try:
         from ..contrib import char_lm
     except Exception as exc:
         return {"title": title, "rows": [], "panels": [], "notes": [f"skipped: {type(exc).__name__}: {exc}"]}
-    if char_lm.corpus_path() is None:
-        return {"title": title, "rows": [], "panels": [],
-                "notes": [f"skipped: no gensim data ({char_lm.INSTALL_HINT})"]}
     fast = [be for be in ("cpu",) if be in rca_ops.DESCRIPTOR.backends and _backends.check(
         rca_ops.DESCRIPTOR, be, rca_ops.DESCRIPTOR.kernels, "cpu", torch.float32).ok]
-    kw = dict(steps=3, batch=2, context=16, d=16, max_chars=20_000) if tiny() else dict(steps=150 if quick else 600)
-    res = char_lm.train_models(("vanilla", "rmha", "rcmha"), backends=["reference"] + fast, **kw)
-    rows = [{"model": n, "first loss": c[0], "last loss": c[-1], "held-out loss": res["heldout"][n],
-             "train s": res["seconds"][n]} for n, c in res["curves"].items()]
-    notes = [f"{res['steps']} steps of batch {res['batch']} x {res['context']} chars, {res['layers']} layers, "
-             f"d={res['d']}, {res['heads']} heads, same seed and batches for every model; vanilla = MHA (SDPA)"]
-    for m, diff in res["max_abs_diff_between_backends"].items():
-        notes.append(f"{m}: max |loss difference| between backends {diff:.2e} over all steps")
-    if not fast:
-        notes.append("RMHA / RCMHA ran on the reference only: no fast rel_conv_attention backend here to compare")
-    panels = [{"title": title, "kind": "line", "x": list(range(1, res["steps"] + 1)), "series": res["curves"],
-               "xlabel": "step", "ylabel": "training loss (nats/char)"}]
-    png = os.environ.get("EMBKERN_RCMHA_LM_PNG")
-    if png:
-        char_lm.plot_curves(res, png)
-        notes.append(f"curves also drawn to {png}")
-    return {"title": title, "rows": rows, "panels": panels, "notes": notes}
+    return char_lm.bench_report(title, ("vanilla", "rmha", "rcmha"), fast, quick, tiny(), "EMBKERN_RCMHA_LM_PNG")

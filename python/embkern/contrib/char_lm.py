@@ -207,3 +207,29 @@ def plot_curves(result: Dict, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
+
+
+def bench_report(title: str, models: Sequence[str], fast_backends: Sequence[str], quick: bool, tiny: bool,
+                 png_env: str) -> Dict:
+    """The ``extra_report`` of an attention op's bench: train ``models`` on the reference and on each of
+    ``fast_backends``, print first / last / held-out losses, chart the curves (and draw them to the path
+    in the environment variable ``png_env``, when set)."""
+    if corpus_path() is None:
+        return {"title": title, "rows": [], "panels": [], "notes": [f"skipped: no gensim data ({INSTALL_HINT})"]}
+    kw = dict(steps=3, batch=2, context=16, d=16, max_chars=20_000) if tiny else dict(steps=150 if quick else 600)
+    res = train_models(models, backends=["reference", *fast_backends], progress=not tiny, **kw)
+    rows = [{"model": n, "first loss": c[0], "last loss": c[-1], "held-out loss": res["heldout"][n],
+             "train s": res["seconds"][n]} for n, c in res["curves"].items()]
+    notes = [f"{res['steps']} steps of batch {res['batch']} x {res['context']} chars, {res['layers']} layers, "
+             f"d={res['d']}, {res['heads']} heads, same seed and batches for every model; vanilla = MHA (SDPA)"]
+    for m, diff in res["max_abs_diff_between_backends"].items():
+        notes.append(f"{m}: max |loss difference| between backends {diff:.2e} over all steps")
+    if not fast_backends:
+        notes.append("ran on the reference only: no fast backend of the op here to compare the curves with")
+    panels = [{"title": title, "kind": "line", "x": list(range(1, res["steps"] + 1)), "series": res["curves"],
+               "xlabel": "step", "ylabel": "training loss (nats/char)"}]
+    png = os.environ.get(png_env)
+    if png:
+        plot_curves(res, png)
+        notes.append(f"curves also drawn to {png}")
+    return {"title": title, "rows": rows, "panels": panels, "notes": notes}
