@@ -66,7 +66,7 @@ test: install
 # the sanitizer runtimes preloaded; leak checking is off (CPython and torch
 # keep allocations alive at exit by design).
 SAN_VENV := .venv-sanitize
-SAN_TESTS := test_hypercomplex_cpu.py test_cpu_isa.py test_fde.py test_fde_cpu.py fuzz
+SAN_TESTS := test_hypercomplex_cpu.py test_cpu_isa.py test_fde.py test_fde_cpu.py test_selective_attention_cpu.py fuzz
 SAN_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
