@@ -21,6 +21,7 @@ inline void load_openmp_runtime() {}
 inline std::string openmp_runtime_path() { return "linked at build time"; }
 #endif
 void register_selective_attention(pybind11::module_& m);  // csrc/selective_attention.cpp
+void register_bit_cipher(pybind11::module_& m);            // csrc/bit_cipher.cpp
 }  // namespace embkern
 
 namespace {
@@ -97,4 +98,6 @@ PYBIND11_MODULE(_C, m) {
   embkern::register_fde(fde);
   auto ssa = m.def_submodule("selective_attention", "selective attention (per-query and per-value temperatures)");
   embkern::register_selective_attention(ssa);
+  auto bc = m.def_submodule("bit_cipher", "bit-cipher co-occurrence counting");
+  embkern::register_bit_cipher(bc);
 }

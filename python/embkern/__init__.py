@@ -19,6 +19,13 @@ from .ops.hypercomplex import (  # noqa: E402
 from .ops.fde import FDEConfig, FDEEncoder, chamfer, chamfer_rerank, fde_encode  # noqa: E402
 from .ops.selective_attention import selective_attention, selective_temperatures  # noqa: E402
 from .ops.rel_conv_attention import causal_depthwise_conv, relative_attention  # noqa: E402
+from .ops.bit_cipher import (  # noqa: E402
+    BitCipher,
+    CooccurrenceCounts,
+    cipher_patterns,
+    cooccurrence_vectors,
+    tokenize_file,
+)
 
 
 def __getattr__(name):
@@ -48,4 +55,9 @@ __all__ = [
     "selective_temperatures",
     "relative_attention",
     "causal_depthwise_conv",
+    "cipher_patterns",
+    "BitCipher",
+    "CooccurrenceCounts",
+    "cooccurrence_vectors",
+    "tokenize_file",
 ]

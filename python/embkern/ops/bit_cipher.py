@@ -1,0 +1,472 @@
+"""Bit-cipher word vectors: torch.library op + public API.
+
+Ops (namespace ``embkern``; ``backend`` is resolved before the op is called):
+
+=====================  ==========================================================
+op                     computes
+=====================  ==========================================================
+bit_cipher_count       adds one chunk's co-occurrence sums into S, Q (in place)
+=====================  ==========================================================
+
+The counts live in :class:`CooccurrenceCounts` as float64 ``S (V, nb, b + 1)``
+(the pad entry and the sparse ``beta eta`` part) and ``Q (V, nb)`` (the weight
+of the q direction, the rank-1 part of the noise; ``docs/ops/bit_cipher.md``,
+"Kernel view"); :meth:`CooccurrenceCounts.vectors` forms ``F = S + Q q`` and
+finalises it. The reference accumulates ``F`` itself into ``S`` (its ``Q``
+stays 0), so counts of either backend merge.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _backends, _checks, _progress
+from .._backends import BackendSupport, OpDescriptor
+from ..reference import bit_cipher as ref
+
+MODES = ref.MODES
+WEIGHTS = ref.WEIGHTS
+
+DESCRIPTOR = OpDescriptor(
+    name="bit_cipher",
+    kernels=("count",),
+    backends={
+        "reference": BackendSupport(frozenset({torch.float64}), frozenset({"cpu"})),
+        "cpu": BackendSupport(frozenset({torch.float64}), frozenset({"cpu"}), symbol="bit_cipher.{kernel}"),
+    },
+    entry_points={"cooccurrence_vectors": ("count",), "CooccurrenceCounts": ("count",)},
+)
+KERNELS = DESCRIPTOR.kernels
+
+
+# ---------------------------------------------------------------------------
+# Kernels of embkern::bit_cipher_count
+
+
+def _ref_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, S, Q, concat):
+    V, nb, D = S.shape
+    F = S.view(V, nb * D)
+    ref.count_into(tokens, doc_offsets, psi, wpad, reps, deltas.tolist(), concat, F)
+
+
+def _cpu_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, S, Q, concat):
+    _backends.cpu_module().bit_cipher.count(
+        tokens.numpy(), doc_offsets.numpy(), bit_offsets.numpy(), bit_index.numpy(), wa.numpy(),
+        None if ws is None else ws.numpy(), wpad.numpy(), deltas.numpy(), S.numpy(),
+        None if Q is None else Q.numpy(), bool(concat))
+
+
+@torch.library.custom_op("embkern::bit_cipher_count", mutates_args=("S", "Q"))
+def bit_cipher_count(tokens: Tensor, doc_offsets: Tensor, psi: Tensor, wpad: Tensor, reps: Tensor,
+                     bit_offsets: Tensor, bit_index: Tensor, wa: Tensor, ws: Optional[Tensor], deltas: Tensor,
+                     S: Tensor, Q: Optional[Tensor], concat: bool, backend: str) -> None:
+    """Adds the sums of one chunk into S (V, nb, b + 1) and Q (V, nb), float64, in place."""
+    _ref_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, S, Q, concat)
+
+
+_backends.route(bit_cipher_count, {"reference": _ref_count, "cpu": _cpu_count})
+
+
+@bit_cipher_count.register_fake
+def _(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, S, Q, concat, backend):
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Public API: patterns and the cipher
+
+
+def _nonneg_int(value, name: str, minimum: int = 0) -> int:
+    v = _checks.integer(value, name)
+    if v < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {v}")
+    return v
+
+
+def cipher_patterns(vocab_size: int, bits: int) -> Tensor:
+    """The first ``vocab_size`` b-bit patterns in the spec's order: (V, bits) uint8, bit 0 first.
+
+    Level 1 is e_0..e_{b-1}; level k >= 2 XORs the reversed level k - 1 with the
+    basis (e_{b-1}, ..., e_0), keeping unseen patterns with k ones
+    (``docs/ops/bit_cipher.md``, "Patterns"). Raises ValueError when
+    ``vocab_size > 2^bits - 1`` (the all-zero pattern is reserved for unknown words)."""
+    V = _nonneg_int(vocab_size, "vocab_size")
+    b = _nonneg_int(bits, "bits", 1)
+    return torch.from_numpy(ref.patterns(V, b))
+
+
+def _as_ids(x, name: str) -> Tensor:
+    t = _checks.integer_array(x, name, "integer token ids")
+    if t.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-d array of token ids, got shape {tuple(t.shape)}")
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t
+
+
+def _id_range(t: Tensor, name: str, V: int) -> None:
+    if t.numel() == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0:
+        i = int(torch.nonzero(t < 0)[0, 0])
+        raise ValueError(f"{name}: expected token ids in [0, {V}), got {name}[{i}] = {int(t[i])}")
+    if hi >= V:
+        i = int(torch.nonzero(t >= V)[0, 0])
+        raise ValueError(f"{name}: expected token ids in [0, {V}) (vocab_size), got {name}[{i}] = {int(t[i])}")
+
+
+def _chunks_of(token_ids) -> Iterator[Tensor]:
+    """The id arrays of token_ids: one array, or an iterable of arrays / (ids, doc_offsets) pairs."""
+    if isinstance(token_ids, (torch.Tensor, np.ndarray, list)) and not (
+            isinstance(token_ids, list) and token_ids and isinstance(token_ids[0], (tuple, torch.Tensor,
+                                                                                    np.ndarray))):
+        yield _as_ids(token_ids, "token_ids")
+        return
+    if not isinstance(token_ids, Iterable):
+        raise TypeError(f"token_ids: expected an array of ids or an iterable of chunks, got "
+                        f"{type(token_ids).__name__}")
+    for k, ch in enumerate(token_ids):
+        ids = ch[0] if isinstance(ch, tuple) else ch
+        yield _as_ids(ids, f"token_ids chunk {k}")
+
+
+class BitCipher:
+    """A fitted bit cipher: frequency-ranked sparse binary codes of a vocabulary.
+
+    Attributes (by token id; V types, b bits):
+        counts (V,) int64, rank (V,) int64 (0 = most frequent; ties by first
+        occurrence, types never seen after every seen one, by id), codes (V, b)
+        uint8, normalised_codes (V, b) float64 (each row sums to 1), beta (V,)
+        float64 (``1 / #types with the same count``; ones without noise), q (b,)
+        float64 (the anti-frequency direction; zeros without noise), total
+        (tokens counted), noise (bool).
+    """
+
+    def __init__(self, counts, first, bits: int, noise: bool = True):
+        counts = np.asarray(counts, dtype=np.int64)
+        self._c = ref.fit(counts, np.asarray(first, dtype=np.int64), int(bits), bool(noise))
+        self._first = np.asarray(first, dtype=np.int64)
+
+    @classmethod
+    def fit(cls, token_ids, vocab_size: Optional[int] = None, bits: Optional[int] = None,
+            noise: bool = True) -> "BitCipher":
+        """Fit on a corpus: ``token_ids`` (N,) ids in [0, V), or an iterable of chunks
+        (arrays of ids or ``(token_ids, doc_offsets)`` pairs, read once).
+
+        vocab_size: V (default: max id + 1; required for an empty corpus).
+        bits: b (default ``floor(log2 V) + 1``); V <= 2^b - 1 is required.
+        Raises TypeError / ValueError for non-integer ids, ids < 0 or >= V, or too few bits."""
+        if not isinstance(noise, bool):
+            raise TypeError(f"noise: expected a bool, got {type(noise).__name__}")
+        V = None if vocab_size is None else _nonneg_int(vocab_size, "vocab_size", 1)
+        counts = np.zeros(V if V is not None else 0, dtype=np.int64)
+        first = np.full(counts.shape, np.iinfo(np.int64).max, dtype=np.int64)
+        pos = 0
+        for t in _chunks_of(token_ids):
+            if t.numel():
+                if int(t.min()) < 0 or (V is not None and int(t.max()) >= V):
+                    _id_range(t, "token_ids", V if V is not None else 2 ** 62)
+                n = t.to(torch.int64).numpy()
+                top = int(n.max()) + 1
+                if top > counts.shape[0]:
+                    counts = np.concatenate([counts, np.zeros(top - counts.shape[0], dtype=np.int64)])
+                    first = np.concatenate([first, np.full(top - first.shape[0], np.iinfo(np.int64).max)])
+                counts += np.bincount(n, minlength=counts.shape[0])
+                fc = torch.from_numpy(first)  # shares memory: updated in place
+                fc.scatter_reduce_(0, torch.from_numpy(n), torch.arange(pos, pos + n.shape[0]), "amin")
+            pos += t.numel()
+        if counts.shape[0] == 0:
+            raise ValueError("vocab_size: expected an int >= 1 for an empty corpus (it cannot be inferred)")
+        V = counts.shape[0]
+        b = ref.default_bits(V) if bits is None else _nonneg_int(bits, "bits", 1)
+        if V > (1 << b) - 1:
+            raise ValueError(f"bits: expected bits with 2^bits - 1 >= vocab_size = {V} (at least "
+                             f"{ref.default_bits(V)}; the all-zero pattern is reserved for unknown words), got {b}")
+        return cls(counts, first, b, noise)
+
+    # ---- attributes
+    vocab_size = property(lambda self: self._c.vocab_size)
+    bits = property(lambda self: self._c.bits)
+    noise = property(lambda self: self._c.noise)
+    counts = property(lambda self: torch.from_numpy(self._c.counts))
+    rank = property(lambda self: torch.from_numpy(self._c.rank))
+    codes = property(lambda self: torch.from_numpy(self._c.codes))
+    normalised_codes = property(lambda self: torch.from_numpy(self._c.eta))
+    eta = normalised_codes
+    beta = property(lambda self: torch.from_numpy(self._c.beta))
+    q = property(lambda self: torch.from_numpy(self._c.q))
+    total = property(lambda self: int(self._c.counts.sum()))
+
+    def reference_cipher(self) -> ref.Cipher:
+        """The reference's view of this cipher (shared arrays)."""
+        return self._c
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write counts, first occurrences, bits and the noise flag (``.npz``); the rest is refitted on load."""
+        with open(path, "wb") as f:
+            np.savez(f, counts=self._c.counts, first=self._first, bits=np.int64(self.bits),
+                     noise=np.bool_(self.noise))
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "BitCipher":
+        with np.load(path) as z:
+            return cls(z["counts"], z["first"], int(z["bits"]), bool(z["noise"]))
+
+    def __repr__(self) -> str:
+        return f"BitCipher(vocab_size={self.vocab_size}, bits={self.bits}, noise={self.noise}, total={self.total})"
+
+
+# ---------------------------------------------------------------------------
+# Counting
+
+
+def _offsets(doc_offsets, n: int, name: str = "doc_offsets") -> Tensor:
+    o = _checks.integer_array(doc_offsets, name, "integer CSR offsets")
+    if o.dim() != 1 or o.numel() < 1:
+        raise ValueError(f"{name}: expected a 1-d (n_docs + 1,) array, got shape {tuple(o.shape)}")
+    o = o.cpu().to(torch.int64).contiguous()
+    _checks.offsets_values(o, n, name)
+    return o
+
+
+class CooccurrenceCounts:
+    """Streaming, mergeable bit-cipher co-occurrence sums (float64).
+
+    ``update(token_ids, doc_offsets)`` adds a chunk of whole documents;
+    ``merge(other)`` adds another object's counts (same cipher and settings);
+    ``vectors(eps)`` gives the (V, D) float32 word vectors. Memory is
+    ``V * nb * (b + 2) * 8`` bytes whatever the corpus length (nb = number of
+    offsets in concat mode, 1 in sum mode).
+
+    Exactness (``docs/ops/bit_cipher.md``, "Streaming and merging"): every
+    count element receives its addends in corpus order, so chunks counted one
+    after the other give the same float64 bits as one pass, for any thread
+    count; merged shards add partial sums, equal to one pass up to float64
+    rounding of those sums (the float32 vectors of the tests agree bit for bit).
+    """
+
+    def __init__(self, cipher: BitCipher, window: int = 5, mode: str = "sum", weight: str = "cos2",
+                 include_center: bool = True, backend: Optional[str] = None):
+        if not isinstance(cipher, BitCipher):
+            raise TypeError(f"cipher: expected an embkern.BitCipher, got {type(cipher).__name__}")
+        self.window = _nonneg_int(window, "window", 1)
+        _checks.choice(mode, "mode", MODES)
+        _checks.choice(weight, "weight", WEIGHTS)
+        if not isinstance(include_center, bool):
+            raise TypeError(f"include_center: expected a bool, got {type(include_center).__name__}")
+        self.cipher, self.mode, self.weight, self.include_center = cipher, mode, weight, include_center
+        self.backend = _backends.resolve(DESCRIPTOR, "CooccurrenceCounts", backend, "cpu", torch.float64)
+        c = cipher.reference_cipher()
+        V, b = c.vocab_size, c.bits
+        self.deltas = ref.deltas(self.window, include_center)
+        self.n_blocks = len(self.deltas) if mode == "concat" else 1
+        D = b + 1
+        _checks.fits(V * self.n_blocks * (D + 1) * 8, "cpu", f"bit-cipher counts (V {V}, blocks {self.n_blocks}, "
+                     f"b + 1 = {D}, float64)")
+        self.S = torch.zeros(V, self.n_blocks, D, dtype=torch.float64)
+        self.Q = torch.zeros(V, self.n_blocks, dtype=torch.float64) if c.noise else None
+        self.n_tokens = 0
+        self.n_docs = 0
+        # tables of the kernels
+        psi, wpad = ref.weight_table(c, self.window, include_center, weight)
+        pc = c.codes.sum(axis=1).astype(np.float64)
+        self._psi = torch.from_numpy(psi)
+        self._wpad = torch.from_numpy(wpad)
+        self._reps = torch.from_numpy(c.reps())
+        rows, cols = np.nonzero(c.codes)
+        self._bit_offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(c.codes.sum(axis=1, dtype=np.int64))]))
+        self._bit_index = torch.from_numpy(cols.astype(np.int32))
+        self._wa = torch.from_numpy(np.ascontiguousarray(psi * (c.beta / pc)[None, :]))
+        self._ws = torch.from_numpy(np.ascontiguousarray(psi * (1.0 - c.beta)[None, :])) if c.noise else None
+        self._deltas = torch.tensor(self.deltas, dtype=torch.int64)
+
+    def update(self, token_ids, doc_offsets=None) -> "CooccurrenceCounts":
+        """Add a chunk: token_ids (N,) ids in [0, V), doc_offsets (n_docs + 1,) CSR offsets of whole
+        documents (None: the chunk is one document)."""
+        t = _as_ids(token_ids, "token_ids")
+        N = t.numel()
+        off = torch.tensor([0, N], dtype=torch.int64) if doc_offsets is None else _offsets(doc_offsets, N)
+        _id_range(t, "token_ids", self.cipher.vocab_size)
+        t32 = t.to(torch.int32).contiguous()
+        bit_cipher_count(t32, off, self._psi, self._wpad, self._reps, self._bit_offsets, self._bit_index, self._wa,
+                         self._ws, self._deltas, self.S, self.Q, self.mode == "concat", self.backend)
+        self.n_tokens += N
+        self.n_docs += off.numel() - 1
+        return self
+
+    def _key(self):
+        c = self.cipher.reference_cipher()
+        return (self.window, self.mode, self.weight, self.include_center, c.bits, c.noise, c.counts.tobytes(),
+                c.rank.tobytes())
+
+    def merge(self, other: "CooccurrenceCounts") -> "CooccurrenceCounts":
+        """Add ``other``'s counts into these (same cipher, window, mode, weight, include_center)."""
+        if not isinstance(other, CooccurrenceCounts):
+            raise TypeError(f"other: expected a CooccurrenceCounts, got {type(other).__name__}")
+        if other._key() != self._key():
+            raise ValueError("other: expected counts of the same cipher, window, mode, weight and include_center")
+        self.S += other.S
+        if self.Q is not None:
+            self.Q += other.Q
+        self.n_tokens += other.n_tokens
+        self.n_docs += other.n_docs
+        return self
+
+    def totals(self) -> Tensor:
+        """F (V, nb * (b + 1)) float64: the sums before finalisation (``S + Q q``)."""
+        F = self.S.clone()
+        if self.Q is not None:
+            F[:, :, 1:] += self.Q[:, :, None] * torch.from_numpy(self.cipher.reference_cipher().q)
+        return F.reshape(F.shape[0], -1)
+
+    def vectors(self, eps: float = 1e-3) -> Tensor:
+        """(V, nb * (b + 1)) float32: per block, zeros -> eps, then -log10(F / sum F)."""
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps > 0) or eps == float("inf"):
+            raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
+        return ref.finalise(self.totals(), self.n_blocks, float(eps))
+
+
+def cooccurrence_vectors(token_ids, doc_offsets=None, cipher: Optional[BitCipher] = None, window: int = 5,
+                         mode: str = "sum", weight: str = "cos2", include_center: bool = True, eps: float = 1e-3,
+                         backend: Optional[str] = None, progress: bool = True) -> Tensor:
+    """Bit-cipher word vectors (V, D) float32, rows by token id.
+
+    Args:
+        token_ids: (N,) integer ids in [0, V) with ``doc_offsets`` (n_docs + 1,) CSR offsets
+            (None: one document); or an iterable of ``(token_ids, doc_offsets)`` chunks of
+            whole documents (then ``doc_offsets`` must be None), streamed with a progress bar.
+        cipher: a fitted :class:`BitCipher` (None: fitted here on an in-memory corpus).
+        window: m >= 1; offsets -m..m (0 only with ``include_center``).
+        mode: "sum" (D = b + 1) or "concat" (D = n_offsets * (b + 1)).
+        weight: "cos2" (cos^2(pi |delta| p(c))), "inv" (1/|delta|, 1 at 0) or "none".
+        eps: the value of zero entries before ``-log10(F / sum F)`` (per block).
+
+    Numerics contract (``docs/ops/bit_cipher.md``): float64 sums, equal to the reference's up
+    to float64 rounding; identical bits for any thread count and ISA level, and for any split
+    of the corpus into chunks. An empty corpus gives every row ``log10(b + 1)``.
+    """
+    single = isinstance(token_ids, (torch.Tensor, np.ndarray)) or (
+        isinstance(token_ids, list) and not (token_ids and isinstance(token_ids[0], tuple)))
+    if cipher is None:
+        if not single:
+            raise ValueError("cipher: expected a fitted BitCipher when token_ids is a stream of chunks")
+        cipher = BitCipher.fit(token_ids)
+    counts = CooccurrenceCounts(cipher, window, mode, weight, include_center, backend)
+    if single:
+        counts.update(token_ids, doc_offsets)
+    else:
+        if doc_offsets is not None:
+            raise ValueError("doc_offsets: expected None when token_ids is an iterable of (token_ids, doc_offsets) "
+                             "chunks")
+        for k, ch in enumerate(_progress.iterate(token_ids, desc="bit-cipher counts", unit="chunk",
+                                                 enabled=bool(progress))):
+            if not (isinstance(ch, tuple) and len(ch) == 2):
+                raise TypeError(f"token_ids: expected chunks as (token_ids, doc_offsets) pairs, got "
+                                f"{type(ch).__name__} at chunk {k}")
+            counts.update(ch[0], ch[1])
+    return counts.vectors(eps)
+
+
+# ---------------------------------------------------------------------------
+# Text
+
+
+_WORD = re.compile(r"\w+")
+
+
+def _documents(path, lowercase: bool, blank_line_docs: bool) -> Iterator[List[str]]:
+    """Token lists of the documents of a text file, read line by line (never the whole file)."""
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        doc: List[str] = []
+        for line in f:
+            if lowercase:
+                line = line.lower()
+            words = _WORD.findall(line)
+            if not blank_line_docs:
+                if words:
+                    yield words
+            elif line.strip():
+                doc.extend(words)
+            elif doc:
+                yield doc
+                doc = []
+        if blank_line_docs and doc:
+            yield doc
+
+
+class TextChunks:
+    """Re-iterable ``(token_ids int32, doc_offsets int64)`` chunks of whole documents of a text file
+    (about ``chunk_tokens`` tokens each), read lazily with a fixed vocabulary."""
+
+    def __init__(self, path, index: dict, lowercase: bool, blank_line_docs: bool, chunk_tokens: int):
+        self.path, self.index, self.lowercase = path, index, lowercase
+        self.blank_line_docs, self.chunk_tokens = blank_line_docs, chunk_tokens
+
+    def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
+        ids: List[int] = []
+        offs = [0]
+        get = self.index.get
+        for words in _documents(self.path, self.lowercase, self.blank_line_docs):
+            doc = [i for i in map(get, words) if i is not None]
+            if not doc:
+                continue
+            ids.extend(doc)
+            offs.append(len(ids))
+            if len(ids) >= self.chunk_tokens:
+                yield torch.tensor(ids, dtype=torch.int32), torch.tensor(offs, dtype=torch.int64)
+                ids, offs = [], [0]
+        if ids:
+            yield torch.tensor(ids, dtype=torch.int32), torch.tensor(offs, dtype=torch.int64)
+
+
+def tokenize_file(path, lowercase: bool = True, min_count: int = 1, blank_line_docs: bool = False,
+                  chunk_tokens: Optional[int] = None):
+    """Tokenise a text file: ``(token_ids, doc_offsets, vocab)``.
+
+    Tokens are maximal runs of word characters (``\\w+``: letters, digits, underscore;
+    whitespace and punctuation separate them), lowercased by default. A document is one
+    line, or with ``blank_line_docs=True`` one block of lines between blank lines;
+    documents left without tokens are dropped. Tokens seen fewer than ``min_count``
+    times are dropped before the windows are formed (as GloVe drops out-of-vocabulary
+    words). ``vocab`` lists the kept tokens by id, ids in order of first occurrence.
+
+    The file is read line by line (twice when needed: counts, then ids), never whole.
+    With ``chunk_tokens`` given, ``token_ids`` is a re-iterable of ``(token_ids,
+    doc_offsets)`` chunks of whole documents, read lazily (for :func:`cooccurrence_vectors`
+    and :meth:`BitCipher.fit` on corpora larger than memory) and ``doc_offsets`` is None;
+    otherwise they are (N,) int32 and (n_docs + 1,) int64 tensors.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"path: expected a readable text file, got {path!r}")
+    min_count = _nonneg_int(min_count, "min_count", 1)
+    for name, v in (("lowercase", lowercase), ("blank_line_docs", blank_line_docs)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
+    if chunk_tokens is not None:
+        chunk_tokens = _nonneg_int(chunk_tokens, "chunk_tokens", 1)
+    seen: dict = {}
+    for words in _documents(path, lowercase, blank_line_docs):
+        for w in words:
+            seen[w] = seen.get(w, 0) + 1
+    vocab = [w for w, n in seen.items() if n >= min_count]  # dicts keep first-insertion order
+    index = {w: i for i, w in enumerate(vocab)}
+    chunks = TextChunks(path, index, lowercase, blank_line_docs, chunk_tokens or (1 << 62))
+    if chunk_tokens is not None:
+        return chunks, None, vocab
+    got = list(chunks)
+    if not got:
+        return torch.zeros(0, dtype=torch.int32), torch.zeros(1, dtype=torch.int64), vocab
+    return got[0][0], got[0][1], vocab
+
+
+__all__ = ["cipher_patterns", "BitCipher", "CooccurrenceCounts", "cooccurrence_vectors", "tokenize_file", "TextChunks", "DESCRIPTOR", "MODES",
+           "WEIGHTS"]

@@ -1,0 +1,39 @@
+// Bit-cipher co-occurrence CPU kernel (docs/ops/bit_cipher.md). Torch-free:
+// raw pointers to C-contiguous buffers, sizes as int64_t.
+//
+// The cipher enters through its rank-1 form ("Kernel view"): a context word c
+// contributes psi * r_c = psi * beta_c * eta_c + psi * (1 - beta_c) * q, so
+// the kernel scatters the at most popcount(c) equal entries
+// wa[o][c] = psi(o, c) * beta_c / popcount(c) into the bits of c, and adds
+// ws[o][c] = psi(o, c) * (1 - beta_c) to one scalar per target row and block
+// (the q direction, applied once at finalisation). The pad (a position
+// outside the document) adds wpad[o] to entry 0 of the block.
+//
+// Shapes (n_off offsets, nb = n_off in concat mode, 1 in sum mode, D = b + 1):
+//   tokens (N) int32 in [0, V)        doc_offsets (n_docs + 1) int64, CSR over N
+//   bit_offsets (V + 1) int64, CSR over bit_index (nnz) int32 in [0, b)
+//   wa, ws (n_off, V) float64          wpad (n_off) float64     deltas (n_off) int64
+//   S (V, nb, D) float64, accumulated   Q (V, nb) float64, accumulated (may be
+//   null when ws is null: no noise)
+// Preconditions (checked at the csrc/ boundary, trusted here): the shapes
+// above, ids and bit indices in range, offsets from 0 non-decreasing to N.
+//
+// Determinism: each element of S and Q is owned by one thread (rows are dealt
+// to threads by t mod T) and receives its addends in corpus order (position
+// ascending, offsets ascending): the same sequence of float64 additions for
+// any thread count, any ISA level, and any split of the corpus into chunks
+// counted one after the other.
+#pragma once
+#include <cstdint>
+
+#include "embkern/cpu_isa.h"
+
+namespace embkern {
+namespace bit_cipher {
+
+EMBKERN_ISA_BEGIN
+#include "embkern/bit_cipher_api.inc"
+EMBKERN_ISA_END
+
+}  // namespace bit_cipher
+}  // namespace embkern
