@@ -1,0 +1,321 @@
+"""Bit-cipher word vectors: the reference against docs/ops/bit_cipher.md, the public API,
+streaming and merging, the tokenizer, bad input, the torch.library op."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import embkern
+from embkern.ops import bit_cipher as ops
+from embkern.reference import bit_cipher as ref
+from helpers import backend_params
+
+
+def bits_str(t):
+    return ["".join(str(int(v)) for v in row) for row in t]
+
+
+# --------------------------------------------------------------------------- patterns (the spec's tables)
+
+B4 = "1000 0100 0010 0001 0011 0101 1001 0110 1010 1100 1101 1011 0111 1110 1111".split()
+B5 = ("10000 01000 00100 00010 00001 "
+      "00011 00101 01001 10001 00110 01010 10010 01100 10100 11000 "
+      "11001 10101 01101 10011 01011 00111 11010 10110 01110 11100 "
+      "11101 01111 10111 11011 11110 11111").split()
+
+
+def test_pattern_tables_b4_b5():
+    assert bits_str(embkern.cipher_patterns(15, 4)) == B4
+    assert bits_str(embkern.cipher_patterns(31, 5)) == B5
+    # a prefix of the order for any smaller vocabulary
+    assert bits_str(embkern.cipher_patterns(7, 5)) == B5[:7]
+
+
+def test_patterns_distinct_fewest_ones_first_large_b():
+    p = embkern.cipher_patterns(50_000, 768).numpy()
+    assert p.shape == (50_000, 768) and p.dtype == np.uint8
+    pc = p.sum(1)
+    assert pc.max() == 2 and np.all(np.diff(pc) >= 0)          # at most 2 active bits (spec); b = 64: 64 + 2016 + 41664 < 50k, so 4
+    assert len({r.tobytes() for r in p}) == 50_000
+    p64 = embkern.cipher_patterns(50_000, 64).numpy()
+    assert p64.sum(1).max() == 4 and len({r.tobytes() for r in p64}) == 50_000
+
+
+def test_patterns_too_many_types():
+    with pytest.raises(ValueError, match="vocab_size.*2\\^bits - 1 = 15"):
+        embkern.cipher_patterns(16, 4)
+    with pytest.raises(ValueError, match="bits"):
+        embkern.cipher_patterns(3, 0)
+    with pytest.raises(TypeError, match="vocab_size"):
+        embkern.cipher_patterns(3.0, 4)
+
+
+# --------------------------------------------------------------------------- the cipher
+
+def zipf_corpus(V, N, n_docs, seed=0, a=1.2):
+    rng = np.random.default_rng(seed)
+    ids = np.minimum(rng.zipf(a, N) - 1, V - 1).astype(np.int64)
+    cuts = np.sort(rng.integers(0, N + 1, n_docs - 1))
+    return ids, np.concatenate([[0], cuts, [N]]).astype(np.int64)
+
+
+def test_fit_rank_ties_by_first_occurrence_and_codes_by_id():
+    ids = np.array([3, 1, 1, 0, 3, 2, 2, 5])  # counts: 3:2 1:2 2:2 0:1 5:1 4:0
+    c = embkern.BitCipher.fit(ids, vocab_size=6)
+    assert c.bits == 3  # floor(log2 6) + 1
+    assert c.counts.tolist() == [1, 2, 2, 2, 0, 1]
+    order = torch.argsort(c.rank).tolist()
+    assert order == [3, 1, 2, 0, 5, 4]  # count desc, ties by first occurrence, unseen last
+    pats = bits_str(embkern.cipher_patterns(6, 3))
+    for t in range(6):
+        assert bits_str(c.codes[t:t + 1])[0] == pats[int(c.rank[t])]
+    assert torch.allclose(c.normalised_codes.sum(1), torch.ones(6, dtype=torch.float64))
+
+
+def test_noise_definitions():
+    ids, _ = zipf_corpus(40, 3000, 5, seed=1)
+    c = embkern.BitCipher.fit(ids, vocab_size=40)
+    counts = c.counts.numpy().astype(np.float64)
+    eta = c.normalised_codes.numpy()
+    pbar = (counts[:, None] * eta).sum(0)
+    pbar /= pbar.sum()
+    q = (1 - pbar) / (1 - pbar).sum()
+    np.testing.assert_allclose(c.q.numpy(), q, rtol=1e-15)
+    for t in range(40):
+        same = int((c.counts == c.counts[t]).sum())
+        assert c.beta[t].item() == 1.0 / same
+    reps = c.reference_cipher().reps()
+    np.testing.assert_allclose(reps[:, 1:], c.beta.numpy()[:, None] * eta + (1 - c.beta.numpy()[:, None]) * q,
+                               rtol=1e-15)
+    assert np.all(reps[:, 0] == 0)
+    c0 = embkern.BitCipher.fit(ids, vocab_size=40, noise=False)
+    assert torch.all(c0.beta == 1) and torch.all(c0.q == 0)
+    np.testing.assert_array_equal(c0.reference_cipher().reps()[:, 1:], eta)
+
+
+def test_fit_stream_equals_fit_and_save_load(tmp_path):
+    ids, off = zipf_corpus(60, 5000, 9, seed=2)
+    whole = embkern.BitCipher.fit(ids, vocab_size=60)
+    chunks = [(ids[off[i]:off[i + 1]], np.array([0, off[i + 1] - off[i]])) for i in range(9)]
+    streamed = embkern.BitCipher.fit(iter(chunks), vocab_size=60)
+    for name in ("counts", "rank", "codes", "beta", "q"):
+        assert torch.equal(getattr(whole, name), getattr(streamed, name)), name
+    whole.save(tmp_path / "c.npz")
+    back = embkern.BitCipher.load(tmp_path / "c.npz")
+    for name in ("counts", "rank", "codes", "normalised_codes", "beta", "q"):
+        assert torch.equal(getattr(whole, name), getattr(back, name)), name
+
+
+# --------------------------------------------------------------------------- semantics by hand
+
+def test_tiny_corpus_by_hand():
+    """Two documents [0 1 0] [1], window 1, noise off, weight none, sum mode: every sum written out."""
+    ids = np.array([0, 1, 0, 1])
+    off = np.array([0, 3, 4])
+    c = embkern.BitCipher.fit(ids, vocab_size=3, bits=2, noise=False)
+    # counts 0:2 1:2 -> rank 0, 1; type 2 unseen -> rank 2 -> pattern 11
+    R = {0: [0, 1, 0], 1: [0, 0, 1], "pad": [1, 0, 0]}
+    F = np.zeros((3, 3))
+    corpus = [[0, 1, 0], [1]]
+    for doc in corpus:
+        for i, t in enumerate(doc):
+            for d in (-1, 0, 1):
+                j = i + d
+                F[t] += R[doc[j]] if 0 <= j < len(doc) else R["pad"]
+    counts = embkern.CooccurrenceCounts(c, 1, "sum", "none", True, backend="reference").update(ids, off)
+    np.testing.assert_array_equal(counts.totals().numpy(), F)
+    v = counts.vectors(eps=1e-3).numpy()
+    G = np.where(F == 0, 1e-3, F)
+    np.testing.assert_allclose(v, (-np.log10(G / G.sum(1, keepdims=True))).astype(np.float32), rtol=1e-6)
+    # the unseen type's row: all eps -> log10(b + 1)
+    np.testing.assert_allclose(v[2], np.full(3, math.log10(3)), rtol=1e-6)
+
+
+def test_weights_and_offsets():
+    c = embkern.BitCipher.fit(np.array([0, 1, 1, 2, 2, 2]), vocab_size=3)
+    psi, wpad = ref.weight_table(c.reference_cipher(), 2, True, "inv")
+    assert ref.deltas(2, True) == [-2, -1, 0, 1, 2] and ref.deltas(2, False) == [-2, -1, 1, 2]
+    np.testing.assert_array_equal(psi[:, 0], [0.5, 1, 1, 1, 0.5])
+    np.testing.assert_array_equal(wpad, [0.5, 1, 1, 1, 0.5])
+    psi, wpad = ref.weight_table(c.reference_cipher(), 2, True, "cos2")
+    p = c.counts.numpy() / 6
+    np.testing.assert_allclose(psi[0], np.cos(2 * math.pi * p) ** 2)
+    np.testing.assert_array_equal(psi[2], 1.0)
+    np.testing.assert_array_equal(wpad, 1.0)
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+def test_empty_corpus_defined(backend):
+    c = embkern.BitCipher.fit(np.zeros(0, dtype=np.int64), vocab_size=5)
+    assert c.bits == 3 and torch.all(c.q == 1 / 3)
+    v = embkern.cooccurrence_vectors(np.zeros(0, dtype=np.int64), np.array([0]), c, backend=backend)
+    assert v.shape == (5, 4) and v.dtype == torch.float32
+    np.testing.assert_allclose(v.numpy(), math.log10(4), rtol=1e-6)
+    v = embkern.cooccurrence_vectors(np.zeros(0, dtype=np.int64), np.array([0, 0, 0]), c, mode="concat",
+                                     window=2, backend=backend)
+    assert v.shape == (5, 5 * 4)
+
+
+# --------------------------------------------------------------------------- streaming and merging
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+@pytest.mark.parametrize("mode", ["sum", "concat"])
+def test_chunked_equals_one_pass_equals_merged(backend, mode):
+    ids, off = zipf_corpus(80, 6000, 30, seed=3)
+    c = embkern.BitCipher.fit(ids, vocab_size=80)
+    one = embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend).update(ids, off)
+    # chunks of whole documents, counted one after the other
+    cuts = [0, 7, 8, 19, 30]
+    chunks = [(ids[off[a]:off[b]], off[a:b + 1] - off[a]) for a, b in zip(cuts[:-1], cuts[1:])]
+    seq = embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend)
+    for t, o in chunks:
+        seq.update(t, o)
+    streamed = embkern.cooccurrence_vectors(iter(chunks), None, c, window=4, mode=mode, backend=backend,
+                                            progress=False)
+    if backend == "cpu":  # corpus-order sums: the same float64 bits
+        assert torch.equal(seq.S, one.S) and torch.equal(seq.Q, one.Q)
+    else:  # the reference adds offset by offset over a chunk: equal up to float64 rounding
+        torch.testing.assert_close(seq.totals(), one.totals(), rtol=1e-11, atol=0)
+    assert torch.equal(streamed, one.vectors())
+    # shards counted separately, merged in two groupings
+    shards = [embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend).update(t, o)
+              for t, o in chunks]
+    m1 = embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend)
+    for s in shards:
+        m1.merge(s)
+    m2 = embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend)
+    m2.merge(shards[3].merge(shards[2])).merge(shards[1].merge(shards[0]))
+    torch.testing.assert_close(m1.totals(), one.totals(), rtol=1e-11, atol=0)
+    assert torch.equal(m1.vectors(), one.vectors()) and torch.equal(m2.vectors(), one.vectors())
+    assert m1.n_tokens == one.n_tokens == 6000 and m1.n_docs == 30
+
+
+def test_merge_rejects_other_settings():
+    ids, off = zipf_corpus(20, 500, 3)
+    c = embkern.BitCipher.fit(ids, vocab_size=20)
+    a = embkern.CooccurrenceCounts(c, 2)
+    with pytest.raises(ValueError, match="other: expected counts of the same"):
+        a.merge(embkern.CooccurrenceCounts(c, 3))
+    with pytest.raises(TypeError, match="other"):
+        a.merge(1)
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_bad_input():
+    ids, off = zipf_corpus(20, 500, 3)
+    c = embkern.BitCipher.fit(ids, vocab_size=20)
+    with pytest.raises(ValueError, match=r"token_ids: expected token ids in \[0, 20\).*token_ids\[1\] = -1"):
+        embkern.cooccurrence_vectors(np.array([0, -1, 2]), None, c)
+    with pytest.raises(ValueError, match=r"token_ids.*\[0, 20\).*= 20"):
+        embkern.cooccurrence_vectors(np.array([0, 20]), None, c)
+    with pytest.raises(ValueError, match="doc_offsets: expected non-decreasing"):
+        embkern.cooccurrence_vectors(np.array([0, 1, 2]), np.array([0, 2, 1, 3]), c)
+    with pytest.raises(ValueError, match="doc_offsets"):
+        embkern.cooccurrence_vectors(np.array([0, 1, 2]), np.array([0, 2]), c)
+    with pytest.raises(ValueError, match="window: expected an int >= 1"):
+        embkern.cooccurrence_vectors(ids, off, c, window=0)
+    with pytest.raises(ValueError, match="mode"):
+        embkern.cooccurrence_vectors(ids, off, c, mode="mean")
+    with pytest.raises(ValueError, match="weight"):
+        embkern.cooccurrence_vectors(ids, off, c, weight="exp")
+    with pytest.raises(TypeError, match="token_ids"):
+        embkern.cooccurrence_vectors(np.array([0.5, 1.0]), None, c)
+    with pytest.raises(ValueError, match="eps"):
+        embkern.cooccurrence_vectors(ids, off, c, eps=0.0)
+    with pytest.raises(TypeError, match="cipher"):
+        embkern.CooccurrenceCounts("cipher")
+    with pytest.raises(ValueError, match="bits: expected bits with 2\\^bits - 1 >= vocab_size = 20"):
+        embkern.BitCipher.fit(ids, vocab_size=20, bits=4)
+    with pytest.raises(ValueError, match=r"token_ids.*\[0, 10\)"):
+        embkern.BitCipher.fit(ids, vocab_size=10)
+    with pytest.raises(ValueError, match="token_ids.*= -3"):
+        embkern.BitCipher.fit(np.array([1, -3]))
+    with pytest.raises(ValueError, match="vocab_size: expected an int >= 1 for an empty corpus"):
+        embkern.BitCipher.fit(np.zeros(0, dtype=np.int64))
+    with pytest.raises(ValueError, match="backend"):
+        embkern.cooccurrence_vectors(ids, off, c, backend="gpu")
+
+
+# --------------------------------------------------------------------------- the op
+
+def test_opcheck():
+    ids, off = zipf_corpus(30, 400, 4, seed=4)
+    c = embkern.BitCipher.fit(ids, vocab_size=30)
+    cc = embkern.CooccurrenceCounts(c, 2, "concat", "cos2", True, backend="reference")
+    args = (torch.as_tensor(ids, dtype=torch.int32), torch.as_tensor(off), cc._psi, cc._wpad, cc._reps,
+            cc._bit_offsets, cc._bit_index, cc._wa, cc._ws, cc._deltas, cc.S, cc.Q, True)
+    for be in ("reference", "cpu"):
+        torch.library.opcheck(torch.ops.embkern.bit_cipher_count.default, args + (be,))
+
+
+def test_compiled_count_update():
+    ids, off = zipf_corpus(30, 400, 4, seed=5)
+    c = embkern.BitCipher.fit(ids, vocab_size=30)
+    eager = embkern.CooccurrenceCounts(c, 2, backend="cpu")
+    comp = embkern.CooccurrenceCounts(c, 2, backend="cpu")
+    t, o = torch.as_tensor(ids, dtype=torch.int32), torch.as_tensor(off)
+
+    def step(cc, t, o):
+        ops.bit_cipher_count(t, o, cc._psi, cc._wpad, cc._reps, cc._bit_offsets, cc._bit_index, cc._wa, cc._ws,
+                             cc._deltas, cc.S, cc.Q, False, "cpu")
+        return cc.S.sum()
+
+    step(eager, t, o)
+    torch.compile(lambda t, o: step(comp, t, o), fullgraph=True)(t, o)
+    assert torch.equal(eager.S, comp.S) and torch.equal(eager.Q, comp.Q)
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+def test_tokenize_file(tmp_path):
+    p = tmp_path / "t.txt"
+    p.write_text("The cat, the dog!\n\nA cat-dog? 42\nthe end\n", encoding="utf-8")
+    ids, off, vocab = embkern.tokenize_file(p)
+    assert vocab == ["the", "cat", "dog", "a", "42", "end"]
+    assert ids.tolist() == [0, 1, 0, 2, 3, 1, 2, 4, 0, 5] and off.tolist() == [0, 4, 8, 10]
+    ids, off, vocab = embkern.tokenize_file(p, blank_line_docs=True, min_count=2)
+    assert vocab == ["the", "cat", "dog"]
+    assert ids.tolist() == [0, 1, 0, 2, 1, 2, 0] and off.tolist() == [0, 4, 7]
+    chunks, none, vocab2 = embkern.tokenize_file(p, chunk_tokens=3)
+    assert none is None
+    got = list(chunks)
+    assert [o.tolist() for _, o in got] == [[0, 4], [0, 4], [0, 2]]
+    assert list(chunks)[2][0].tolist() == [0, 5]  # re-iterable
+    with pytest.raises(ValueError, match="path"):
+        embkern.tokenize_file(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="min_count"):
+        embkern.tokenize_file(p, min_count=0)
+
+
+def test_tokenize_then_vectors_streamed_equals_in_memory(tmp_path):
+    rng = np.random.default_rng(7)
+    words = [f"w{i}" for i in range(50)]
+    lines = [" ".join(words[min(int(z) - 1, 49)] for z in rng.zipf(1.3, rng.integers(1, 40))) for _ in range(60)]
+    p = tmp_path / "c.txt"
+    p.write_text("\n".join(lines) + "\n")
+    ids, off, vocab = embkern.tokenize_file(p)
+    c = embkern.BitCipher.fit(ids, vocab_size=len(vocab))
+    chunks, _, vocab2 = embkern.tokenize_file(p, chunk_tokens=100)
+    c2 = embkern.BitCipher.fit(chunks, vocab_size=len(vocab))
+    assert vocab2 == vocab and torch.equal(c.codes, c2.codes)
+    a = embkern.cooccurrence_vectors(ids, off, c, backend="cpu")
+    b = embkern.cooccurrence_vectors(chunks, None, c2, backend="cpu", progress=False)
+    assert torch.equal(a, b)
+
+
+def test_real_data_head500():
+    from embkern.bench.bit_cipher import corpus_path
+
+    path = corpus_path()
+    if path is None:
+        pytest.skip("gensim's head500.noblanks.cor is not installed (pip install --no-deps gensim)")
+    chunks, _, vocab = embkern.tokenize_file(path, chunk_tokens=50_000)
+    c = embkern.BitCipher.fit(chunks, vocab_size=len(vocab))
+    v = embkern.cooccurrence_vectors(chunks, None, c, backend="cpu", progress=False)
+    assert v.shape == (len(vocab), c.bits + 1) and bool(torch.isfinite(v).all())
+    # the most frequent words get the lowest-level patterns
+    top = torch.argsort(c.rank)[:c.bits]
+    assert torch.all(c.codes[top].sum(1) == 1)

@@ -1,0 +1,135 @@
+"""C++ CPU kernel of bit-cipher counting against the reference: every mode, weight and flag,
+empty and one-token documents, windows longer than the document; the same bits for every
+thread count and ISA level; the raw binding's checks."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import embkern
+from helpers import cpu_module
+
+C = cpu_module()
+BC = C.bit_cipher
+LEVELS = list(C.isa_info()["available"])
+
+
+def zipf_corpus(V, N, seed, a=1.2):
+    """Zipf ids with empty documents, one-token documents and long ones."""
+    rng = np.random.default_rng(seed)
+    lens = []
+    left = N
+    while left > 0:
+        k = min(int(rng.choice([0, 1, 2, 3, 7, 40, 300])), left)
+        lens.append(k)
+        left -= k
+    lens = [0] + lens[:3] + [0, 1, 0] + lens[3:] + [0]
+    off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    ids = np.minimum(rng.zipf(a, int(off[-1])) - 1, V - 1).astype(np.int64)
+    return ids, off
+
+
+GRID = list(itertools.product(["sum", "concat"], ["none", "inv", "cos2"], [True, False], [True, False]))
+
+
+@pytest.mark.parametrize("mode,weight,include_center,noise", GRID,
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("window", [1, 5, 400])  # 400: longer than every document
+def test_cpu_matches_reference(mode, weight, include_center, noise, window):
+    V = 120
+    ids, off = zipf_corpus(V, 3000, seed=window)
+    c = embkern.BitCipher.fit(ids, vocab_size=V, noise=noise)
+    kw = dict(window=window, mode=mode, weight=weight, include_center=include_center)
+    a = embkern.CooccurrenceCounts(c, backend="reference", **kw).update(ids, off)
+    b = embkern.CooccurrenceCounts(c, backend="cpu", **kw).update(ids, off)
+    torch.testing.assert_close(b.totals(), a.totals(), rtol=1e-12, atol=1e-12)
+    va, vb = a.vectors(), b.vectors()
+    torch.testing.assert_close(vb, va, rtol=2e-6, atol=2e-6)
+    # the pad and q parts land where the formula says: the rows of types never seen stay zero
+    unseen = c.counts == 0
+    assert torch.all(b.totals()[unseen] == 0)
+
+
+@pytest.mark.parametrize("mode", ["sum", "concat"])
+def test_thread_count_invariance(mode):
+    ids, off = zipf_corpus(500, 20_000, seed=11)
+    c = embkern.BitCipher.fit(ids, vocab_size=500)
+    before = C.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3, 5):
+            C.set_num_threads(n)
+            cc = embkern.CooccurrenceCounts(c, 5, mode, "cos2", backend="cpu").update(ids, off)
+            outs.append((cc.S.clone(), cc.Q.clone()))
+    finally:
+        C.set_num_threads(before)
+    for S, Q in outs[1:]:
+        assert torch.equal(S, outs[0][0]) and torch.equal(Q, outs[0][1])
+
+
+@pytest.mark.skipif(len(LEVELS) < 2, reason="this CPU runs one ISA level")
+def test_same_bits_at_every_isa_level():
+    ids, off = zipf_corpus(300, 10_000, seed=12)
+    c = embkern.BitCipher.fit(ids, vocab_size=300)
+    before = C.isa_info()["active"]
+    outs = {}
+    try:
+        for level in LEVELS:
+            C.set_isa(level)
+            cc = embkern.CooccurrenceCounts(c, 3, "concat", "inv", backend="cpu").update(ids, off)
+            outs[level] = (cc.S.clone(), cc.Q.clone())
+    finally:
+        C.set_isa(before)
+    for level in LEVELS[1:]:
+        assert torch.equal(outs[level][0], outs[LEVELS[0]][0]) and torch.equal(outs[level][1], outs[LEVELS[0]][1])
+
+
+def _raw_args(V=10, b=4, N=20, n_off=3, concat=False):
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, V, N).astype(np.int32)
+    doff = np.array([0, 5, N], dtype=np.int64)
+    boff = np.arange(V + 1, dtype=np.int64)
+    bidx = (np.arange(V) % b).astype(np.int32)
+    nb = n_off if concat else 1
+    return dict(token_ids=tok, doc_offsets=doff, bit_offsets=boff, bit_index=bidx, wa=np.ones((n_off, V)),
+                ws=np.ones((n_off, V)), wpad=np.ones(n_off), deltas=np.array([-1, 0, 1], dtype=np.int64),
+                S=np.zeros((V, nb, b + 1)), Q=np.zeros((V, nb)), concat=concat)
+
+
+def test_raw_binding_counts_and_checks():
+    a = _raw_args()
+    BC.count(**a)
+    # every position adds 3 offsets' weights (1 each) into its row: mass 3 N in S; the q scalar gets
+    # one 1 per offset inside the document: 3 N minus the 4 pads of the two documents' ends
+    assert a["S"].sum() == 3 * 20 and a["Q"].sum() == 3 * 20 - 4
+    bad = [
+        (dict(token_ids=np.array([0, 10] + [1] * 18, dtype=np.int32)), ValueError, r"token_ids: expected token ids in \[0, 10\)"),
+        (dict(token_ids=np.array([-1] * 20, dtype=np.int32)), ValueError, "token_ids"),
+        (dict(token_ids=np.zeros(20, dtype=np.int64)), TypeError, "token_ids: expected dtype int32"),
+        (dict(doc_offsets=np.array([0, 9, 5, 20], dtype=np.int64)), ValueError, "doc_offsets: expected non-decreasing"),
+        (dict(doc_offsets=np.array([0, 5, 19], dtype=np.int64)), ValueError, "doc_offsets.*== len\\(token_ids\\)"),
+        (dict(bit_index=np.full(10, 4, dtype=np.int32)), ValueError, r"bit_index: expected bit positions in \[0, 4\)"),
+        (dict(bit_offsets=np.arange(11, dtype=np.int64)[::-1].copy()), ValueError, "bit_offsets"),
+        (dict(S=np.zeros((9, 1, 5))), ValueError, "S: expected shape"),
+        (dict(S=np.zeros((10, 2, 5))), ValueError, "S: expected shape"),
+        (dict(wa=np.ones((2, 10))), ValueError, "wa: expected shape"),
+        (dict(Q=None), ValueError, "ws, Q"),
+        (dict(Q=np.zeros((10, 1), dtype=np.float32)), TypeError, "Q: expected dtype float64"),
+        (dict(deltas=np.array([-(1 << 41), 0, 1], dtype=np.int64)), ValueError, "deltas"),
+        (dict(wpad=np.ones(4)), ValueError, "wpad"),
+    ]
+    for change, exc, msg in bad:
+        args = _raw_args()
+        args.update(change)
+        with pytest.raises(exc, match=msg):
+            BC.count(**args)
+    ro = _raw_args()
+    ro["S"].setflags(write=False)
+    with pytest.raises(ValueError, match="S: expected a writable buffer"):
+        BC.count(**ro)
+    a = _raw_args()
+    a.update(ws=None, Q=None)
+    BC.count(**a)  # no noise
+    assert a["S"].sum() == 60
