@@ -1,7 +1,7 @@
 // Bindings for src/cpu/bit_cipher.cpp: embkern._C.bit_cipher.count
 //
 // Takes numpy arrays (zero-copy views of torch CPU tensors) and adds one
-// chunk's co-occurrence sums into S and Q in place. Everything src/ relies on
+// chunk's co-occurrence sums into A in place. Everything src/ relies on
 // is checked here -- dtypes, ranks, shapes against V, b and the offsets,
 // C-contiguity, writable accumulators, token ids in [0, V), bit indices in
 // [0, b) with at most b a type, both CSR offset arrays -- and reported as
@@ -28,16 +28,15 @@ View<T> req(const py::object& obj, const char* name, int ndim, bool writable = f
 constexpr int64_t kMaxDelta = int64_t(1) << 40;
 
 void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_, py::object bit_index_,
-           py::object wa_, py::object ws_, py::object wpad_, py::object deltas_, py::object S_, py::object Q_,
+           py::object wa_, py::object ws_, py::object wpad_, py::object deltas_, py::object load_, py::object A_,
            bool concat) {
   auto boff = req<int64_t>(bit_offsets_, "bit_offsets", 1);
   if (boff.size(0) < 1) value_error("bit_offsets: expected shape (V + 1,) with V >= 0, got (0,)");
   const int64_t V = boff.size(0) - 1;
-  auto S = req<double>(S_, "S", 3, true);
-  expect_shape(S, "S", {V, -1, -1});
-  const int64_t D = S.size(2);
-  if (D < 2) value_error("S: expected S.shape[2] = bits + 1 >= 2, got " + std::to_string(D));
-  const int64_t bits = D - 1;
+  auto A = req<double>(A_, "A", 3, true);
+  expect_shape(A, "A", {V, -1, -1});
+  if (A.size(2) < 3) value_error("A: expected A.shape[2] = bits + 2 >= 3, got " + std::to_string(A.size(2)));
+  const int64_t bits = A.size(2) - 2;
   auto bidx = req<int32_t>(bit_index_, "bit_index", 1);
   check_csr_offsets(boff.data, V, bidx.size(0), "bit_offsets", "len(bit_index)", bits);
   check_indices(bidx.data, bidx.size(0), bits, "bit_index", "bit positions");
@@ -48,19 +47,22 @@ void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_,
       value_error("deltas: expected |delta| < 2^40, got deltas[" + std::to_string(o) +
                   "] = " + std::to_string(deltas.data[o]));
   const int64_t nb = concat ? n_off : 1;
-  expect_shape(S, "S", {V, nb, D});
+  expect_shape(A, "A", {V, nb, bits + 2});
   auto wa = req<double>(wa_, "wa", 2);
   expect_shape(wa, "wa", {n_off, V});
   auto wpad = req<double>(wpad_, "wpad", 1);
   expect_shape(wpad, "wpad", {n_off});
-  View<double> ws, Q;
-  if (ws_.is_none() != Q_.is_none()) value_error("ws, Q: expected both None (no noise) or both arrays");
+  View<double> ws;
   if (!ws_.is_none()) {
     ws = req<double>(ws_, "ws", 2);
     expect_shape(ws, "ws", {n_off, V});
-    Q = req<double>(Q_, "Q", 2, true);
-    expect_shape(Q, "Q", {V, nb});
   }
+  auto load = req<int64_t>(load_, "load", 1);
+  expect_shape(load, "load", {V});
+  for (int64_t t = 0; t < V; ++t)
+    if (load.data[t] < 0 || load.data[t] > (int64_t(1) << 56))
+      value_error("load: expected per-type counts in [0, 2^56], got load[" + std::to_string(t) +
+                  "] = " + std::to_string(load.data[t]));
   auto tok = req<int32_t>(tokens_, "token_ids", 1);
   const int64_t N = tok.size(0);
   check_indices(tok.data, N, V, "token_ids", "token ids");
@@ -70,7 +72,7 @@ void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_,
   check_csr_offsets(doff.data, n_docs, N, "doc_offsets", "len(token_ids)");
   run_nogil(0, "bit_cipher.count", [&] {
     bit_cipher::count(tok.data, N, doff.data, n_docs, boff.data, bidx.data, wa.data, ws.data, wpad.data,
-                      deltas.data, n_off, concat, V, bits, S.data, Q.data);
+                      deltas.data, n_off, concat, V, bits, load.data, A.data);
   });
 }
 
@@ -79,12 +81,13 @@ void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_,
 void register_bit_cipher(py::module_& m) {
   using py::arg;
   m.def("count", &count, arg("token_ids"), arg("doc_offsets"), arg("bit_offsets"), arg("bit_index"), arg("wa"),
-        arg("ws"), arg("wpad"), arg("deltas"), arg("S"), arg("Q"), arg("concat"),
-        "Adds one chunk's bit-cipher co-occurrence sums into S (V, nb, b + 1) and Q (V, nb) (float64, in place). "
+        arg("ws"), arg("wpad"), arg("deltas"), arg("load"), arg("A"), arg("concat"),
+        "Adds one chunk's bit-cipher co-occurrence sums into A (V, nb, b + 2) float64 in place, each block "
+        "[pad, bit 0 .. bit b-1, q weight]. "
         "token_ids (N,) int32 in [0, V); doc_offsets (n_docs + 1,) int64 CSR over N; bit_offsets (V + 1,) int64 "
         "and bit_index (nnz,) int32: the active bits of each type; wa, ws (n_off, V) float64: the bit and q "
-        "weights of a context type at each offset (ws and Q None without noise); wpad (n_off,) the pad's "
-        "weights; deltas (n_off,) int64 the offsets; concat: one block per offset.");
+        "weights of a context type at each offset (ws None without noise); wpad (n_off,) the pad's "
+        "weights; deltas (n_off,) int64 the offsets; load (V,) int64 the counts of the cipher (how rows are dealt to threads; no effect on the result); concat: one block per offset.");
 }
 
 }  // namespace embkern

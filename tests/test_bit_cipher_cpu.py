@@ -62,11 +62,11 @@ def test_thread_count_invariance(mode):
         for n in (1, 2, 3, 5):
             C.set_num_threads(n)
             cc = embkern.CooccurrenceCounts(c, 5, mode, "cos2", backend="cpu").update(ids, off)
-            outs.append((cc.S.clone(), cc.Q.clone()))
+            outs.append(cc.A.clone())
     finally:
         C.set_num_threads(before)
-    for S, Q in outs[1:]:
-        assert torch.equal(S, outs[0][0]) and torch.equal(Q, outs[0][1])
+    for A in outs[1:]:
+        assert torch.equal(A, outs[0])
 
 
 @pytest.mark.skipif(len(LEVELS) < 2, reason="this CPU runs one ISA level")
@@ -79,11 +79,11 @@ def test_same_bits_at_every_isa_level():
         for level in LEVELS:
             C.set_isa(level)
             cc = embkern.CooccurrenceCounts(c, 3, "concat", "inv", backend="cpu").update(ids, off)
-            outs[level] = (cc.S.clone(), cc.Q.clone())
+            outs[level] = cc.A.clone()
     finally:
         C.set_isa(before)
     for level in LEVELS[1:]:
-        assert torch.equal(outs[level][0], outs[LEVELS[0]][0]) and torch.equal(outs[level][1], outs[LEVELS[0]][1])
+        assert torch.equal(outs[level], outs[LEVELS[0]])
 
 
 def _raw_args(V=10, b=4, N=20, n_off=3, concat=False):
@@ -94,16 +94,16 @@ def _raw_args(V=10, b=4, N=20, n_off=3, concat=False):
     bidx = (np.arange(V) % b).astype(np.int32)
     nb = n_off if concat else 1
     return dict(token_ids=tok, doc_offsets=doff, bit_offsets=boff, bit_index=bidx, wa=np.ones((n_off, V)),
-                ws=np.ones((n_off, V)), wpad=np.ones(n_off), deltas=np.array([-1, 0, 1], dtype=np.int64),
-                S=np.zeros((V, nb, b + 1)), Q=np.zeros((V, nb)), concat=concat)
+                ws=np.ones((n_off, V)), wpad=np.ones(n_off), deltas=np.array([-1, 0, 1], dtype=np.int64), load=np.arange(V, dtype=np.int64),
+                A=np.zeros((V, nb, b + 2)), concat=concat)
 
 
 def test_raw_binding_counts_and_checks():
     a = _raw_args()
     BC.count(**a)
-    # every position adds 3 offsets' weights (1 each) into its row: mass 3 N in S; the q scalar gets
-    # one 1 per offset inside the document: 3 N minus the 4 pads of the two documents' ends
-    assert a["S"].sum() == 3 * 20 and a["Q"].sum() == 3 * 20 - 4
+    # every position adds 3 offsets' weights (1 each) into its row: mass 3 N in the pad and bits; the q
+    # weight gets one 1 per offset inside the document: 3 N minus the 4 pads of the two documents' ends
+    assert a["A"][..., :-1].sum() == 3 * 20 and a["A"][..., -1].sum() == 3 * 20 - 4
     bad = [
         (dict(token_ids=np.array([0, 10] + [1] * 18, dtype=np.int32)), ValueError, r"token_ids: expected token ids in \[0, 10\)"),
         (dict(token_ids=np.array([-1] * 20, dtype=np.int32)), ValueError, "token_ids"),
@@ -112,13 +112,15 @@ def test_raw_binding_counts_and_checks():
         (dict(doc_offsets=np.array([0, 5, 19], dtype=np.int64)), ValueError, "doc_offsets.*== len\\(token_ids\\)"),
         (dict(bit_index=np.full(10, 4, dtype=np.int32)), ValueError, r"bit_index: expected bit positions in \[0, 4\)"),
         (dict(bit_offsets=np.arange(11, dtype=np.int64)[::-1].copy()), ValueError, "bit_offsets"),
-        (dict(S=np.zeros((9, 1, 5))), ValueError, "S: expected shape"),
-        (dict(S=np.zeros((10, 2, 5))), ValueError, "S: expected shape"),
+        (dict(A=np.zeros((9, 1, 6))), ValueError, "A: expected shape"),
+        (dict(A=np.zeros((10, 2, 6))), ValueError, "A: expected shape"),
+        (dict(A=np.zeros((10, 1, 6), dtype=np.float32)), TypeError, "A: expected dtype float64"),
         (dict(wa=np.ones((2, 10))), ValueError, "wa: expected shape"),
-        (dict(Q=None), ValueError, "ws, Q"),
-        (dict(Q=np.zeros((10, 1), dtype=np.float32)), TypeError, "Q: expected dtype float64"),
+        (dict(ws=np.ones((3, 9))), ValueError, "ws: expected shape"),
         (dict(deltas=np.array([-(1 << 41), 0, 1], dtype=np.int64)), ValueError, "deltas"),
         (dict(wpad=np.ones(4)), ValueError, "wpad"),
+        (dict(load=np.full(10, -1, dtype=np.int64)), ValueError, "load: expected per-type counts"),
+        (dict(load=np.ones(9, dtype=np.int64)), ValueError, "load: expected shape"),
     ]
     for change, exc, msg in bad:
         args = _raw_args()
@@ -126,10 +128,10 @@ def test_raw_binding_counts_and_checks():
         with pytest.raises(exc, match=msg):
             BC.count(**args)
     ro = _raw_args()
-    ro["S"].setflags(write=False)
-    with pytest.raises(ValueError, match="S: expected a writable buffer"):
+    ro["A"].setflags(write=False)
+    with pytest.raises(ValueError, match="A: expected a writable buffer"):
         BC.count(**ro)
     a = _raw_args()
-    a.update(ws=None, Q=None)
-    BC.count(**a)  # no noise
-    assert a["S"].sum() == 60
+    a.update(ws=None)
+    BC.count(**a)  # no noise: the q weights stay 0
+    assert a["A"][..., :-1].sum() == 60 and a["A"][..., -1].sum() == 0

@@ -1,17 +1,19 @@
 // CPU kernel of bit-cipher co-occurrence counting (docs/ops/bit_cipher.md,
 // "Kernel view").
 //
-// Work split: row t of S and Q belongs to thread t mod T. Every thread walks
+// Work split: row t of S and Q belongs to one thread (deal() below). Every thread walks
 // the whole chunk (reading 4 bytes a token, ~1% of the work of a token it
 // owns) and does the scatter-adds of the positions whose target it owns. So
 // no element is written by two threads, and each element sees its addends in
 // corpus order whatever T is: the float64 sums are the same bits for every
 // thread count, and a corpus counted in consecutive chunks gives the same
-// bits as one call. Dealing rows by t mod T (rather than in ranges) spreads
-// the few very frequent types of a Zipf corpus over the threads.
+// bits as one call. Rows are dealt by the cipher's counts (longest
+// processing time first), which balances the tokens of a Zipf corpus.
 //
 // Per owned position: n_off offsets x (popcount(c) + 1) adds into the one
-// row S[t] (b + 1 doubles a block), which stays in L1 for the position;
+// row A[t] (b + 2 doubles a block: the pad entry, the b bits, and the q
+// weight beside them, so that two threads never share the cache line of a
+// row's scalar), which stays in L1 for the position;
 // interior positions (the whole window inside the document) skip the
 // bounds test. The code is scalar: the adds go to popcount(c) <= 3 scattered
 // entries (b = 64, V = 50k), nothing to vectorise, and the same scalar
@@ -22,6 +24,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace embkern {
 namespace bit_cipher {
@@ -36,16 +39,16 @@ struct Ctx {
   const double* ws;
   const double* wpad;
   const int64_t* deltas;
-  int64_t n_off, V, D;
-  bool concat;
+  int64_t n_off, V, E;  // E = b + 2: the entries of one block of a row
 };
 
-// The adds of position i (document [lo, hi)) into row `srow` / `qrow`.
-template <bool kInterior, bool kNoise>
-inline void position(const Ctx& c, int64_t i, int64_t lo, int64_t hi, double* srow, double* qrow) {
+// The adds of position i (document [lo, hi)) into row `row` of A.
+template <bool kInterior, bool kNoise, bool kConcat>
+inline void position(const Ctx& c, int64_t i, int64_t lo, int64_t hi, double* row) {
+  const int64_t q_at = c.E - 1;
   for (int64_t o = 0; o < c.n_off; ++o) {
     const int64_t j = i + c.deltas[o];
-    double* blk = c.concat ? srow + o * c.D : srow;
+    double* blk = kConcat ? row + o * c.E : row;
     if (!kInterior && (j < lo || j >= hi)) {
       blk[0] += c.wpad[o];
       continue;
@@ -53,31 +56,78 @@ inline void position(const Ctx& c, int64_t i, int64_t lo, int64_t hi, double* sr
     const int64_t w = c.tok[j];
     const double a = c.wa[o * c.V + w];
     for (int64_t k = c.boff[w], e = c.boff[w + 1]; k < e; ++k) blk[1 + c.bidx[k]] += a;
-    if (kNoise) (c.concat ? qrow[o] : qrow[0]) += c.ws[o * c.V + w];
+    if (kNoise) blk[q_at] += c.ws[o * c.V + w];
   }
 }
 
-template <bool kNoise>
-void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_delta, int64_t hi_delta, double* S,
-         double* Q) {
-  const int64_t nb = c.concat ? c.n_off : 1;
-#pragma omp parallel
+// Types dealt to T threads by the longest-processing-time rule on `load`
+// (the cipher's counts: a type's share of the work): heaviest first, each to
+// the least loaded thread, ties to the lower thread and the lower id. With a
+// Zipf corpus dealing by t mod T leaves the thread of the most frequent type
+// ~10% more tokens (a = 1.1); this leaves < 1%. Which thread owns a row
+// changes no result (each row's addends come in corpus order either way).
+void deal(const int64_t* load, int64_t V, int T, std::vector<uint16_t>& owner) {
+  owner.assign(static_cast<size_t>(V), 0);
+  if (T <= 1) return;
+  std::vector<int64_t> order(static_cast<size_t>(V));
+  for (int64_t t = 0; t < V; ++t) order[t] = t;
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    return load[a] != load[b] ? load[a] > load[b] : a < b;
+  });
+  std::vector<int64_t> sum(static_cast<size_t>(T), 0);
+  for (int64_t t : order) {
+    int best = 0;
+    for (int k = 1; k < T; ++k)
+      if (sum[k] < sum[best]) best = k;
+    owner[t] = static_cast<uint16_t>(best);
+    sum[best] += load[t] + 1;  // + 1: types of count 0 still spread
+  }
+}
+
+template <bool kNoise, bool kConcat>
+void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_delta, int64_t hi_delta,
+         const int64_t* load, double* A) {
+  const int64_t nb = kConcat ? c.n_off : 1;  // rows are nb * E doubles
+  std::vector<uint16_t> owner;
+  const int max_threads = std::min(omp_get_max_threads(), 65535);
+#pragma omp parallel num_threads(max_threads)
   {
-    const int64_t T = omp_get_num_threads();
-    const int64_t me = omp_get_thread_num();
+    const int me = omp_get_thread_num();
+    if (me == 0) deal(load, c.V, omp_get_num_threads(), owner);
+#pragma omp barrier
+    // (thread 0 and a barrier rather than `omp single`: _C forwards only the
+    // OpenMP entry points listed in csrc/omp_runtime.cpp)
+    const bool all = omp_get_num_threads() == 1;
+    const uint16_t* own = owner.data();
+    // Positions this thread owns, gathered branch-free a block at a time: a
+    // test-and-skip per token mispredicts about half the time with 2 threads
+    // (~15 cycles of the ~100 a position costs). kBlock positions (32 KB) keep
+    // the scratch independent of the chunk length.
+    constexpr int64_t kBlock = 4096;
+    int64_t mine[kBlock];
     for (int64_t d = 0; d < n_docs; ++d) {
       const int64_t lo = doc_offsets[d], hi = doc_offsets[d + 1];
       // interior: lo <= i + lo_delta and i + hi_delta < hi
       const int64_t in_lo = std::min(hi, lo - lo_delta), in_hi = std::max(in_lo, hi - hi_delta);
-      for (int64_t i = lo; i < hi; ++i) {
-        const int64_t t = c.tok[i];
-        if (t % T != me) continue;
-        double* srow = S + t * nb * c.D;
-        double* qrow = kNoise ? Q + t * nb : nullptr;
-        if (i >= in_lo && i < in_hi)
-          position<true, kNoise>(c, i, lo, hi, srow, qrow);
-        else
-          position<false, kNoise>(c, i, lo, hi, srow, qrow);
+      for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
+        const int64_t b1 = std::min(hi, b0 + kBlock);
+        int64_t n = 0;
+        if (all) {
+          for (int64_t i = b0; i < b1; ++i) mine[n++] = i;
+        } else {
+          for (int64_t i = b0; i < b1; ++i) {
+            mine[n] = i;
+            n += own[c.tok[i]] == me;
+          }
+        }
+        for (int64_t k = 0; k < n; ++k) {
+          const int64_t i = mine[k];
+          double* row = A + int64_t(c.tok[i]) * nb * c.E;
+          if (i >= in_lo && i < in_hi)
+            position<true, kNoise, kConcat>(c, i, lo, hi, row);
+          else
+            position<false, kNoise, kConcat>(c, i, lo, hi, row);
+        }
       }
     }
   }
@@ -87,19 +137,24 @@ void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_de
 
 void count(const int32_t* tokens, int64_t n_tokens, const int64_t* doc_offsets, int64_t n_docs,
            const int64_t* bit_offsets, const int32_t* bit_index, const double* wa, const double* ws,
-           const double* wpad, const int64_t* deltas, int64_t n_off, bool concat, int64_t V, int64_t bits, double* S,
-           double* Q) {
+           const double* wpad, const int64_t* deltas, int64_t n_off, bool concat, int64_t V, int64_t bits,
+           const int64_t* load, double* A) {
   if (n_tokens == 0 || n_off == 0) return;
-  Ctx c{tokens, bit_offsets, bit_index, wa, ws, wpad, deltas, n_off, V, bits + 1, concat};
+  Ctx c{tokens, bit_offsets, bit_index, wa, ws, wpad, deltas, n_off, V, bits + 2};
   int64_t lo_delta = 0, hi_delta = 0;
   for (int64_t o = 0; o < n_off; ++o) {
     lo_delta = std::min(lo_delta, deltas[o]);
     hi_delta = std::max(hi_delta, deltas[o]);
   }
-  if (ws != nullptr && Q != nullptr)
-    run<true>(c, doc_offsets, n_docs, lo_delta, hi_delta, S, Q);
+  const bool noise = ws != nullptr;
+  if (noise && concat)
+    run<true, true>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, A);
+  else if (noise)
+    run<true, false>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, A);
+  else if (concat)
+    run<false, true>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, A);
   else
-    run<false>(c, doc_offsets, n_docs, lo_delta, hi_delta, S, Q);
+    run<false, false>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, A);
 }
 
 EMBKERN_ISA_END

@@ -8,9 +8,10 @@ op                     computes
 bit_cipher_count       adds one chunk's co-occurrence sums into S, Q (in place)
 =====================  ==========================================================
 
-The counts live in :class:`CooccurrenceCounts` as float64 ``S (V, nb, b + 1)``
-(the pad entry and the sparse ``beta eta`` part) and ``Q (V, nb)`` (the weight
-of the q direction, the rank-1 part of the noise; ``docs/ops/bit_cipher.md``,
+The counts live in :class:`CooccurrenceCounts` as one float64 array
+``A (V, nb, b + 2)``, each block ``[pad, bit 0 .. bit b-1, q weight]``: ``S = A[..., :b+1]``
+holds the pad entry and the sparse ``beta eta`` part, ``Q = A[..., b+1]`` the
+weight of the q direction (the rank-1 part of the noise; ``docs/ops/bit_cipher.md``,
 "Kernel view"); :meth:`CooccurrenceCounts.vectors` forms ``F = S + Q q`` and
 finalises it. The reference accumulates ``F`` itself into ``S`` (its ``Q``
 stays 0), so counts of either backend merge.
@@ -50,32 +51,33 @@ KERNELS = DESCRIPTOR.kernels
 # Kernels of embkern::bit_cipher_count
 
 
-def _ref_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, S, Q, concat):
-    V, nb, D = S.shape
-    F = S.view(V, nb * D)
+def _ref_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat):
+    V, nb, E = A.shape
+    F = torch.zeros(V, nb * (E - 1), dtype=torch.float64)
     ref.count_into(tokens, doc_offsets, psi, wpad, reps, deltas.tolist(), concat, F)
+    A[:, :, :E - 1] += F.view(V, nb, E - 1)
 
 
-def _cpu_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, S, Q, concat):
+def _cpu_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat):
     _backends.cpu_module().bit_cipher.count(
         tokens.numpy(), doc_offsets.numpy(), bit_offsets.numpy(), bit_index.numpy(), wa.numpy(),
-        None if ws is None else ws.numpy(), wpad.numpy(), deltas.numpy(), S.numpy(),
-        None if Q is None else Q.numpy(), bool(concat))
+        None if ws is None else ws.numpy(), wpad.numpy(), deltas.numpy(), load.numpy(), A.numpy(),
+        bool(concat))
 
 
-@torch.library.custom_op("embkern::bit_cipher_count", mutates_args=("S", "Q"))
+@torch.library.custom_op("embkern::bit_cipher_count", mutates_args=("A",))
 def bit_cipher_count(tokens: Tensor, doc_offsets: Tensor, psi: Tensor, wpad: Tensor, reps: Tensor,
                      bit_offsets: Tensor, bit_index: Tensor, wa: Tensor, ws: Optional[Tensor], deltas: Tensor,
-                     S: Tensor, Q: Optional[Tensor], concat: bool, backend: str) -> None:
-    """Adds the sums of one chunk into S (V, nb, b + 1) and Q (V, nb), float64, in place."""
-    _ref_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, S, Q, concat)
+                     load: Tensor, A: Tensor, concat: bool, backend: str) -> None:
+    """Adds the sums of one chunk into A (V, nb, b + 2) float64 in place (blocks [pad, bits, q weight])."""
+    _ref_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat)
 
 
 _backends.route(bit_cipher_count, {"reference": _ref_count, "cpu": _cpu_count})
 
 
 @bit_cipher_count.register_fake
-def _(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, S, Q, concat, backend):
+def _(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat, backend):
     return None
 
 
@@ -271,8 +273,7 @@ class CooccurrenceCounts:
         D = b + 1
         _checks.fits(V * self.n_blocks * (D + 1) * 8, "cpu", f"bit-cipher counts (V {V}, blocks {self.n_blocks}, "
                      f"b + 1 = {D}, float64)")
-        self.S = torch.zeros(V, self.n_blocks, D, dtype=torch.float64)
-        self.Q = torch.zeros(V, self.n_blocks, dtype=torch.float64) if c.noise else None
+        self.A = torch.zeros(V, self.n_blocks, D + 1, dtype=torch.float64)
         self.n_tokens = 0
         self.n_docs = 0
         # tables of the kernels
@@ -287,6 +288,7 @@ class CooccurrenceCounts:
         self._wa = torch.from_numpy(np.ascontiguousarray(psi * (c.beta / pc)[None, :]))
         self._ws = torch.from_numpy(np.ascontiguousarray(psi * (1.0 - c.beta)[None, :])) if c.noise else None
         self._deltas = torch.tensor(self.deltas, dtype=torch.int64)
+        self._load = torch.from_numpy(c.counts)  # how the cpu kernel deals rows to threads
 
     def update(self, token_ids, doc_offsets=None) -> "CooccurrenceCounts":
         """Add a chunk: token_ids (N,) ids in [0, V), doc_offsets (n_docs + 1,) CSR offsets of whole
@@ -297,7 +299,7 @@ class CooccurrenceCounts:
         _id_range(t, "token_ids", self.cipher.vocab_size)
         t32 = t.to(torch.int32).contiguous()
         bit_cipher_count(t32, off, self._psi, self._wpad, self._reps, self._bit_offsets, self._bit_index, self._wa,
-                         self._ws, self._deltas, self.S, self.Q, self.mode == "concat", self.backend)
+                         self._ws, self._deltas, self._load, self.A, self.mode == "concat", self.backend)
         self.n_tokens += N
         self.n_docs += off.numel() - 1
         return self
@@ -313,17 +315,25 @@ class CooccurrenceCounts:
             raise TypeError(f"other: expected a CooccurrenceCounts, got {type(other).__name__}")
         if other._key() != self._key():
             raise ValueError("other: expected counts of the same cipher, window, mode, weight and include_center")
-        self.S += other.S
-        if self.Q is not None:
-            self.Q += other.Q
+        self.A += other.A
         self.n_tokens += other.n_tokens
         self.n_docs += other.n_docs
         return self
 
+    @property
+    def S(self) -> Tensor:
+        """(V, nb, b + 1) float64 view: per block the pad entry and the ``beta eta`` sums."""
+        return self.A[:, :, :-1]
+
+    @property
+    def Q(self) -> Optional[Tensor]:
+        """(V, nb) float64 view: per block the weight of the q direction (None without noise)."""
+        return self.A[:, :, -1] if self.cipher.noise else None
+
     def totals(self) -> Tensor:
         """F (V, nb * (b + 1)) float64: the sums before finalisation (``S + Q q``)."""
         F = self.S.clone()
-        if self.Q is not None:
+        if self.cipher.noise:
             F[:, :, 1:] += self.Q[:, :, None] * torch.from_numpy(self.cipher.reference_cipher().q)
         return F.reshape(F.shape[0], -1)
 

@@ -9,10 +9,10 @@ namespace bit_cipher {
 
 void count(const int32_t* tokens, int64_t n_tokens, const int64_t* doc_offsets, int64_t n_docs,
            const int64_t* bit_offsets, const int32_t* bit_index, const double* wa, const double* ws,
-           const double* wpad, const int64_t* deltas, int64_t n_off, bool concat, int64_t V, int64_t bits, double* S,
-           double* Q) {
+           const double* wpad, const int64_t* deltas, int64_t n_off, bool concat, int64_t V, int64_t bits,
+           const int64_t* load, double* A) {
   EMBKERN_DISPATCH(count, tokens, n_tokens, doc_offsets, n_docs, bit_offsets, bit_index, wa, ws, wpad, deltas, n_off,
-                   concat, V, bits, S, Q);
+                   concat, V, bits, load, A);
 }
 
 }  // namespace bit_cipher

@@ -6,20 +6,21 @@
 // the kernel scatters the at most popcount(c) equal entries
 // wa[o][c] = psi(o, c) * beta_c / popcount(c) into the bits of c, and adds
 // ws[o][c] = psi(o, c) * (1 - beta_c) to one scalar per target row and block
-// (the q direction, applied once at finalisation). The pad (a position
+// (the q direction, applied once at finalisation), the last entry of the block. The pad (a position
 // outside the document) adds wpad[o] to entry 0 of the block.
 //
-// Shapes (n_off offsets, nb = n_off in concat mode, 1 in sum mode, D = b + 1):
+// Shapes (n_off offsets, nb = n_off in concat mode, 1 in sum mode):
 //   tokens (N) int32 in [0, V)        doc_offsets (n_docs + 1) int64, CSR over N
 //   bit_offsets (V + 1) int64, CSR over bit_index (nnz) int32 in [0, b)
 //   wa, ws (n_off, V) float64          wpad (n_off) float64     deltas (n_off) int64
-//   S (V, nb, D) float64, accumulated   Q (V, nb) float64, accumulated (may be
-//   null when ws is null: no noise)
+//   load (V) int64 >= 0: each type's expected share of the work (the counts)
+//   A (V, nb, b + 2) float64, accumulated: per block [pad, bit 0 .. bit b-1, q weight]
+//   (ws null: no noise, the q weight is left alone)
 // Preconditions (checked at the csrc/ boundary, trusted here): the shapes
 // above, ids and bit indices in range, offsets from 0 non-decreasing to N.
 //
-// Determinism: each element of S and Q is owned by one thread (rows are dealt
-// to threads by t mod T) and receives its addends in corpus order (position
+// Determinism: each element of A is owned by one thread (rows are dealt
+// to threads by `load`) and receives its addends in corpus order (position
 // ascending, offsets ascending): the same sequence of float64 additions for
 // any thread count, any ISA level, and any split of the corpus into chunks
 // counted one after the other.
