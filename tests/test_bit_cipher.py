@@ -307,9 +307,9 @@ def test_tokenize_then_vectors_streamed_equals_in_memory(tmp_path):
 
 
 def test_real_data_head500():
-    from embkern.bench.bit_cipher import corpus_path
+    from embkern.contrib.bit_cipher_eval import gensim_data
 
-    path = corpus_path()
+    path = gensim_data("head500.noblanks.cor")
     if path is None:
         pytest.skip("gensim's head500.noblanks.cor is not installed (pip install --no-deps gensim)")
     chunks, _, vocab = embkern.tokenize_file(path, chunk_tokens=50_000)
