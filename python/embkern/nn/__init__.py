@@ -11,6 +11,9 @@ Selective self-attention (``embkern.nn.selective_attention``):
 
 Relative convolutional attention (``embkern.nn.rel_conv_attention``):
 :class:`RelConvMultiHeadAttention` (RCMHA; RMHA with ``conv=None``).
+
+Bit-cipher word vectors (``embkern.nn.bit_cipher``): :class:`CipherEmbedding`,
+an embedding layer initialised for another tokenizer's vocabulary.
 """
 
 from .hypercomplex import (  # noqa: F401
@@ -20,6 +23,7 @@ from .hypercomplex import (  # noqa: F401
     QuatE,
     Tetra,
 )
+from .bit_cipher import CipherEmbedding  # noqa: F401
 from .rel_conv_attention import RelConvMultiHeadAttention  # noqa: F401
 from .selective_attention import (  # noqa: F401
     KVCache,
@@ -29,4 +33,5 @@ from .selective_attention import (  # noqa: F401
 )
 
 __all__ = ["HypercomplexKGE", "KGTables", "QuatE", "DihedronKGE", "Tetra", "SelectiveSelfAttention",
-           "SelectiveTemperature", "KVCache", "convert_to_selective", "RelConvMultiHeadAttention"]
+           "SelectiveTemperature", "KVCache", "convert_to_selective", "RelConvMultiHeadAttention",
+           "CipherEmbedding"]
