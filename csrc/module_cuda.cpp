@@ -9,6 +9,7 @@ namespace py = pybind11;
 namespace embkern {
 // One hook per op with a CUDA path, defined in csrc/<op>_cuda.cpp.
 void register_fde_cuda(py::module_& m);
+void register_bit_cipher_cuda(py::module_& m);
 }  // namespace embkern
 
 #ifndef EMBKERN_VERSION
@@ -47,4 +48,6 @@ PYBIND11_MODULE(_C_cuda, m) {
       "Name, compute capability, SM count and memory of one device");
   auto fde = m.def_submodule("fde", "MUVERA fixed dimensional encodings on the GPU");
   embkern::register_fde_cuda(fde);
+  auto bc = m.def_submodule("bit_cipher", "bit-cipher co-occurrence counting on the GPU");
+  embkern::register_bit_cipher_cuda(bc);
 }

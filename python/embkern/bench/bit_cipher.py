@@ -134,9 +134,9 @@ def _error(out, want) -> float:
 def _case(kind: str, n: int, b: int, mode: str) -> Workload:
     data = _Data(kind, n, b, mode)
     heavy = b >= 768 and mode == "concat"
-    run = ["cpu"] if _backends.check(ops.DESCRIPTOR, "cpu", ("count",), "cpu", torch.float64).ok else []
+    run = ["cpu"] if _backends.check(ops.DESCRIPTOR, "cpu", ("count",), "cpu", torch.float32).ok else []
     skipped = {} if run else {"cpu": _backends.check(ops.DESCRIPTOR, "cpu", ("count",), "cpu",
-                                                     torch.float64).reason}
+                                                     torch.float32).reason}
     anchors = {}
     if heavy:
         skipped["reference"] = "dense float64 (V, 11 x 769) sums plus (piece, 769) temporaries per offset: GBs"
@@ -238,7 +238,7 @@ def _stream_row(total: int, chunk: int) -> dict:
 def extra_report(quick: bool) -> dict:
     title = "bit cipher: thread scaling, streaming memory, word similarity"
     rows, notes = [], []
-    if not _backends.check(ops.DESCRIPTOR, "cpu", ("count",), "cpu", torch.float64).ok:
+    if not _backends.check(ops.DESCRIPTOR, "cpu", ("count",), "cpu", torch.float32).ok:
         return {"title": title, "rows": [], "panels": [], "notes": ["skipped: no cpu kernel"]}
     small = tiny()
     rows.append(_threads_row(20_000 if small else 2_000_000))

@@ -35,12 +35,14 @@ from ..reference import bit_cipher as ref
 MODES = ref.MODES
 WEIGHTS = ref.WEIGHTS
 
+# dtype in the descriptor: that of the vectors (float32); every backend counts in float64.
 DESCRIPTOR = OpDescriptor(
     name="bit_cipher",
     kernels=("count",),
     backends={
-        "reference": BackendSupport(frozenset({torch.float64}), frozenset({"cpu"})),
-        "cpu": BackendSupport(frozenset({torch.float64}), frozenset({"cpu"}), symbol="bit_cipher.{kernel}"),
+        "reference": BackendSupport(frozenset({torch.float32}), frozenset({"cpu"})),
+        "cpu": BackendSupport(frozenset({torch.float32}), frozenset({"cpu"}), symbol="bit_cipher.{kernel}"),
+        "cuda": BackendSupport(frozenset({torch.float32}), frozenset({"cuda"}), symbol="bit_cipher.{kernel}"),
     },
     entry_points={"cooccurrence_vectors": ("count",), "CooccurrenceCounts": ("count",)},
 )
@@ -65,6 +67,13 @@ def _cpu_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa,
         bool(concat))
 
 
+def _cuda_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat):
+    from . import _bit_cipher_cuda
+
+    # bit_offsets carries the code mask on this backend (see CooccurrenceCounts)
+    _bit_cipher_cuda.count(tokens, doc_offsets, bit_offsets, wa, ws, wpad, deltas, A, concat)
+
+
 @torch.library.custom_op("embkern::bit_cipher_count", mutates_args=("A",))
 def bit_cipher_count(tokens: Tensor, doc_offsets: Tensor, psi: Tensor, wpad: Tensor, reps: Tensor,
                      bit_offsets: Tensor, bit_index: Tensor, wa: Tensor, ws: Optional[Tensor], deltas: Tensor,
@@ -73,7 +82,7 @@ def bit_cipher_count(tokens: Tensor, doc_offsets: Tensor, psi: Tensor, wpad: Ten
     _ref_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat)
 
 
-_backends.route(bit_cipher_count, {"reference": _ref_count, "cpu": _cpu_count})
+_backends.route(bit_cipher_count, {"reference": _ref_count, "cpu": _cpu_count, "cuda": _cuda_count})
 
 
 @bit_cipher_count.register_fake
@@ -265,7 +274,9 @@ class CooccurrenceCounts:
         if not isinstance(include_center, bool):
             raise TypeError(f"include_center: expected a bool, got {type(include_center).__name__}")
         self.cipher, self.mode, self.weight, self.include_center = cipher, mode, weight, include_center
-        self.backend = _backends.resolve(DESCRIPTOR, "CooccurrenceCounts", backend, "cpu", torch.float64)
+        self.device = torch.device("cuda") if backend == "cuda" else torch.device("cpu")
+        self.backend = _backends.resolve(DESCRIPTOR, "CooccurrenceCounts", backend, self.device.type,
+                                         torch.float32)
         c = cipher.reference_cipher()
         V, b = c.vocab_size, c.bits
         self.deltas = ref.deltas(self.window, include_center)
@@ -289,6 +300,18 @@ class CooccurrenceCounts:
         self._ws = torch.from_numpy(np.ascontiguousarray(psi * (1.0 - c.beta)[None, :])) if c.noise else None
         self._deltas = torch.tensor(self.deltas, dtype=torch.int64)
         self._load = torch.from_numpy(c.counts)  # how the cpu kernel deals rows to threads
+        if self.backend == "cuda":
+            from . import _bit_cipher_cuda
+
+            # the GPU tests bits in a (V, ceil(b / 64)) uint64 mask; it travels in the bit_offsets slot
+            self._bit_offsets = torch.from_numpy(_bit_cipher_cuda.code_mask(c.codes).view(np.int64))
+            dev = self.device
+            for name in ("_psi", "_wpad", "_reps", "_bit_offsets", "_bit_index", "_wa", "_ws", "_deltas", "_load"):
+                t = getattr(self, name)
+                if t is not None:
+                    setattr(self, name, t.to(dev))
+            self._bit_offsets = self._bit_offsets.view(torch.uint64)
+            self.A = self.A.to(dev)
 
     def update(self, token_ids, doc_offsets=None) -> "CooccurrenceCounts":
         """Add a chunk: token_ids (N,) ids in [0, V), doc_offsets (n_docs + 1,) CSR offsets of whole
@@ -298,6 +321,8 @@ class CooccurrenceCounts:
         off = torch.tensor([0, N], dtype=torch.int64) if doc_offsets is None else _offsets(doc_offsets, N)
         _id_range(t, "token_ids", self.cipher.vocab_size)
         t32 = t.to(torch.int32).contiguous()
+        if self.device.type == "cuda":
+            t32, off = t32.to(self.device), off.to(self.device)
         bit_cipher_count(t32, off, self._psi, self._wpad, self._reps, self._bit_offsets, self._bit_index, self._wa,
                          self._ws, self._deltas, self._load, self.A, self.mode == "concat", self.backend)
         self.n_tokens += N
@@ -315,7 +340,7 @@ class CooccurrenceCounts:
             raise TypeError(f"other: expected a CooccurrenceCounts, got {type(other).__name__}")
         if other._key() != self._key():
             raise ValueError("other: expected counts of the same cipher, window, mode, weight and include_center")
-        self.A += other.A
+        self.A += other.A.to(self.A.device)
         self.n_tokens += other.n_tokens
         self.n_docs += other.n_docs
         return self
@@ -332,9 +357,9 @@ class CooccurrenceCounts:
 
     def totals(self) -> Tensor:
         """F (V, nb * (b + 1)) float64: the sums before finalisation (``S + Q q``)."""
-        F = self.S.clone()
+        F = self.S.cpu().clone()
         if self.cipher.noise:
-            F[:, :, 1:] += self.Q[:, :, None] * torch.from_numpy(self.cipher.reference_cipher().q)
+            F[:, :, 1:] += self.Q.cpu()[:, :, None] * torch.from_numpy(self.cipher.reference_cipher().q)
         return F.reshape(F.shape[0], -1)
 
     def vectors(self, eps: float = 1e-3) -> Tensor:

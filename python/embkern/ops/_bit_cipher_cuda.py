@@ -1,0 +1,56 @@
+"""Launcher of the CUDA bit-cipher kernel (``embkern._C_cuda.bit_cipher``, src/cuda/bit_cipher.cu).
+
+Everything lives on one CUDA device as torch tensors (so the accumulator and
+the workspace come from torch's caching allocator and follow its stream
+semantics); the kernels are enqueued on the current stream of that device.
+The compiled code receives one ``Problem`` of ``ArrayView`` s plus host copies
+of the document offsets and the window offsets, which it checks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .. import _backends
+
+
+def _mod():
+    return _backends.cuda_module().bit_cipher
+
+
+def code_mask(codes: np.ndarray) -> np.ndarray:
+    """(V, ceil(b / 64)) uint64: bit j of a type's code as bit j % 64 of word j // 64."""
+    V, b = codes.shape
+    W = (b + 63) // 64
+    padded = np.zeros((V, W * 64), dtype=np.uint8)
+    padded[:, :b] = codes
+    bits = np.packbits(padded.reshape(V, W, 8, 8)[:, :, :, ::-1], axis=-1)  # one byte per 8 bits, bit 0 lowest
+    return np.ascontiguousarray(bits.reshape(V, W * 8)).view("<u8").reshape(V, W)
+
+
+def count(tokens: Tensor, doc_offsets: Tensor, mask: Tensor, wa: Tensor, ws, wpad: Tensor, deltas: Tensor,
+          A: Tensor, concat: bool) -> None:
+    mod = _mod()
+    dev = A.device
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+
+    def view(t: Tensor):
+        t = t.contiguous()
+        name = {torch.int32: "int32", torch.int64: "int64", torch.float64: "float64",
+                torch.uint64: "uint64"}[t.dtype]
+        return mod.ArrayView(t.data_ptr(), t.numel(), name)
+
+    tok = tokens.to(device=dev, dtype=torch.int32).contiguous()
+    off = doc_offsets.to(device=dev, dtype=torch.int64).contiguous()
+    V, _, E = A.shape
+    problem = mod.Problem(
+        tokens=view(tok), doc_offsets=view(off), doc_offsets_host=doc_offsets.cpu().to(torch.int64).numpy(),
+        code_mask=view(mask), wa=view(wa), ws=None if ws is None else view(ws), wpad=view(wpad),
+        deltas=view(deltas), deltas_host=deltas.cpu().numpy(), concat=bool(concat), vocab_size=V, bits=E - 2,
+        A=view(A))
+    nbytes = mod.workspace_bytes(tok.numel(), V, index)
+    workspace = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=dev)
+    stream = torch.cuda.current_stream(index).cuda_stream
+    mod.count(problem, workspace=workspace.data_ptr(), workspace_bytes=int(nbytes), device=index, stream=stream)

@@ -1,0 +1,66 @@
+// Bit-cipher co-occurrence counting on the GPU (docs/ops/bit_cipher.md,
+// "CUDA"). Torch-free: raw device pointers to C-contiguous arrays, sizes as
+// int64_t; the caller owns the stream, the accumulator and the workspace (the
+// Python layer allocates both through torch's caching allocator).
+//
+// Shapes (n_off offsets, nb = n_off in concat mode else 1, E = b + 2, W = ceil(b / 64)):
+//   tokens (N) int32 in [0, V)          doc_offsets (n_docs + 1) int64 CSR over N
+//   code_mask (V, W) uint64: bit j of type c is bit j % 64 of word j / 64
+//   wa, ws (n_off, V) float64 (ws null: no noise)   wpad (n_off) float64
+//   deltas (n_off) int64, |delta| < 2^40
+//   A (V, nb, E) float64, accumulated: per block [pad, bit 0 .. bit b-1, q weight]
+//
+// The same sums as the CPU kernel (src/cpu/bit_cipher.cpp), bit for bit: the
+// positions are stable-sorted by type (sort-and-segment: a radix sort of
+// (type, position) pairs, so each type's positions stay ascending), and one
+// thread owns each element of A, adding its addends in corpus order
+// (position ascending, then offset ascending) -- the order of the CPU, with
+// the same float64 table values and plain IEEE additions (no FMA, no
+// multiplication). No float atomics anywhere: the result does not depend on
+// the launch configuration, and chunks counted one after the other give the
+// same bits as one call.
+#pragma once
+#include <cstdint>
+#include <string>
+
+namespace embkern {
+namespace bit_cipher_cuda {
+
+// Positions of one call are int32 (the sort's values): N < 2^31.
+constexpr int64_t kMaxTokens = 0x7fffffffLL;
+
+struct Problem {
+  const int32_t* tokens = nullptr;
+  int64_t num_tokens = 0;  // N
+  const int64_t* doc_offsets = nullptr;
+  int64_t num_docs = 0;
+  const uint64_t* code_mask = nullptr;
+  int64_t mask_words = 0;  // W
+  const double* wa = nullptr;
+  const double* ws = nullptr;
+  const double* wpad = nullptr;
+  const int64_t* deltas = nullptr;
+  int64_t num_offsets = 0;  // n_off
+  bool concat = false;
+  int64_t vocab_size = 0;  // V
+  int64_t bits = 0;        // b
+  double* A = nullptr;
+};
+
+// Preconditions (checked at the csrc/ boundary): 0 <= N <= kMaxTokens,
+// V >= 1, b >= 1, W == ceil(b / 64), n_off >= 1, every id in [0, V), the
+// offsets a CSR over N, the buffers of the shapes above.
+
+enum class Status : int { Ok = 0, CudaError = 2 };
+
+// Bytes of device workspace count() needs (a host-side size query).
+int64_t workspace_bytes(int64_t num_tokens, int64_t vocab_size, int device, std::string* error);
+
+// Enqueue the counting of one chunk on `stream` (cudaStream_t; 0 = legacy
+// default) of `device`. Asynchronous. Launch failures come back as
+// Status::CudaError with cudaGetErrorString text; nothing aborts.
+Status count(const Problem& p, void* workspace, int64_t workspace_bytes, int device, void* stream,
+             std::string* error);
+
+}  // namespace bit_cipher_cuda
+}  // namespace embkern
