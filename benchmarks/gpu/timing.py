@@ -333,6 +333,34 @@ def main() -> int:
         if cuda:
             torch.cuda.empty_cache()
 
+    # ---------------------------------------------------------------- bit_cipher (CUDA) vs the CPU kernel
+    if cuda and _backends.check(embkern.ops.bit_cipher.DESCRIPTOR, "cuda", ("count",), "cuda", torch.float32).ok:
+        from embkern.bench.bit_cipher import zipf_chunk
+
+        n_tok = 2_000_000
+        tok, off = zipf_chunk(50_000, n_tok, seed=1)
+        bc = embkern.BitCipher.fit(tok, vocab_size=50_000, bits=64)
+        for mode in ("sum", "concat"):
+            cpu_c = embkern.CooccurrenceCounts(bc, 5, mode, "cos2", backend="cpu").update(tok, off)
+            gpu_c = embkern.CooccurrenceCounts(bc, 5, mode, "cos2", backend="cuda")
+            tok_d, off_d = tok.to(device), off.to(device)
+
+            def run_gpu(gpu_c=gpu_c, tok_d=tok_d, off_d=off_d):
+                gpu_c.A.zero_()
+                gpu_c.update(tok_d, off_d)
+                return gpu_c.A
+
+            # err: max |A_gpu - A_cpu| over the float64 counts; 0 = bit-equal to the CPU
+            med = case(f"bit_cipher b=64 {mode}", f"zipf {n_tok} tokens V=50k", "cuda", run_gpu, None,
+                       err_fn=lambda A, cpu_c=cpu_c: float((A.cpu() - cpu_c.A).abs().max()),
+                       note="err = max |A_gpu - A_cpu|")
+            if med:
+                rows.rows[-1]["note"] += f"; {n_tok / (med * 1e-3) / 1e6:.0f} Mtokens/s"
+            del cpu_c, gpu_c
+        torch.cuda.empty_cache()
+    else:
+        rows.add(section="bit_cipher", case="count", impl="cuda", status="not available: no GPU / no cuda kernel")
+
     # ---------------------------------------------------------------- fde (CUDA): fde_cuda_bench.py
     fde_md = ""
     fde_script = os.path.join(HERE, "fde_cuda_bench.py")
