@@ -86,10 +86,15 @@ def report(quick: bool, tiny: bool = False) -> dict:
         return {"title": title, "rows": [], "panels": [], "notes": [f"skipped: no gensim test data ({INSTALL_HINT})"]}
     pairs = {n: read_pairs(p) for n, p in bench.items()}
     rows, notes = [], []
-    for mode in ("sum", "concat"):
+    # b = floor(log2 V) + 1 is the default; more bits give each word fewer shared bits (b = 768: at most
+    # 2 ones a word at V = 50k). concat at b = 768 is left out: (V, 11 x 769) float64 is ~2 GB at V = 28k.
+    configs = [(None, "sum"), (None, "concat"), (64, "sum"), (64, "concat"), (768, "sum")]
+    if quick or tiny:
+        configs = [(None, "sum"), (64, "concat"), (768, "sum")]
+    for bits, mode in configs:
         t0 = time.perf_counter()
         chunks, _, vocab = embkern.tokenize_file(corpus, chunk_tokens=200_000)
-        cipher = embkern.BitCipher.fit(chunks, vocab_size=len(vocab))
+        cipher = embkern.BitCipher.fit(chunks, vocab_size=len(vocab), bits=bits)
         vec = embkern.cooccurrence_vectors(chunks, None, cipher, window=5, mode=mode, progress=False).numpy()
         wall = time.perf_counter() - t0
         index = {w: i for i, w in enumerate(vocab)}
@@ -100,6 +105,7 @@ def report(quick: bool, tiny: bool = False) -> dict:
             row[f"{n} rho"] = round(rho, 4)
             row[f"{n} covered"] = f"{cov}/{tot}"
         rows.append(row)
+        del vec
     try:
         import gensim.models  # noqa: F401
         have_gensim = True
