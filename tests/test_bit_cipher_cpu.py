@@ -135,3 +135,46 @@ def test_raw_binding_counts_and_checks():
     a.update(ws=None)
     BC.count(**a)  # no noise: the q weights stay 0
     assert a["A"][..., :-1].sum() == 60 and a["A"][..., -1].sum() == 0
+
+
+def test_raw_binding_random_inputs_never_crash():
+    """Random shapes, dtypes, ranges and CSR structure: a ValueError / TypeError or a counted chunk."""
+    rng = np.random.default_rng(123)
+    dtypes = [np.int32, np.int64, np.float64, np.float32, np.uint8]
+    ok = 0
+    for trial in range(300):
+        V = int(rng.integers(0, 6))
+        b = int(rng.integers(0, 5))
+        N = int(rng.integers(0, 12))
+        n_off = int(rng.integers(0, 4))
+        nb = n_off if rng.random() < 0.5 else 1
+
+        def arr(shape, dtype, lo=-3, hi=8):
+            if rng.random() < 0.08:
+                dtype = dtypes[int(rng.integers(0, len(dtypes)))]
+            if rng.random() < 0.08:
+                shape = tuple(int(s) + int(rng.integers(-1, 2)) for s in shape)
+                shape = tuple(max(s, 0) for s in shape)
+            return rng.integers(lo, max(hi, lo + 1), size=shape).astype(dtype)
+
+        bits_per = rng.integers(0, max(b, 1) + 1, size=V) if V else np.zeros(0, np.int64)
+        boff = np.concatenate([[0], np.cumsum(bits_per)]).astype(np.int64)
+        if rng.random() < 0.1 and boff.size > 1:
+            boff[-1] += 1
+        cuts = np.sort(rng.integers(0, N + 1, size=int(rng.integers(0, 4))))
+        doff = np.concatenate([[0], cuts, [N]]).astype(np.int64)
+        if rng.random() < 0.1:
+            doff = doff[::-1].copy()
+        args = dict(token_ids=arr((N,), np.int32, 0 if rng.random() < 0.8 else -2, V + (rng.random() < 0.2)),
+                    doc_offsets=doff, bit_offsets=boff,
+                    bit_index=arr((int(boff[-1]),), np.int32, 0, b + (rng.random() < 0.2)),
+                    wa=rng.random((n_off, V)), ws=rng.random((n_off, V)) if rng.random() < 0.5 else None,
+                    wpad=rng.random(n_off), deltas=arr((n_off,), np.int64, -20, 20),
+                    load=arr((V,), np.int64, 0, 9), A=np.zeros((V, nb, b + 2)), concat=bool(nb > 1 or
+                                                                                          rng.random() < 0.3))
+        try:
+            BC.count(**args)
+            ok += 1
+        except (ValueError, TypeError):
+            pass
+    assert ok > 10  # some draws are valid and counted
