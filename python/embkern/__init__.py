@@ -22,8 +22,9 @@ from .ops.rel_conv_attention import causal_depthwise_conv, relative_attention  #
 
 
 def __getattr__(name):
-    # nn and testing import lazily so `import embkern` stays light.
-    if name in ("nn", "testing", "bench", "contrib"):
+    # nn and testing import lazily so `import embkern` stays light; distributed
+    # also because it imports Dask, an optional extra.
+    if name in ("nn", "testing", "bench", "contrib", "distributed"):
         import importlib
 
         return importlib.import_module(f"embkern.{name}")
