@@ -21,6 +21,7 @@ inline void load_openmp_runtime() {}
 inline std::string openmp_runtime_path() { return "linked at build time"; }
 #endif
 void register_selective_attention(pybind11::module_& m);  // csrc/selective_attention.cpp
+void register_rel_conv_attention(pybind11::module_& m);   // csrc/rel_conv_attention.cpp
 }  // namespace embkern
 
 namespace {
@@ -97,4 +98,6 @@ PYBIND11_MODULE(_C, m) {
   embkern::register_fde(fde);
   auto ssa = m.def_submodule("selective_attention", "selective attention (per-query and per-value temperatures)");
   embkern::register_selective_attention(ssa);
+  auto rca = m.def_submodule("rel_conv_attention", "Transformer-XL relative attention and the causal depthwise convolution");
+  embkern::register_rel_conv_attention(rca);
 }
