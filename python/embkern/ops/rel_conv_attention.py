@@ -31,6 +31,8 @@ DESCRIPTOR = OpDescriptor(
     kernels=("forward", "backward", "conv_forward", "conv_backward"),
     backends={
         "reference": BackendSupport(frozenset(_checks.FLOATS), frozenset({"cpu", "cuda"})),
+        "triton": BackendSupport(frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                                 frozenset({"cpu", "cuda"}), symbol="rel_conv_attention.{kernel}"),
     },
     entry_points={"relative_attention": ("forward", "backward"),
                   "causal_depthwise_conv": ("conv_forward", "conv_backward")},
@@ -60,7 +62,7 @@ _REFERENCE = {"forward": _ref_forward, "backward": _ref_backward, "conv_forward"
 
 
 def _implementations(kernel: str) -> dict:
-    return {"reference": _REFERENCE[kernel]}
+    return {"reference": _REFERENCE[kernel], "triton": f"embkern.triton_kernels.rel_conv_attention:{kernel}"}
 
 
 # ---------------------------------------------------------------------------
