@@ -11,8 +11,11 @@ causal_conv            y (..., T, C) causal depthwise convolution           caus
 causal_conv_backward   dx, dweight, dbias                                  --
 =====================  ==================================================  =====================
 
-The reference (``embkern.reference.rel_conv_attention``) is the default kernel
-on every device (``docs/ops/rel_conv_attention.md``).
+The reference (``embkern.reference.rel_conv_attention``) runs on every device.
+``"triton"`` (``embkern.triton_kernels.rel_conv_attention``; fp16 / bf16 / fp32,
+the automatic choice for CUDA tensors) fuses the relative terms into
+flash-attention 2 tiles, forward and backward, in O(L d) memory with no
+atomics, and has the causal conv too (``docs/ops/rel_conv_attention.md``).
 """
 
 from __future__ import annotations
