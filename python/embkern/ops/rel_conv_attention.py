@@ -12,8 +12,12 @@ causal_conv_backward   dx, dweight, dbias                                  --
 =====================  ==================================================  =====================
 
 Backends: the reference (``embkern.reference.rel_conv_attention``, every
-dtype and device) and ``cpu`` (the fused C++ kernels of
-``src/cpu/rel_conv_attention.cpp``, float32 / float64; ``docs/ops/rel_conv_attention.md``).
+dtype and device); ``cpu`` (the fused C++ kernels of
+``src/cpu/rel_conv_attention.cpp``, float32 / float64); and ``"triton"``
+(``embkern.triton_kernels.rel_conv_attention``; fp16 / bf16 / fp32, the
+automatic choice for CUDA tensors), which fuses the relative terms into
+flash-attention 2 tiles, forward and backward, in O(L d) memory with no
+atomics, and has the causal conv too (``docs/ops/rel_conv_attention.md``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ DESCRIPTOR = OpDescriptor(
         "reference": BackendSupport(frozenset(_checks.FLOATS), frozenset({"cpu", "cuda"})),
         "cpu": BackendSupport(frozenset({torch.float32, torch.float64}), frozenset({"cpu"}),
                               symbol="rel_conv_attention.{kernel}"),
+        "triton": BackendSupport(frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                                 frozenset({"cpu", "cuda"}), symbol="rel_conv_attention.{kernel}"),
     },
     entry_points={"relative_attention": ("forward", "backward"),
                   "causal_depthwise_conv": ("conv_forward", "conv_backward")},
@@ -118,7 +124,8 @@ _CPU = {"forward": _cpu_forward, "backward": _cpu_backward, "conv_forward": _cpu
 
 
 def _implementations(kernel: str) -> dict:
-    return {"reference": _REFERENCE[kernel], "cpu": _CPU[kernel]}
+    return {"reference": _REFERENCE[kernel], "cpu": _CPU[kernel],
+            "triton": f"embkern.triton_kernels.rel_conv_attention:{kernel}"}
 
 
 # ---------------------------------------------------------------------------
