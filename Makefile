@@ -47,7 +47,7 @@ install: setup
 # The whole suite runs at the best ISA level this CPU has; the cpu-backend
 # parity and exactness files then run again at every lower level it can run
 # (EMBKERN_CPU_ISA), so a kernel that is only right at one level fails here.
-ISA_TEST_FILES := test_hypercomplex_cpu.py test_hypercomplex.py test_fde.py test_cpu_isa.py test_selective_attention_cpu.py test_selective_attention.py test_bit_cipher_cpu.py
+ISA_TEST_FILES := test_hypercomplex_cpu.py test_hypercomplex.py test_fde.py test_cpu_isa.py test_selective_attention_cpu.py test_selective_attention.py test_rel_conv_attention_cpu.py test_bit_cipher_cpu.py
 
 # EMBKERN_TEST_STRICT=1: an outside oracle this target installed (muvfde, pykeen)
 # that fails to import is a test failure, not a skip (tests/helpers.py).
@@ -66,7 +66,7 @@ test: install
 # the sanitizer runtimes preloaded; leak checking is off (CPython and torch
 # keep allocations alive at exit by design).
 SAN_VENV := .venv-sanitize
-SAN_TESTS := test_hypercomplex_cpu.py test_cpu_isa.py test_fde.py test_fde_cpu.py test_selective_attention_cpu.py test_bit_cipher_cpu.py fuzz
+SAN_TESTS := test_hypercomplex_cpu.py test_cpu_isa.py test_fde.py test_fde_cpu.py test_selective_attention_cpu.py test_rel_conv_attention_cpu.py test_bit_cipher_cpu.py fuzz
 SAN_ENV = LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
   ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0 \
   UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1

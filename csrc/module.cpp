@@ -22,6 +22,7 @@ inline std::string openmp_runtime_path() { return "linked at build time"; }
 #endif
 void register_selective_attention(pybind11::module_& m);  // csrc/selective_attention.cpp
 void register_bit_cipher(pybind11::module_& m);            // csrc/bit_cipher.cpp
+void register_rel_conv_attention(pybind11::module_& m);   // csrc/rel_conv_attention.cpp
 }  // namespace embkern
 
 namespace {
@@ -100,4 +101,6 @@ PYBIND11_MODULE(_C, m) {
   embkern::register_selective_attention(ssa);
   auto bc = m.def_submodule("bit_cipher", "bit-cipher co-occurrence counting");
   embkern::register_bit_cipher(bc);
+  auto rca = m.def_submodule("rel_conv_attention", "Transformer-XL relative attention and the causal depthwise convolution");
+  embkern::register_rel_conv_attention(rca);
 }

@@ -124,6 +124,8 @@ _ORACLES = {
     "pykeen": "pykeen (installed by `make test` without its dependencies; its data files and modules)",
     "transformers": "transformers (the `test` extra)",
     "gensim": "gensim (its test data; installed by `make test` without its dependencies)",
+    "distributed": "dask[distributed] (the `distributed` extra, part of the `test` extra)",
+    "dask": "dask[distributed] (the `distributed` extra, part of the `test` extra)",
 }
 
 

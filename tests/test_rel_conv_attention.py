@@ -137,8 +137,9 @@ def test_conv_parity_and_gradients(backend):
                           ref.causal_depthwise_conv, (x, w, b))
     testing.assert_grad_parity(lambda *a: embkern.causal_depthwise_conv(*a, backend=backend),
                                ref.causal_depthwise_conv, (x, w, b))
-    xs = [t.double().requires_grad_(True) for t in (x[:1, :1, :7], w, b)]
-    assert torch.autograd.gradcheck(lambda *a: embkern.causal_depthwise_conv(*a, backend=backend), xs)
+    if torch.float64 in ops.DESCRIPTOR.backends[backend].dtypes:  # triton takes fp16 / bf16 / fp32 only
+        xs = [t.double().requires_grad_(True) for t in (x[:1, :1, :7], w, b)]
+        assert torch.autograd.gradcheck(lambda *a: embkern.causal_depthwise_conv(*a, backend=backend), xs)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

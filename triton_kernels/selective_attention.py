@@ -25,27 +25,21 @@ Design (flash-attention 2 with the temperatures folded in):
   that can see the keys; dq' per (query block, batch x query head). P is
   recomputed from lse in both. Epilogues: ``dv = tau_v dv'``,
   ``dtau_v = sum_d dv' v``, ``dq = tau_q dq'``, ``dtau_q = sum_d dq' q``.
-* precision: fp32 inputs use ``input_precision="ieee"`` (no TF32: the same
-  contract as the reference's fp32 matmuls). fp16 / bf16 go to tensor cores
-  with fp32 accumulation; P is rounded to the input dtype before P V and
-  dS before dS K / dS^T Q, as flash-attention does.
-* the interpreter keeps bf16 as raw 16-bit integers and its tl.dot would
-  multiply those, so there bf16 operands are upcast to fp32 first (exact:
-  a bf16 x bf16 product is exact in fp32).
+* precision: every tile product goes through ``_tiles._dot`` (fp32 IEEE, no
+  TF32; fp16 / bf16 on tensor cores with fp32 accumulation; bf16 upcast in the
+  interpreter). P is rounded to the input dtype before P V and dS before
+  dS K / dS^T Q, as flash-attention does.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(max(int(n), 1)))
+from ._tiles import _dot, device_ctx as _device_ctx, launch_opts, pow2 as _pow2, upcast as _upcast
 
 
 def _cfg(t: torch.Tensor, d: int) -> dict:
@@ -61,27 +55,7 @@ def _cfg(t: torch.Tensor, d: int) -> dict:
 
 
 def _opts(t: torch.Tensor, c: dict) -> dict:
-    opts = dict(num_warps=c["warps"], num_stages=c["stages"])
-    if t.device.type == "cuda":
-        opts["enable_fp_fusion"] = True
-    return opts
-
-
-def _upcast(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda" and t.dtype == torch.bfloat16
-
-
-def _device_ctx(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-@triton.jit
-def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    if IEEE:
-        return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+    return launch_opts(t, c["warps"], c["stages"])
 
 
 @triton.jit

@@ -6,6 +6,9 @@ runs alone too:  python benchmarks/gpu/timing.py [--out PATH] [--budget S]
 
 selective attention (Triton): B = 4, H = 16, L = 4096, d = 64 and 128, causal, bf16
   and fp32, forward and forward + backward, against SDPA on the pre-scaled inputs.
+relative attention (Triton): B = 4, H = 8, L = 1024 and 4096, d = 64, causal, bf16, forward and
+  forward + backward (all six gradients), against SDPA at the same shape without the relative terms
+  (the ceiling) and, at L = 1024, the embkern reference; max_distance 4096.
 hypercomplex (Triton), FB15k-237 scale: N = 14,505 entities, K = 4d = 400,
 B = 128 and 1024, fp32 (plus bf16 score_all at B = 1024):
   score_all (inner/quaternion, distance/dihedron with biases), rank_all
@@ -360,6 +363,64 @@ def main() -> int:
         torch.cuda.empty_cache()
     else:
         rows.add(section="bit_cipher", case="count", impl="cuda", status="not available: no GPU / no cuda kernel")
+    # ---------------------------------------------------------------- relative attention (Triton)
+    from embkern.ops import rel_conv_attention as rca_ops
+    from embkern.reference import rel_conv_attention as rca_ref
+
+    rdt = torch.bfloat16 if cuda else torch.float32  # the CPU smoke run: fp32 through the interpreter
+    st = _backends.check(rca_ops.DESCRIPTOR, "triton", rca_ops.DESCRIPTOR.kernels_of("relative_attention"),
+                         device.type, rdt)
+    rca_cases = [(4, 8, 1024, 64), (4, 8, 4096, 64)] if cuda else [(1, 2, 48, 16)]
+    P_rel = 4096 if cuda else 64  # max_distance: the tables hold 2P rows; L <= P
+    for Br, Hr, Lr, dr in rca_cases:
+        sec = f"relative_attention B={Br} H={Hr} L={Lr} d={dr}"
+        if not st.ok:
+            rows.add(section=sec, case="forward", impl="triton", status="not available: " + st.reason)
+            break
+        g = torch.Generator().manual_seed(11)
+        qr, kr, vr = ((torch.randn(Br, Hr, Lr, dr, generator=g) * 0.5).to(device, rdt) for _ in range(3))
+        Rr = (torch.randn(2 * P_rel, Hr, dr, generator=g) * 0.1).to(device, rdt)
+        Sr = (torch.randn(2 * P_rel, Hr, generator=g) * 0.1).to(device, rdt)
+        ur = (torch.randn(Hr, dr, generator=g) * 0.1).to(device, rdt)
+        ins = (qr, kr, vr, Rr, Sr, ur)
+        flops = 4.0 * Br * Hr * Lr * Lr * dr / 2  # plain causal attention's: TFLOP/s comparable with SDPA's
+        name = str(rdt).replace("torch.", "")
+
+        def sdpa(q, k, v, R, S, u):  # the ceiling: the same attention without the relative terms
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+        def rel(be):
+            def f(q, k, v, R, S, u):
+                return embkern.relative_attention(q, k, v, R, S, u, max_distance=P_rel, backend=be)
+            return f
+
+        # the fp64 reference holds (B, H, L, 2L) relative scores: for the error column up to L = 2048 only
+        o64 = rca_ref.attention(*(t.double() for t in ins)) if Lr <= 2048 else None
+        err = maxerr(o64) if o64 is not None else None
+        impls = [("triton", rel("triton"))] + ([("reference (torch)", rel("reference"))] if Lr <= 1024 else [])
+        base = case(sec, f"forward {name}", "sdpa (no relative terms)", lambda: sdpa(*ins), flops)
+        for label, fn in impls:
+            case(sec, f"forward {name}", label, lambda: fn(*ins), flops, mm_ms=base, err_fn=err,
+                 note="x mm = time / sdpa")
+        del o64
+
+        def fb(fn):
+            leaves = [t.detach().clone().requires_grad_(True) for t in ins]
+            go = torch.randn_like(qr)
+
+            def f():
+                for t in leaves:
+                    t.grad = None
+                fn(*leaves).backward(go)
+                return tuple(t.grad for t in leaves[:3])
+            return f
+
+        base = case(sec, f"fwd+bwd {name}", "sdpa (no relative terms)", fb(sdpa), 3.5 * flops)
+        for label, fn in impls:
+            case(sec, f"fwd+bwd {name}", label, fb(fn), 3.5 * flops, mm_ms=base, note="x mm = time / sdpa")
+        del qr, kr, vr, Rr, Sr, ur, ins
+        if cuda:
+            torch.cuda.empty_cache()
 
     # ---------------------------------------------------------------- fde (CUDA): fde_cuda_bench.py
     fde_md = ""
@@ -408,6 +469,10 @@ def main() -> int:
                   "peak MiB", "max err"], body, markdown=True), ""]
     md += ["Selective attention rows: x mm is time / SDPA (flash backend on CUDA) on the pre-scaled inputs, the "
            "exact anchor; target: the Triton kernels at >= 90% of its TFLOP/s in bf16 (x mm <= 1.11).", ""]
+    md += ["Relative attention rows: x mm is time / SDPA (flash backend on CUDA) at the same shape without the "
+           "relative terms, the ceiling; TFLOP/s count plain attention's FLOPs; target: the Triton kernels at >= 60% "
+           "of SDPA's throughput in bf16 (x mm <= 1.67). peak: extra MiB of one call (O(L d) for the fused "
+           "kernels; the reference holds (B, H, L, 2L) relative scores).", ""]
     md += ["## fde (CUDA)", "", fde_md, ""]
     if failures:
         md += ["## Failures", "", "```", *[f.rstrip() for f in failures], "```", ""]

@@ -29,8 +29,9 @@ from .ops.bit_cipher import (  # noqa: E402
 
 
 def __getattr__(name):
-    # nn and testing import lazily so `import embkern` stays light.
-    if name in ("nn", "testing", "bench", "contrib"):
+    # nn and testing import lazily so `import embkern` stays light; distributed
+    # also because it imports Dask, an optional extra.
+    if name in ("nn", "testing", "bench", "contrib", "distributed"):
         import importlib
 
         return importlib.import_module(f"embkern.{name}")

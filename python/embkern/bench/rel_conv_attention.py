@@ -16,6 +16,13 @@ Anchors:
   Target: >= 10x faster at L = 1024. Run up to L = 2048: at L = 4096 its
   (Lq, Lk + Lq, B, H) relative-score tensor alone is 4 GiB.
 
+Backends: the reference and every fused backend the descriptor has (``cpu``:
+the C++ kernels, about 1.63x plain attention's FLOPs forward and 1.71x
+forward + backward by design, docs/ops/rel_conv_attention.md). Peak extra
+memory is shown next to the size of the authors' (L, 2L, B, H) float32
+relative-score tensor, at every L (theirs grows with L^2, the fused kernels'
+with L d).
+
 The reference gathers from ``q R^T`` over the rows it reads, (B, H, L, 2L): it
 is timed at L = 1024 only. ``EMBKERN_BENCH_TINY=1`` shrinks every size.
 """
@@ -130,6 +137,9 @@ def _case(data: _Data, L: int, backward: bool) -> Workload:
     flops = 4.0 * B * H * L * L * d / 2 * (3.5 if backward else 1.0)
     targets = [Target("time / authors' materialised (target >= 10x faster)", "authors (materialised)", "time",
                       "speedup", 10.0)]
+    rel_bytes = L * 2 * L * B * H * 4
+    targets.append(Target("peak extra memory / the authors' (L, 2L, B, H) relative scores (target <= 1)",
+                          "bytes:authors' relative scores", "memory", "ratio", 1.0))
     if backward:
         targets.append(Target("sdpa time / time: share of the ceiling's throughput (target >= 0.6)",
                               "sdpa (no relative terms)", "time", "speedup", 0.6))
@@ -143,7 +153,7 @@ def _case(data: _Data, L: int, backward: bool) -> Workload:
         row_error={}, no_error=("sdpa (no relative terms)",),
         work=flops / 1e9, work_unit="GFLOP/s",
         params={"B": B, "H": H, "L": L, "d": d, "P": P, "causal": True, "dtype": "float32"},
-        targets=targets, skipped=skipped, slow=("authors (materialised)", "reference"),
+        targets=targets, sizes={"authors' relative scores": rel_bytes}, skipped=skipped, slow=("authors (materialised)", "reference"),
         notes=["sdpa computes no relative terms (not comparable: no error); GFLOP/s counts attention FLOPs only",
                "max err: max |output (or every gradient) - float64 reference|"],
         setup=data.setup, teardown=data.teardown)

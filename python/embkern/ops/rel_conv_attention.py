@@ -11,8 +11,13 @@ causal_conv            y (..., T, C) causal depthwise convolution           caus
 causal_conv_backward   dx, dweight, dbias                                  --
 =====================  ==================================================  =====================
 
-The reference (``embkern.reference.rel_conv_attention``) is the default kernel
-on every device (``docs/ops/rel_conv_attention.md``).
+Backends: the reference (``embkern.reference.rel_conv_attention``, every
+dtype and device); ``cpu`` (the fused C++ kernels of
+``src/cpu/rel_conv_attention.cpp``, float32 / float64); and ``"triton"``
+(``embkern.triton_kernels.rel_conv_attention``; fp16 / bf16 / fp32, the
+automatic choice for CUDA tensors), which fuses the relative terms into
+flash-attention 2 tiles, forward and backward, in O(L d) memory with no
+atomics, and has the causal conv too (``docs/ops/rel_conv_attention.md``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,10 @@ DESCRIPTOR = OpDescriptor(
     kernels=("forward", "backward", "conv_forward", "conv_backward"),
     backends={
         "reference": BackendSupport(frozenset(_checks.FLOATS), frozenset({"cpu", "cuda"})),
+        "cpu": BackendSupport(frozenset({torch.float32, torch.float64}), frozenset({"cpu"}),
+                              symbol="rel_conv_attention.{kernel}"),
+        "triton": BackendSupport(frozenset({torch.float16, torch.bfloat16, torch.float32}),
+                                 frozenset({"cpu", "cuda"}), symbol="rel_conv_attention.{kernel}"),
     },
     entry_points={"relative_attention": ("forward", "backward"),
                   "causal_depthwise_conv": ("conv_forward", "conv_backward")},
@@ -59,8 +68,64 @@ _REFERENCE = {"forward": _ref_forward, "backward": _ref_backward, "conv_forward"
               "conv_backward": _ref_conv_backward}
 
 
+# ---------------------------------------------------------------------------
+# C++ kernels (src/cpu/rel_conv_attention.cpp): outputs allocated in torch,
+# numpy views (zero copy) handed to _C; inputs made contiguous (a copy only
+# when they are not).
+
+
+def _np(t: Tensor):
+    return t.detach().contiguous().numpy()
+
+
+def _cpu():
+    return _backends.cpu_module().rel_conv_attention
+
+
+def _cpu_forward(q, k, v, R, S, u, causal, q_offset):
+    B, H, Lq, _ = q.shape
+    out = torch.empty(B, H, Lq, v.shape[-1], dtype=q.dtype)
+    lse = torch.empty(B, H, Lq, dtype=q.dtype)
+    _cpu().forward(_np(q), _np(k), _np(v), _np(R), _np(S), _np(u), out.numpy(), lse.numpy(), bool(causal),
+                   int(q_offset))
+    return out, lse
+
+
+def _cpu_backward(grad_out, q, k, v, R, S, u, out, lse, causal, q_offset):
+    grads = tuple(torch.empty(t.shape, dtype=q.dtype) for t in (q, k, v, R, S, u))
+    _cpu().backward(_np(grad_out.to(q.dtype)), _np(q), _np(k), _np(v), _np(R), _np(S), _np(u), _np(out.to(q.dtype)),
+                    _np(lse.to(q.dtype)), *(g.numpy() for g in grads), bool(causal), int(q_offset))
+    return grads
+
+
+def _as_ntc(x: Tensor) -> Tensor:
+    return x.detach().reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
+
+
+def _cpu_conv_forward(x, weight, bias):
+    y = torch.empty(x.shape, dtype=x.dtype)
+    _cpu().conv_forward(_as_ntc(x).numpy(), _np(weight), None if bias is None else _np(bias),
+                        y.view(-1, x.shape[-2], x.shape[-1]).numpy())
+    return y
+
+
+def _cpu_conv_backward(grad_y, x, weight, has_bias):
+    dx = torch.empty(x.shape, dtype=x.dtype)
+    dw = torch.empty(weight.shape, dtype=x.dtype)
+    db = torch.empty(weight.shape[0], dtype=x.dtype) if has_bias else weight.new_empty(0)
+    _cpu().conv_backward(_as_ntc(grad_y.to(x.dtype)).numpy(), _as_ntc(x).numpy(), _np(weight),
+                         dx.view(-1, x.shape[-2], x.shape[-1]).numpy(), dw.numpy(),
+                         db.numpy() if has_bias else None)
+    return dx, dw, db
+
+
+_CPU = {"forward": _cpu_forward, "backward": _cpu_backward, "conv_forward": _cpu_conv_forward,
+        "conv_backward": _cpu_conv_backward}
+
+
 def _implementations(kernel: str) -> dict:
-    return {"reference": _REFERENCE[kernel]}
+    return {"reference": _REFERENCE[kernel], "cpu": _CPU[kernel],
+            "triton": f"embkern.triton_kernels.rel_conv_attention:{kernel}"}
 
 
 # ---------------------------------------------------------------------------

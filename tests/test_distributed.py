@@ -1,0 +1,185 @@
+"""embkern.distributed on a real LocalCluster: 2 worker processes on loopback,
+started and closed by the fixture, every wait bounded."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import embkern
+from helpers import oracle
+
+distributed = oracle("distributed")
+dask = oracle("dask")
+import dask.bag as db  # noqa: E402
+
+from embkern.distributed import _fde, encode_corpus, read_encodings  # noqa: E402
+
+JOB_TIMEOUT_S = 240  # a hung job dumps the stacks and ends the run instead of blocking CI
+
+
+@pytest.fixture(scope="module")
+def client():
+    faulthandler.dump_traceback_later(JOB_TIMEOUT_S * 3, exit=True)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                       dashboard_address=None, silence_logs=40)
+    c = distributed.Client(cluster, timeout=60)
+    try:
+        c.wait_for_workers(2, timeout=120)
+        yield c
+    finally:
+        c.close()
+        cluster.close()
+        faulthandler.cancel_dump_traceback_later()
+
+
+CONFIG = embkern.FDEConfig(dimension=16, num_repetitions=3, num_simhash_projections=3, seed=7,
+                           encoding_type="document", fill_empty_partitions=True, final_projection_dimension=96)
+
+
+def _docs(n, seed, d=16, max_len=9):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal((int(rng.integers(1, max_len)), d)).astype(np.float32) for _ in range(n)]
+
+
+def _write_shards(tmp_path, n_shards, docs_per_shard, d=16, padded_every=0):
+    paths, docs = [], []
+    for s in range(n_shards):
+        part = _docs(docs_per_shard, 100 + s, d)
+        if padded_every and s % padded_every == 0:  # a (n_docs, L, d) .npy: every document has L points
+            L = 5
+            arr = np.stack([np.resize(x, (L, d)) for x in part]).astype(np.float32)
+            p = tmp_path / f"shard{s}.npy"
+            np.save(p, arr)
+            docs.extend(list(arr))
+        else:
+            off = np.concatenate([[0], np.cumsum([len(x) for x in part])]).astype(np.int64)
+            p = tmp_path / f"shard{s}.npz"
+            np.savez(p, points=np.concatenate(part), offsets=off)
+            docs.extend(part)
+        paths.append(str(p))
+    return paths, docs
+
+
+def _single_process(docs, config=CONFIG):
+    return embkern.FDEEncoder(config).encode_corpus([docs], progress=False)
+
+
+def test_shard_files_equal_one_process(client, tmp_path):
+    paths, docs = _write_shards(tmp_path, 5, 37, padded_every=3)
+    out = encode_corpus(paths, CONFIG, tmp_path / "out", client=client, progress=False)
+    got = read_encodings(out)
+    want = _single_process(docs)
+    assert got.shape == (len(docs), CONFIG.output_dimension)
+    assert np.array_equal(got, want)  # bit for bit, whatever worker encoded which shard
+    parts = read_encodings(out, mmap=True)
+    assert [p.shape[0] for p in parts] == [37] * 5
+    # in memory (out=None) gives the same bits
+    assert np.array_equal(encode_corpus(paths, CONFIG, client=client, progress=False), want)
+
+
+def test_delayed_and_bag_inputs_equal_one_process(client):
+    docs = _docs(120, 3)
+    batches = [docs[i:i + 25] for i in range(0, len(docs), 25)]
+    delayed = [dask.delayed(lambda b: b)(b) for b in batches]
+    want = _single_process(docs)
+    assert np.array_equal(encode_corpus(delayed, CONFIG, client=client, progress=False), want)
+    bag = db.from_sequence(docs, npartitions=7)
+    assert np.array_equal(encode_corpus(bag, CONFIG, client=client, progress=False), want)
+    # a (points, offsets) batch and a (padded, lengths) batch
+    off = np.concatenate([[0], np.cumsum([len(x) for x in docs])]).astype(np.int64)
+    pts = np.concatenate(docs)
+    L = max(len(x) for x in docs)
+    padded = np.zeros((len(docs), L, 16), np.float32)
+    for i, x in enumerate(docs):
+        padded[i, :len(x)] = x
+    lengths = np.array([len(x) for x in docs])
+    for batch in ((pts, off), (padded, lengths)):
+        got = encode_corpus([dask.delayed(lambda b: b)(batch)], CONFIG, client=client, progress=False)
+        assert np.array_equal(got, want)
+
+
+def test_tables_built_once_per_worker(client, tmp_path):
+    cfg = CONFIG.replace(seed=12345)  # a config no earlier test used: the count starts from this job
+    before = client.run(lambda: _fde._BUILDS)
+    paths, _ = _write_shards(tmp_path, 12, 10)
+    encode_corpus(paths, cfg, client=client, progress=False)
+    after = client.run(lambda: _fde._BUILDS)
+    new = {w: after[w] - before.get(w, 0) for w in after}
+    assert sum(new.values()) <= len(after)  # 12 tasks, at most one table build per worker
+    assert all(n <= 1 for n in new.values()), new
+
+
+def test_killed_worker_is_retried_and_exact(client, tmp_path):
+    # enough work per shard that the job is still running when a worker dies
+    paths, docs = _write_shards(tmp_path, 16, 1500)
+    want = _single_process(docs)
+    pids = client.run(os.getpid)
+    victim = sorted(pids)[0]
+    result = {}
+
+    def job():
+        try:
+            result["out"] = encode_corpus(paths, CONFIG, tmp_path / "out", client=client, progress=False)
+        except BaseException as exc:  # reported below
+            result["error"] = exc
+
+    t = threading.Thread(target=job)
+    t.start()
+    out_dir = tmp_path / "out"
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline and not (out_dir.exists() and any(p.suffix == ".npy"
+                                                                         for p in out_dir.iterdir())):
+        time.sleep(0.05)
+    done_at_kill = sum(1 for p in out_dir.iterdir() if p.name.startswith("part-")) if out_dir.exists() else 0
+    os.kill(pids[victim], signal.SIGKILL)  # mid-job: its running task is lost
+    t.join(JOB_TIMEOUT_S)
+    assert not t.is_alive(), "encode_corpus did not finish after a worker was killed"
+    assert "error" not in result, result.get("error")
+    got = read_encodings(result["out"])
+    assert np.array_equal(got, want)
+    assert done_at_kill < len(paths), "the job had finished before the worker was killed"
+    print("shards done when the worker was killed:", done_at_kill, "of", len(paths))
+    client.wait_for_workers(2, timeout=120)  # the nanny restarts the killed worker for the next tests
+    assert pids[victim] not in client.run(os.getpid).values()  # it really died and was replaced
+
+
+def test_bad_input_fails_fast(client, tmp_path):
+    paths, _ = _write_shards(tmp_path, 2, 4)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        encode_corpus(paths + [str(tmp_path / "missing.npz")], CONFIG, client=client, progress=False)
+    with pytest.raises(ValueError, match=r"config.dimension = 32"):
+        encode_corpus(paths, CONFIG.replace(dimension=32), client=client, progress=False)
+    with pytest.raises(TypeError, match="config: expected embkern.FDEConfig"):
+        encode_corpus(paths, {"dimension": 16}, client=client, progress=False)
+    with pytest.raises(TypeError, match="wrap it in a list"):
+        encode_corpus(paths[0], CONFIG, client=client, progress=False)
+    with pytest.raises(TypeError, match="doc_batches: expected"):
+        encode_corpus(42, CONFIG, client=client, progress=False)
+    out = encode_corpus(paths, CONFIG, tmp_path / "o", client=client, progress=False)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        encode_corpus(paths, CONFIG, out, client=client, progress=False)
+    encode_corpus(paths, CONFIG, out, client=client, progress=False, overwrite=True)
+    # a batch that only turns out wrong on the worker: its error comes back with the shard, not a hang
+    bad = [dask.delayed(lambda: _docs(3, 1, d=8))()]
+    t0 = time.monotonic()
+    with pytest.raises(ValueError, match=r"doc_batches\[0\].*16"):
+        encode_corpus(bad, CONFIG, client=client, progress=False)
+    assert time.monotonic() - t0 < JOB_TIMEOUT_S
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        read_encodings(tmp_path)
+
+
+def test_import_embkern_does_not_import_dask():
+    code = "import sys, embkern; embkern.fde_encode; print(any(m == 'dask' or m.startswith('dask.') for m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"

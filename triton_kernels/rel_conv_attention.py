@@ -1,0 +1,500 @@
+"""Triton kernels for Transformer-XL relative attention and RCMHA's causal conv (docs/ops/rel_conv_attention.md).
+
+Launchers called by ``embkern.ops.rel_conv_attention`` (backend ``"triton"``)
+with torch tensors on CUDA, or on the CPU under ``TRITON_INTERPRET=1``:
+
+=============  ===========================================================  ====================================
+launcher       inputs                                                       returns
+=============  ===========================================================  ====================================
+forward        q (B,H,Lq,d), k (B,H,Lk,d), v (B,H,Lk,dv), R (2P,H,d),       O (B,H,Lq,dv) q.dtype, lse (B,H,Lq)
+               S (2P,H), u (H,d), causal, q_offset                          fp32
+backward       grad_out, the same, O, lse                                   dq, dk, dv, dR, dS, du
+conv_forward   x (..., T, C), weight (C, K), bias (C,) | None               y (..., T, C)
+conv_backward  grad_y, x, weight, has_bias                                  dx, dweight, dbias (or empty)
+=============  ===========================================================  ====================================
+
+Scores: ``s_ij = [(q_i + u).k_j + q_i.R[r] + S[r]] / sqrt(d)``, ``r = P + j - i - q_offset``.
+
+The relative term inside a flash tile. For query rows ``m0 + ii`` and keys
+``n0 + jj`` (ii < BM, jj < BN) the table rows read are ``r0 + w`` with
+``r0 = P + n0 - m0 - q_offset - (BM - 1)`` and ``w = jj - ii + BM - 1`` in
+``0 .. BM + BN - 2``: one window of BM + BN - 1 contiguous rows (padded to
+BW, a power of two; 2T for T x T tiles). The kernel multiplies the query tile
+by the window, ``QR = Q_tile Rw^T + S_w`` (BM x BW), and takes the diagonal
+band ``QR[ii, jj - ii + BM - 1]`` with ``tl.gather`` along the window axis
+(a register / shared-memory shuffle on the GPU, ``take_along_axis`` in the
+interpreter). ``u . k_j`` is one fp32 number per key. Rows of the window
+outside the table (only ever read by masked pairs) load as zeros.
+
+* forward: one program per (query block, batch x head), flash-attention 2
+  with the online softmax in fp32; key blocks past the causal limit of the
+  block's last row are never visited; a row that sees no key gives O = 0,
+  lse = -inf (no NaN), as in the selective-attention kernel.
+* backward: ``D_i = sum_d dO_i O_i`` in torch, then three kernels, none with
+  atomics, P recomputed from lse in each:
+
+  - dk, dv per (key block, batch x head), looping over the query blocks that
+    see the keys; ``dk_j = scale * [sum_i dS_ij q_i + (sum_i dS_ij) u]`` and a
+    per-block partial of ``du = scale * sum_j (sum_i dS_ij) k_j``;
+  - dq per (query block, batch x head): ``dq = scale * (dS K + G Rw)``, with
+    ``G[ii, w] = dS[ii, w + ii - (BM - 1)]`` the band put back into window
+    coordinates (again a ``tl.gather``);
+  - dR, dS per (tile diagonal, batch x head): with square T x T tiles every
+    tile on one diagonal (key block - query block = const) reads the same
+    window, so one program walks the diagonal and keeps ``G^T Q`` (2T x d)
+    and ``sum_ii G`` (2T) in registers, then writes them as that diagonal's
+    partial. Window t starts T rows after window t - 1: the host adds the
+    overlapping halves and sums over the batch in a fixed order. Memory:
+    B H (nM + nN - 1) 2T (d + 1) floats, O(L d), never O(L^2).
+
+  The du partials (B, H, nN, d) are summed over batch and key blocks in torch.
+  Results are bit-identical from run to run (no float atomics; every sum has
+  a fixed order) and depend on the tile size T (fixed per device type and head
+  dim, no autotuning), not on the GPU model's SM count or the scheduling.
+* precision: every product goes through ``_tiles._dot`` (fp32 IEEE, no TF32;
+  fp16 / bf16 on tensor cores with fp32 accumulation). P is rounded to the
+  input dtype before P V and P^T dO, dS (and its window form G) before dS K,
+  dS^T Q, G Rw and G^T Q, as flash-attention does; ``u . k``, the softmax,
+  ``sum G`` and the u terms of dk / du stay fp32.
+* causal depthwise conv: one program per (sequence, time block, channel
+  block) in fp32; dweight from per-program partials summed in torch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ._tiles import _dot, device_ctx, launch_opts, pow2, upcast
+
+
+def _cfg(t: torch.Tensor, d: int) -> dict:
+    """Square T x T tiles (the dR / dS diagonal walk needs BM = BN): 16 in the interpreter (the
+    tl.dot minimum; every program runs in Python); on the GPU 64 with 4 warps, 32 for head dims
+    above 128 (fp16 / bf16) or above 64 (fp32) to bound shared memory: compiled for sm_90 the dq
+    kernel needs 128 KiB at T = 64, d = 128 in bf16 and 224 KiB in fp32, at the 227 KiB limit. Fixed:
+    no autotuning, so the rounding of every sum is the same on every run and every GPU."""
+    if t.device.type != "cuda":
+        return dict(T=16, warps=1, stages=1)
+    wide = 64 if t.dtype == torch.float32 else 128
+    return dict(T=32 if d > wide else 64, warps=4, stages=2)
+
+
+# ---------------------------------------------------------------------------
+# device helpers
+
+
+@triton.jit
+def _window(R_ptr, S_ptr, r0, h, H, P2, od, d, BW: tl.constexpr):
+    """Rows r0 .. r0 + BW - 1 of R (BW, BD) and S (BW,) fp32 for head h; rows outside 0..2P-1 are zero."""
+    wr = r0 + tl.arange(0, BW)
+    wm = (wr >= 0) & (wr < P2)
+    Rw = tl.load(R_ptr + (wr * H + h)[:, None] * d + od[None, :], mask=wm[:, None] & (od < d)[None, :], other=0.0)
+    Sw = tl.load(S_ptr + wr * H + h, mask=wm, other=0.0).to(tl.float32)
+    return Rw, Sw
+
+
+@triton.jit
+def _scores(q, k, uk, Rw, Sw, scale, BM: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr,
+            IEEE: tl.constexpr):
+    """(BM, BN) fp32 unmasked scores of one tile: content, u . k, and the diagonal band of Q Rw^T + S_w."""
+    qk = _dot(q, tl.trans(k), UPCAST, IEEE)
+    qr = _dot(q, tl.trans(Rw), UPCAST, IEEE) + Sw[None, :]
+    band = tl.arange(0, BN)[None, :] - tl.arange(0, BM)[:, None] + (BM - 1)
+    rel = tl.gather(qr, band, 1)
+    return (qk + uk[None, :] + rel) * scale
+
+
+@triton.jit
+def _band_to_window(ds, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+    """G (BM, BW): G[ii, w] = ds[ii, w + ii - (BM - 1)] where that key column exists, else 0."""
+    c = tl.arange(0, BW)[None, :] + tl.arange(0, BM)[:, None] - (BM - 1)
+    ok = (c >= 0) & (c < BN)
+    g = tl.gather(ds, tl.where(ok, c, 0), 1)
+    return tl.where(ok, g, 0.0)
+
+
+@triton.jit
+def _visible(rows, cols, Lq, Lk, q_offset, CAUSAL: tl.constexpr):
+    ok = (rows < Lq)[:, None] & (cols < Lk)[None, :]
+    if CAUSAL:
+        ok = ok & (cols[None, :] <= rows[:, None] + q_offset)
+    return ok
+
+
+@triton.jit
+def _load_rows(ptr, base, rows, n_rows, o, width):
+    return tl.load(ptr + (base + rows)[:, None] * width + o[None, :],
+                   mask=(rows < n_rows)[:, None] & (o < width)[None, :], other=0.0)
+
+
+@triton.jit
+def _uk(k, u):
+    """u . k_j for every key of the tile, fp32."""
+    return tl.sum(k.to(tl.float32) * u[None, :], 1)
+
+
+# ---------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, o_ptr, lse_ptr,
+                H, Lq, Lk, d, dv, P, scale, q_offset,
+                CAUSAL: tl.constexpr, T: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    m0 = pid_m * T
+    rows = m0 + tl.arange(0, T)
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
+    u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
+    m_i = tl.full([T], float("-inf"), tl.float32)
+    l_i = tl.zeros([T], tl.float32)
+    acc = tl.zeros([T, BDV], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, m0 + T + q_offset)
+    for n0 in range(0, hi, T):
+        cols = n0 + tl.arange(0, T)
+        k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
+        v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
+        Rw, Sw = _window(R_ptr, S_ptr, P + n0 - m0 - q_offset - (T - 1), h, H, 2 * P, od, d, BW)
+        s = _scores(q, k, _uk(k, u), Rw, Sw, scale, T, T, UPCAST, IEEE)
+        s = tl.where(_visible(rows, cols, Lq, Lk, q_offset, CAUSAL), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    seen = l_i > 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    rmask = rows < Lq
+    tl.store(o_ptr + (bh * Lq + rows)[:, None] * dv + odv[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=rmask[:, None] & (odv < dv)[None, :])
+    tl.store(lse_ptr + bh * Lq + rows, lse, mask=rmask)
+
+
+@triton.jit
+def _probs(q, k, uk, Rw, Sw, do, v, lse, dlt, rows, cols, Lq, Lk, q_offset, scale,
+           CAUSAL: tl.constexpr, T: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Recomputed P (T, T) fp32 and dS * scale (T, T) fp32 of one tile."""
+    s = _scores(q, k, uk, Rw, Sw, scale, T, T, UPCAST, IEEE)
+    ok = _visible(rows, cols, Lq, Lk, q_offset, CAUSAL) & (lse != float("-inf"))[:, None]
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+    p = tl.where(ok, tl.exp(s - lse_safe[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+    return p, p * (dp - dlt[:, None]) * scale
+
+
+@triton.jit
+def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr,
+                   dk_ptr, dv_ptr, dup_ptr,
+                   H, Lq, Lk, d, dv, P, scale, q_offset, nN,
+                   CAUSAL: tl.constexpr, T: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    n0 = pid_n * T
+    cols = n0 + tl.arange(0, T)
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
+    v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
+    u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
+    uk = _uk(k, u)
+    dk = tl.zeros([T, BD], tl.float32)
+    dva = tl.zeros([T, BDV], tl.float32)
+    csum = tl.zeros([T], tl.float32)  # sum_i dS_ij * scale, per key
+    lo = 0
+    if CAUSAL:  # the first query row that sees key n0 is n0 - q_offset
+        lo = tl.maximum(0, n0 - q_offset)
+        lo = (lo // T) * T
+    for m0 in range(lo, Lq, T):
+        rows = m0 + tl.arange(0, T)
+        q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
+        do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
+        lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+        dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
+        Rw, Sw = _window(R_ptr, S_ptr, P + n0 - m0 - q_offset - (T - 1), h, H, 2 * P, od, d, BW)
+        p, ds = _probs(q, k, uk, Rw, Sw, do, v, lse, dlt, rows, cols, Lq, Lk, q_offset, scale, CAUSAL, T, UPCAST,
+                       IEEE)
+        dva += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
+        csum += tl.sum(ds, 0)
+    dk += csum[:, None] * u[None, :]
+    cmask = cols < Lk
+    tl.store(dk_ptr + (bh * Lk + cols)[:, None] * d + od[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=cmask[:, None] & (od < d)[None, :])
+    tl.store(dv_ptr + (bh * Lk + cols)[:, None] * dv + odv[None, :], dva.to(dv_ptr.dtype.element_ty),
+             mask=cmask[:, None] & (odv < dv)[None, :])
+    du = tl.sum(csum[:, None] * k.to(tl.float32), 0)
+    tl.store(dup_ptr + (bh * nN + pid_n) * d + od, du, mask=od < d)
+
+
+@triton.jit
+def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                  H, Lq, Lk, d, dv, P, scale, q_offset,
+                  CAUSAL: tl.constexpr, T: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    m0 = pid_m * T
+    rows = m0 + tl.arange(0, T)
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
+    do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
+    lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+    dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
+    u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
+    dq = tl.zeros([T, BD], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, m0 + T + q_offset)
+    for n0 in range(0, hi, T):
+        cols = n0 + tl.arange(0, T)
+        k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
+        v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
+        Rw, Sw = _window(R_ptr, S_ptr, P + n0 - m0 - q_offset - (T - 1), h, H, 2 * P, od, d, BW)
+        p, ds = _probs(q, k, _uk(k, u), Rw, Sw, do, v, lse, dlt, rows, cols, Lq, Lk, q_offset, scale, CAUSAL, T,
+                       UPCAST, IEEE)
+        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+        g = _band_to_window(ds, T, T, BW)
+        dq += _dot(g.to(Rw.dtype), Rw, UPCAST, IEEE)
+    tl.store(dq_ptr + (bh * Lq + rows)[:, None] * d + od[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=(rows < Lq)[:, None] & (od < d)[None, :])
+
+
+@triton.jit
+def _bwd_rel_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr, dRp_ptr, dSp_ptr,
+                    H, Lq, Lk, d, dv, P, scale, q_offset, nM, nN,
+                    CAUSAL: tl.constexpr, T: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    t = tl.program_id(0)  # diagonal: key block - query block = t - (nM - 1)
+    bh = tl.program_id(1)
+    h = bh % H
+    nD = nM + nN - 1
+    dt = t - (nM - 1)
+    m_lo = tl.maximum(0, -dt)
+    m_hi = tl.minimum(nM, nN - dt)
+    if CAUSAL:  # tile (m, m + dt) holds a visible pair iff (m + dt) T <= m T + T - 1 + q_offset: not m-dependent
+        m_hi = tl.where(dt * T > T - 1 + q_offset, m_lo, m_hi)
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
+    Rw, Sw = _window(R_ptr, S_ptr, P + dt * T - q_offset - (T - 1), h, H, 2 * P, od, d, BW)
+    dR = tl.zeros([BW, BD], tl.float32)
+    dS = tl.zeros([BW], tl.float32)
+    for m in range(m_lo, m_hi):
+        m0 = m * T
+        rows = m0 + tl.arange(0, T)
+        cols = m0 + dt * T + tl.arange(0, T)
+        q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
+        do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
+        lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+        dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
+        k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
+        v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
+        p, ds = _probs(q, k, _uk(k, u), Rw, Sw, do, v, lse, dlt, rows, cols, Lq, Lk, q_offset, scale, CAUSAL, T,
+                       UPCAST, IEEE)
+        g = _band_to_window(ds, T, T, BW)
+        dR += _dot(tl.trans(g.to(q.dtype)), q, UPCAST, IEEE)
+        dS += tl.sum(g, 0)
+    w = tl.arange(0, BW)
+    base = (bh * nD + t) * BW
+    tl.store(dRp_ptr + (base + w)[:, None] * d + od[None, :], dR, mask=(od < d)[None, :])
+    tl.store(dSp_ptr + base + w, dS)
+
+
+# ---------------------------------------------------------------------------
+# launchers
+
+
+def _consts(q, v, causal):
+    d = q.shape[-1]
+    c = _cfg(q, d)
+    T = c["T"]
+    return dict(CAUSAL=bool(causal), T=T, BW=triton.next_power_of_2(2 * T - 1), BD=pow2(d), BDV=pow2(v.shape[-1]),
+                UPCAST=upcast(q), IEEE=q.dtype == torch.float32), c
+
+
+def _prep(q, k, v, R, S, u):
+    return tuple(t.contiguous() for t in (q, k, v, R, S, u))
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R: torch.Tensor, S: torch.Tensor, u: torch.Tensor,
+            causal: bool, q_offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    B, H, Lq, d = q.shape
+    Lk, dv, P = k.shape[2], v.shape[-1], R.shape[0] // 2
+    q, k, v, R, S, u = _prep(q, k, v, R, S, u)
+    out = torch.zeros(B, H, Lq, dv, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or Lk == 0:
+        return out, lse
+    kw, c = _consts(q, v, causal)
+    with device_ctx(q):
+        _fwd_kernel[(triton.cdiv(Lq, kw["T"]), B * H)](
+            q, k, v, R, S, u, out, lse, H, Lq, Lk, d, dv, P, d ** -0.5, int(q_offset), **kw,
+            **launch_opts(q, c["warps"], c["stages"]))
+    return out, lse
+
+
+def _overlap_add(parts: torch.Tensor, T: int) -> torch.Tensor:
+    """(B, H, nD, 2T, ...) diagonal partials -> (H, (nD + 1) T, ...): window t covers row blocks t and t + 1;
+    each block is (its diagonal's low half + the previous diagonal's high half), then summed over the batch:
+    the same additions in the same order on every run."""
+    B, H, nD = parts.shape[:3]
+    rest = parts.shape[4:]
+    blocks = parts.new_zeros(B, H, nD + 1, T, *rest)
+    blocks[:, :, :nD] += parts[:, :, :, :T]
+    blocks[:, :, 1:] += parts[:, :, :, T:]
+    return blocks.sum(0).reshape(H, (nD + 1) * T, *rest)
+
+
+def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R: torch.Tensor,
+             S: torch.Tensor, u: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, q_offset: int):
+    B, H, Lq, d = q.shape
+    Lk, dv, P = k.shape[2], v.shape[-1], R.shape[0] // 2
+    q, k, v, R, S, u = _prep(q, k, v, R, S, u)
+    do = grad_out.to(q.dtype).contiguous()
+    lse = lse.to(torch.float32).contiguous()
+    delta = (do.to(torch.float32) * out.to(torch.float32)).sum(-1).contiguous()
+    dq, dk, dvv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dR = torch.zeros(R.shape, dtype=torch.float32, device=q.device)
+    dS = torch.zeros(S.shape, dtype=torch.float32, device=q.device)
+    du = torch.zeros(u.shape, dtype=torch.float32, device=q.device)
+    if q.numel() and k.numel():
+        kw, c = _consts(q, v, causal)
+        T, BW = kw["T"], kw["BW"]
+        nM, nN = triton.cdiv(Lq, T), triton.cdiv(Lk, T)
+        nD = nM + nN - 1
+        dup = torch.empty(B, H, nN, d, dtype=torch.float32, device=q.device)
+        dRp = torch.empty(B, H, nD, BW, d, dtype=torch.float32, device=q.device)
+        dSp = torch.empty(B, H, nD, BW, dtype=torch.float32, device=q.device)
+        args = (H, Lq, Lk, d, dv, P, d ** -0.5, int(q_offset))
+        opts = launch_opts(q, c["warps"], c["stages"])
+        with device_ctx(q):
+            _bwd_kv_kernel[(nN, B * H)](q, k, v, R, S, u, do, lse, delta, dk, dvv, dup, *args, nN, **kw, **opts)
+            _bwd_q_kernel[(nM, B * H)](q, k, v, R, S, u, do, lse, delta, dq, *args, **kw, **opts)
+            _bwd_rel_kernel[(nD, B * H)](q, k, v, R, S, u, do, lse, delta, dRp, dSp, *args, nM, nN, **kw, **opts)
+        du = dup.sum(dim=(0, 2))
+        # window t starts at table row r0 + t T (r0 of the first diagonal, dt = 1 - nM)
+        r0 = P + (1 - nM) * T - int(q_offset) - (T - 1)
+        rows_R = _overlap_add(dRp[..., :2 * T, :], T)  # (H, (nD + 1) T, d)
+        rows_S = _overlap_add(dSp[..., :2 * T], T)  # (H, (nD + 1) T)
+        lo, hi = max(r0, 0), min(r0 + rows_R.shape[1], 2 * P)
+        if hi > lo:  # rows outside the table only ever saw masked pairs: their partials are zeros
+            dR[lo:hi] = rows_R[:, lo - r0:hi - r0].transpose(0, 1)
+            dS[lo:hi] = rows_S[:, lo - r0:hi - r0].T
+    return dq, dk, dvv, dR.to(R.dtype), dS.to(S.dtype), du.to(u.dtype)
+
+
+# ---------------------------------------------------------------------------
+# causal depthwise conv: y[t, c] = sum_k w[c, k] x[t - K + 1 + k, c] + b[c], x[t < 0] = 0
+
+
+@triton.jit
+def _conv_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, L, C, K, HAS_B: tl.constexpr, BT: tl.constexpr,
+                     BC: tl.constexpr):
+    pt = tl.program_id(0)
+    pc = tl.program_id(1)
+    n = tl.program_id(2)
+    t = pt * BT + tl.arange(0, BT)
+    c = pc * BC + tl.arange(0, BC)
+    cm = c < C
+    acc = tl.zeros([BT, BC], tl.float32)
+    for kk in range(0, K):  # the reference's order: taps oldest first, then the bias
+        src = t - (K - 1 - kk)
+        xv = tl.load(x_ptr + (n * L + src)[:, None] * C + c[None, :],
+                     mask=((src >= 0) & (src < L))[:, None] & cm[None, :], other=0.0)
+        wv = tl.load(w_ptr + c * K + kk, mask=cm, other=0.0).to(tl.float32)
+        acc += xv.to(tl.float32) * wv[None, :]
+    if HAS_B:
+        acc += tl.load(b_ptr + c, mask=cm, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + (n * L + t)[:, None] * C + c[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(t < L)[:, None] & cm[None, :])
+
+
+@triton.jit
+def _conv_bwd_kernel(g_ptr, x_ptr, w_ptr, dx_ptr, dwp_ptr, L, C, K, nT, BT: tl.constexpr, BC: tl.constexpr):
+    """dx for one (time block, channel block, sequence), and that block's partial of dweight (K, BC)."""
+    pt = tl.program_id(0)
+    pc = tl.program_id(1)
+    n = tl.program_id(2)
+    t = pt * BT + tl.arange(0, BT)
+    c = pc * BC + tl.arange(0, BC)
+    cm = c < C
+    tm = t < L
+    g = tl.load(g_ptr + (n * L + t)[:, None] * C + c[None, :], mask=tm[:, None] & cm[None, :],
+                other=0.0).to(tl.float32)
+    dx = tl.zeros([BT, BC], tl.float32)
+    for kk in range(0, K):
+        shift = K - 1 - kk  # y[t] reads x[t - shift] through tap kk
+        wv = tl.load(w_ptr + c * K + kk, mask=cm, other=0.0).to(tl.float32)
+        later = t + shift
+        gs = tl.load(g_ptr + (n * L + later)[:, None] * C + c[None, :], mask=(later < L)[:, None] & cm[None, :],
+                     other=0.0).to(tl.float32)
+        dx += wv[None, :] * gs
+        src = t - shift
+        xs = tl.load(x_ptr + (n * L + src)[:, None] * C + c[None, :],
+                     mask=((src >= 0) & tm)[:, None] & cm[None, :], other=0.0).to(tl.float32)
+        tl.store(dwp_ptr + ((n * nT + pt) * K + kk) * C + c, tl.sum(g * xs, 0), mask=cm)
+    tl.store(dx_ptr + (n * L + t)[:, None] * C + c[None, :], dx.to(dx_ptr.dtype.element_ty),
+             mask=tm[:, None] & cm[None, :])
+
+
+def _conv_cfg(x: torch.Tensor, C: int) -> dict:
+    """64 time steps x up to 64 channels per program on the GPU (16 x 16 in the interpreter)."""
+    bt = 64 if x.device.type == "cuda" else 16
+    return dict(BT=bt, BC=min(bt, triton.next_power_of_2(max(C, 1))))
+
+
+def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    L, C, K = x.shape[-2], x.shape[-1], weight.shape[-1]
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    N = xc.numel() // max(L * C, 1) if L * C else 0
+    if y.numel() == 0:
+        return y
+    c = _conv_cfg(x, C)
+    wc = weight.contiguous()
+    b = bias.contiguous() if bias is not None else wc  # unread without HAS_B
+    with device_ctx(x):
+        _conv_fwd_kernel[(triton.cdiv(L, c["BT"]), triton.cdiv(C, c["BC"]), N)](
+            xc, wc, b, y, L, C, K, HAS_B=bias is not None, **c, **launch_opts(x, 4, 1))
+    return y
+
+
+def conv_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool):
+    L, C, K = x.shape[-2], x.shape[-1], weight.shape[-1]
+    xc = x.contiguous()
+    g = grad_y.to(x.dtype).contiguous()
+    dx = torch.zeros_like(xc)
+    dw = torch.zeros(C, K, dtype=torch.float32, device=x.device)
+    db = torch.zeros(C, dtype=torch.float32, device=x.device)
+    if xc.numel():
+        N = xc.numel() // (L * C)
+        c = _conv_cfg(x, C)
+        nT = triton.cdiv(L, c["BT"])
+        dwp = torch.empty(N, nT, K, C, dtype=torch.float32, device=x.device)
+        with device_ctx(x):
+            _conv_bwd_kernel[(nT, triton.cdiv(C, c["BC"]), N)](g, xc, weight.contiguous(), dx, dwp, L, C, K, nT, **c,
+                                                             **launch_opts(x, 4, 1))
+        dw = dwp.sum(dim=(0, 1)).T  # a fixed-order reduction of the per-block partials: no atomics
+        db = g.to(torch.float32).reshape(-1, C).sum(0)
+    return dx, dw.to(weight.dtype).contiguous(), (db.to(weight.dtype) if has_bias else weight.new_empty(0))
+
+
+__all__ = ["forward", "backward", "conv_forward", "conv_backward"]
