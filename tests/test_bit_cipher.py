@@ -319,3 +319,31 @@ def test_real_data_head500():
     # the most frequent words get the lowest-level patterns
     top = torch.argsort(c.rank)[:c.bits]
     assert torch.all(c.codes[top].sum(1) == 1)
+
+
+@pytest.mark.parametrize("mode", ["sum", "concat"])
+def test_bench_anchor_counts_the_same_quantities(mode):
+    """The bench's plain scipy.sparse count (its anchor row) computes the reference's F."""
+    pytest.importorskip("scipy")
+    from embkern.bench.bit_cipher import scipy_count, zipf_chunk
+
+    tok, off = zipf_chunk(200, 5000, seed=9, doc_len=37)
+    c = embkern.BitCipher.fit(tok, vocab_size=200)
+    want = embkern.CooccurrenceCounts(c, 5, mode, "cos2", backend="cpu").update(tok, off).totals()
+    torch.testing.assert_close(scipy_count(tok, off, c, 5, mode, "cos2"), want, rtol=1e-11, atol=1e-11)
+
+
+def test_bench_workloads_tiny(monkeypatch):
+    monkeypatch.setenv("EMBKERN_BENCH_TINY", "1")
+    from embkern.bench import bit_cipher as bench
+
+    ws = bench.workloads(True, torch.device("cpu"))
+    assert ws and all(w.group == "cooccurrence_vectors" for w in ws)
+    w = ws[0]
+    w.setup()
+    try:
+        ref64 = w.reference64()
+        for fn in list(w.backends.values()) + list(w.anchors.values()):
+            assert w.error(fn(), ref64) < 1e-10
+    finally:
+        w.teardown()
