@@ -87,7 +87,8 @@ void register_bit_cipher(py::module_& m) {
         "token_ids (N,) int32 in [0, V); doc_offsets (n_docs + 1,) int64 CSR over N; bit_offsets (V + 1,) int64 "
         "and bit_index (nnz,) int32: the active bits of each type; wa, ws (n_off, V) float64: the bit and q "
         "weights of a context type at each offset (ws None without noise); wpad (n_off,) the pad's "
-        "weights; deltas (n_off,) int64 the offsets; load (V,) int64 the counts of the cipher (how rows are dealt to threads; no effect on the result); concat: one block per offset.");
+        "weights; deltas (n_off,) int64 the offsets; load (V,) int64 the counts of the cipher (how rows are "
+        "dealt to threads; no effect on the result); concat: one block per offset.");
 }
 
 }  // namespace embkern

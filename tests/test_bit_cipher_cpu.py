@@ -94,7 +94,8 @@ def _raw_args(V=10, b=4, N=20, n_off=3, concat=False):
     bidx = (np.arange(V) % b).astype(np.int32)
     nb = n_off if concat else 1
     return dict(token_ids=tok, doc_offsets=doff, bit_offsets=boff, bit_index=bidx, wa=np.ones((n_off, V)),
-                ws=np.ones((n_off, V)), wpad=np.ones(n_off), deltas=np.array([-1, 0, 1], dtype=np.int64), load=np.arange(V, dtype=np.int64),
+                ws=np.ones((n_off, V)), wpad=np.ones(n_off), deltas=np.array([-1, 0, 1], dtype=np.int64),
+                load=np.arange(V, dtype=np.int64),
                 A=np.zeros((V, nb, b + 2)), concat=concat)
 
 
@@ -105,7 +106,8 @@ def test_raw_binding_counts_and_checks():
     # weight gets one 1 per offset inside the document: 3 N minus the 4 pads of the two documents' ends
     assert a["A"][..., :-1].sum() == 3 * 20 and a["A"][..., -1].sum() == 3 * 20 - 4
     bad = [
-        (dict(token_ids=np.array([0, 10] + [1] * 18, dtype=np.int32)), ValueError, r"token_ids: expected token ids in \[0, 10\)"),
+        (dict(token_ids=np.array([0, 10] + [1] * 18, dtype=np.int32)), ValueError,
+         r"token_ids: expected token ids in \[0, 10\)"),
         (dict(token_ids=np.array([-1] * 20, dtype=np.int32)), ValueError, "token_ids"),
         (dict(token_ids=np.zeros(20, dtype=np.int64)), TypeError, "token_ids: expected dtype int32"),
         (dict(doc_offsets=np.array([0, 9, 5, 20], dtype=np.int64)), ValueError, "doc_offsets: expected non-decreasing"),

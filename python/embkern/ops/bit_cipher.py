@@ -503,5 +503,6 @@ def tokenize_file(path, lowercase: bool = True, min_count: int = 1, blank_line_d
     return got[0][0], got[0][1], vocab
 
 
-__all__ = ["cipher_patterns", "BitCipher", "CooccurrenceCounts", "cooccurrence_vectors", "tokenize_file", "TextChunks", "DESCRIPTOR", "MODES",
+__all__ = ["cipher_patterns", "BitCipher", "CooccurrenceCounts", "cooccurrence_vectors", "tokenize_file", "TextChunks",
+           "DESCRIPTOR", "MODES",
            "WEIGHTS"]
