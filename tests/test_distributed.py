@@ -253,3 +253,41 @@ def test_cipher_bad_input(client, tmp_path):
         dist.cooccurrence_vectors(paths, cipher, vocab, client=client, blocksize=0, progress=False)
     with pytest.raises(ValueError, match="window"):
         dist.cooccurrence_vectors(paths, cipher, vocab, client=client, window=0, progress=False)
+
+
+def test_cipher_counts_survive_a_killed_worker(client, tmp_path):
+    from embkern import distributed as dist
+
+    paths = _text_corpus(tmp_path, n_files=2, lines=6000, seed=4)
+    want_cipher, want_vocab, want = _one_process(paths, mode="concat", window=4)
+    cipher, vocab = dist.fit_cipher(paths, client=client, blocksize=4096, progress=False)
+    assert vocab == want_vocab
+    pids = client.run(os.getpid)
+    victim = pids[sorted(pids)[0]]
+    result = {}
+
+    def job():
+        try:
+            result["v"] = dist.cooccurrence_vectors(paths, cipher, vocab, client=client, window=4, mode="concat",
+                                                   blocksize=4096, progress=False)
+        except BaseException as exc:  # reported below
+            result["error"] = exc
+
+    def done_tasks(dask_scheduler):
+        return sum(1 for ts in dask_scheduler.tasks.values() if ts.state == "memory" and "count_task" in str(ts.key))
+
+    t = threading.Thread(target=job)
+    t.start()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline and client.run_on_scheduler(done_tasks) < 3:
+        time.sleep(0.02)
+    at_kill = client.run_on_scheduler(done_tasks)
+    os.kill(victim, signal.SIGKILL)  # its block results in memory and its running task are lost and recomputed
+    t.join(JOB_TIMEOUT_S)
+    assert not t.is_alive(), "cooccurrence_vectors did not finish after a worker was killed"
+    assert "error" not in result, result.get("error")
+    assert torch.equal(result["v"], want)
+    n_blocks = len(dist._cipher._blocks([os.path.abspath(p) for p in paths], 4096, False))
+    assert at_kill < n_blocks, "the job had finished before the worker was killed"
+    print("blocks counted when the worker was killed:", at_kill, "of", n_blocks)
+    client.wait_for_workers(2, timeout=120)
