@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads) count_kernel(Args a) {
     const int64_t o0 = a.concat ? blk : 0, o1 = a.concat ? blk + 1 : a.n_off;
     const bool pad_entry = j == 0, q_entry = j == a.E - 1;
     const int64_t bit = j - 1;
-    uint64_t lo = row[2 * e], hi = row[2 * e + 1];
+    uint64_t sum_lo = row[2 * e], sum_hi = row[2 * e + 1];
     for (int32_t k = s0; k < s1; ++k) {
       const int64_t i = a.spos[k];
       const int32_t d = a.doc_of[i];
@@ -104,21 +104,21 @@ __global__ void __launch_bounds__(kThreads) count_kernel(Args a) {
         const int64_t jp = i + a.deltas[o];
         const bool outside = jp < lo || jp >= hi;
         if (pad_entry) {
-          if (outside) add128(lo, hi, a.wpad[o]);
+          if (outside) add128(sum_lo, sum_hi, a.wpad[o]);
           continue;
         }
         if (outside) continue;
         const int64_t c = a.tok[jp];
         if (c < 0 || c >= a.V) continue;  // see segments_kernel
         if (q_entry) {
-          if (a.ws != nullptr) add128(lo, hi, a.ws[o * a.V + c]);
+          if (a.ws != nullptr) add128(sum_lo, sum_hi, a.ws[o * a.V + c]);
         } else if ((a.mask[c * a.W + (bit >> 6)] >> (bit & 63)) & 1ull) {
-          add128(lo, hi, a.wa[o * a.V + c]);
+          add128(sum_lo, sum_hi, a.wa[o * a.V + c]);
         }
       }
     }
-    row[2 * e] = lo;
-    row[2 * e + 1] = hi;
+    row[2 * e] = sum_lo;
+    row[2 * e + 1] = sum_hi;
   }
 }
 
