@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import embkern
 from helpers import oracle
@@ -183,3 +184,110 @@ def test_import_embkern_does_not_import_dask():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- bit-cipher co-occurrence
+
+
+def _text_corpus(tmp_path, n_files=2, lines=300, seed=0, blank_blocks=False):
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(120)] + ["Alpha", "beta,", "Gamma!", "ünï", "x_y"]
+    paths = []
+    for f in range(n_files):
+        out = []
+        for i in range(lines):
+            n = int(rng.integers(0, 12))
+            line = " ".join(words[min(int(rng.zipf(1.3)) - 1, len(words) - 1)] for _ in range(n))
+            if blank_blocks and rng.random() < 0.2:
+                line = ""  # a blank line ends a blank-line document
+            out.append(line)
+        p = tmp_path / f"text{f}.txt"
+        p.write_text("\n".join(out) + ("\r\n" if f % 2 else "\n"), encoding="utf-8")
+        paths.append(str(p))
+    return paths
+
+
+def _one_process(paths, blank_line_docs=False, min_count=1, **kw):
+    ids, offs, vocab = [], [0], None
+    # one corpus over the files in order: tokenize the concatenation
+    cat = os.path.join(os.path.dirname(paths[0]), "all.txt")
+    with open(cat, "wb") as out:
+        for p in paths:
+            with open(p, "rb") as f:
+                data = f.read()
+            out.write(data if data.endswith(b"\n") else data + b"\n")
+            if blank_line_docs:
+                out.write(b"\n")  # documents never run across files
+    t, o, vocab = embkern.tokenize_file(cat, min_count=min_count, blank_line_docs=blank_line_docs)
+    cipher = embkern.BitCipher.fit(t, vocab_size=len(vocab))
+    return cipher, vocab, embkern.cooccurrence_vectors(t, o, cipher, progress=False, **kw)
+
+
+@pytest.mark.parametrize("blank", [False, True])
+def test_cipher_jobs_equal_one_process_any_blocksize(client, tmp_path, blank):
+    from embkern import distributed as dist
+
+    paths = _text_corpus(tmp_path, blank_blocks=blank)
+    want_cipher, want_vocab, want = _one_process(paths, blank_line_docs=blank, min_count=2, mode="concat",
+                                                 window=3)
+    for bs in (97, 1000, 1 << 20):  # many blocks, a few, one per file
+        cipher, vocab = dist.fit_cipher(paths, client=client, min_count=2, blank_line_docs=blank, blocksize=bs,
+                                        progress=False)
+        assert vocab == want_vocab
+        assert torch.equal(cipher.codes, want_cipher.codes) and torch.equal(cipher.rank, want_cipher.rank)
+        got = dist.cooccurrence_vectors(paths, cipher, vocab, client=client, window=3, mode="concat",
+                                        blank_line_docs=blank, blocksize=bs, progress=False)
+        assert torch.equal(got, want), f"blocksize {bs}"
+
+
+def test_cipher_bad_input(client, tmp_path):
+    from embkern import distributed as dist
+
+    paths = _text_corpus(tmp_path, n_files=1)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dist.fit_cipher(paths + [str(tmp_path / "nope.txt")], client=client, progress=False)
+    cipher, vocab = dist.fit_cipher(paths, client=client, progress=False)
+    with pytest.raises(ValueError, match="vocab: has"):
+        dist.cooccurrence_vectors(paths, cipher, vocab[:-1], client=client, progress=False)
+    with pytest.raises(ValueError, match="blocksize"):
+        dist.cooccurrence_vectors(paths, cipher, vocab, client=client, blocksize=0, progress=False)
+    with pytest.raises(ValueError, match="window"):
+        dist.cooccurrence_vectors(paths, cipher, vocab, client=client, window=0, progress=False)
+
+
+def test_cipher_counts_survive_a_killed_worker(client, tmp_path):
+    from embkern import distributed as dist
+
+    paths = _text_corpus(tmp_path, n_files=2, lines=6000, seed=4)
+    want_cipher, want_vocab, want = _one_process(paths, mode="concat", window=4)
+    cipher, vocab = dist.fit_cipher(paths, client=client, blocksize=4096, progress=False)
+    assert vocab == want_vocab
+    pids = client.run(os.getpid)
+    victim = pids[sorted(pids)[0]]
+    result = {}
+
+    def job():
+        try:
+            result["v"] = dist.cooccurrence_vectors(paths, cipher, vocab, client=client, window=4, mode="concat",
+                                                   blocksize=4096, progress=False)
+        except BaseException as exc:  # reported below
+            result["error"] = exc
+
+    def done_tasks(dask_scheduler):
+        return sum(1 for ts in dask_scheduler.tasks.values() if ts.state == "memory" and "count_task" in str(ts.key))
+
+    t = threading.Thread(target=job)
+    t.start()
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline and client.run_on_scheduler(done_tasks) < 3:
+        time.sleep(0.02)
+    at_kill = client.run_on_scheduler(done_tasks)
+    os.kill(victim, signal.SIGKILL)  # its block results in memory and its running task are lost and recomputed
+    t.join(JOB_TIMEOUT_S)
+    assert not t.is_alive(), "cooccurrence_vectors did not finish after a worker was killed"
+    assert "error" not in result, result.get("error")
+    assert torch.equal(result["v"], want)
+    n_blocks = len(dist._cipher._blocks([os.path.abspath(p) for p in paths], 4096, False))
+    assert at_kill < n_blocks, "the job had finished before the worker was killed"
+    print("blocks counted when the worker was killed:", at_kill, "of", n_blocks)
+    client.wait_for_workers(2, timeout=120)

@@ -22,6 +22,7 @@ output lives.
 
 from __future__ import annotations
 
+from ._cipher import cooccurrence_vectors, fit_cipher
 from ._fde import encode_corpus, read_encodings
 
-__all__ = ["encode_corpus", "read_encodings"]
+__all__ = ["encode_corpus", "read_encodings", "fit_cipher", "cooccurrence_vectors"]

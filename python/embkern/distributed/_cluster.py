@@ -66,12 +66,15 @@ def dashboard_note(client, enabled: bool) -> None:
         print(f"embkern.distributed: Dask dashboard at {link}", file=sys.stderr, flush=True)
 
 
-def gather_in_order(client, futures: Sequence, labels: Sequence[str], bar: Progress, units=None) -> List[object]:
+def gather_in_order(client, futures: Sequence, labels: Sequence[str], bar: Progress, units=None,
+                    keep: bool = True) -> List[object]:
     """Wait for every future, updating ``bar`` as each finishes; return results in submission order.
 
     A task that raised is reported at once with its label (the remaining
     futures are cancelled), so a bad shard ends the job instead of leaving it
     waiting. ``units(result)`` is what each result adds to the bar (default 1).
+    ``keep=False`` leaves the results on the workers (for a reduction there)
+    and returns Nones.
     """
     distributed = _import_distributed()
     index = {f.key: i for i, f in enumerate(futures)}
@@ -84,8 +87,9 @@ def gather_in_order(client, futures: Sequence, labels: Sequence[str], bar: Progr
                 if isinstance(exc, (ValueError, TypeError, OSError)):
                     raise type(exc)(f"{labels[i]}: {exc}") from exc
                 raise exc
-            results[i] = fut.result()
-            bar.update(units(results[i]) if units is not None else 1)
+            if keep:
+                results[i] = fut.result()
+            bar.update(units(results[i]) if units is not None and keep else 1)
     except BaseException:
         client.cancel(list(futures))
         raise

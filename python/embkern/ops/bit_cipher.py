@@ -223,6 +223,24 @@ class BitCipher:
                              f"{ref.default_bits(V)}; the all-zero pattern is reserved for unknown words), got {b}")
         return cls(counts, first, b, noise)
 
+    @classmethod
+    def from_counts(cls, counts, bits: Optional[int] = None, noise: bool = True) -> "BitCipher":
+        """A cipher from unigram counts (V,) by id, ids in first-occurrence order (so count ties
+        rank by id, as :meth:`fit` ranks them by first occurrence); ``embkern.distributed.fit_cipher``
+        builds its cipher this way."""
+        if not isinstance(noise, bool):
+            raise TypeError(f"noise: expected a bool, got {type(noise).__name__}")
+        c = np.asarray(counts)
+        if c.ndim != 1 or c.shape[0] < 1 or not np.issubdtype(c.dtype, np.integer) or (c < 0).any():
+            raise ValueError(f"counts: expected a non-empty 1-d array of non-negative integers, got {c.dtype} "
+                             f"{c.shape}")
+        V = int(c.shape[0])
+        b = ref.default_bits(V) if bits is None else _nonneg_int(bits, "bits", 1)
+        if V > (1 << b) - 1:
+            raise ValueError(f"bits: expected bits with 2^bits - 1 >= vocab_size = {V} (at least "
+                             f"{ref.default_bits(V)}), got {b}")
+        return cls(c.astype(np.int64), np.arange(V, dtype=np.int64), b, noise)
+
     # ---- attributes
     vocab_size = property(lambda self: self._c.vocab_size)
     bits = property(lambda self: self._c.bits)
@@ -442,39 +460,51 @@ def cooccurrence_vectors(token_ids, doc_offsets=None, cipher: Optional[BitCipher
 _WORD = re.compile(r"\w+")
 
 
-def _documents(path, lowercase: bool, blank_line_docs: bool) -> Iterator[List[str]]:
+def _documents_of(f, lowercase: bool, blank_line_docs: bool, tokenizer=None) -> Iterator[List[str]]:
+    """Token lists of the documents in the lines of the text stream ``f``.
+
+    ``tokenizer`` (None: ``\\w+`` words) maps one line (lowercased first when
+    ``lowercase``) to its words. ``embkern.distributed`` calls this on the
+    blocks of a file, so a file read whole and read in blocks give the same
+    documents."""
+    split = _WORD.findall if tokenizer is None else tokenizer
+    doc: List[str] = []
+    for line in f:
+        if lowercase:
+            line = line.lower()
+        words = split(line)
+        if not blank_line_docs:
+            if words:
+                yield list(words)
+        elif line.strip():
+            doc.extend(words)
+        elif doc:
+            yield doc
+            doc = []
+    if blank_line_docs and doc:
+        yield doc
+
+
+def _documents(path, lowercase: bool, blank_line_docs: bool, tokenizer=None) -> Iterator[List[str]]:
     """Token lists of the documents of a text file, read line by line (never the whole file)."""
     with open(path, "r", encoding="utf-8", errors="replace") as f:
-        doc: List[str] = []
-        for line in f:
-            if lowercase:
-                line = line.lower()
-            words = _WORD.findall(line)
-            if not blank_line_docs:
-                if words:
-                    yield words
-            elif line.strip():
-                doc.extend(words)
-            elif doc:
-                yield doc
-                doc = []
-        if blank_line_docs and doc:
-            yield doc
+        yield from _documents_of(f, lowercase, blank_line_docs, tokenizer)
 
 
 class TextChunks:
     """Re-iterable ``(token_ids int32, doc_offsets int64)`` chunks of whole documents of a text file
     (about ``chunk_tokens`` tokens each), read lazily with a fixed vocabulary."""
 
-    def __init__(self, path, index: dict, lowercase: bool, blank_line_docs: bool, chunk_tokens: int):
+    def __init__(self, path, index: dict, lowercase: bool, blank_line_docs: bool, chunk_tokens: int,
+                 tokenizer=None):
         self.path, self.index, self.lowercase = path, index, lowercase
-        self.blank_line_docs, self.chunk_tokens = blank_line_docs, chunk_tokens
+        self.blank_line_docs, self.chunk_tokens, self.tokenizer = blank_line_docs, chunk_tokens, tokenizer
 
     def __iter__(self) -> Iterator[Tuple[Tensor, Tensor]]:
         ids: List[int] = []
         offs = [0]
         get = self.index.get
-        for words in _documents(self.path, self.lowercase, self.blank_line_docs):
+        for words in _documents(self.path, self.lowercase, self.blank_line_docs, self.tokenizer):
             doc = [i for i in map(get, words) if i is not None]
             if not doc:
                 continue
@@ -488,7 +518,7 @@ class TextChunks:
 
 
 def tokenize_file(path, lowercase: bool = True, min_count: int = 1, blank_line_docs: bool = False,
-                  chunk_tokens: Optional[int] = None):
+                  chunk_tokens: Optional[int] = None, tokenizer=None):
     """Tokenise a text file: ``(token_ids, doc_offsets, vocab)``.
 
     Tokens are maximal runs of word characters (``\\w+``: letters, digits, underscore;
@@ -497,6 +527,8 @@ def tokenize_file(path, lowercase: bool = True, min_count: int = 1, blank_line_d
     documents left without tokens are dropped. Tokens seen fewer than ``min_count``
     times are dropped before the windows are formed (as GloVe drops out-of-vocabulary
     words). ``vocab`` lists the kept tokens by id, ids in order of first occurrence.
+    ``tokenizer``: a callable mapping one line of text (lowercased first when
+    ``lowercase``) to its list of words, instead of ``\\w+``.
 
     The file is read line by line (twice when needed: counts, then ids), never whole.
     With ``chunk_tokens`` given, ``token_ids`` is a re-iterable of ``(token_ids,
@@ -513,13 +545,15 @@ def tokenize_file(path, lowercase: bool = True, min_count: int = 1, blank_line_d
             raise TypeError(f"{name}: expected a bool, got {type(v).__name__}")
     if chunk_tokens is not None:
         chunk_tokens = _nonneg_int(chunk_tokens, "chunk_tokens", 1)
+    if tokenizer is not None and not callable(tokenizer):
+        raise TypeError(f"tokenizer: expected None or a callable str -> list of str, got {type(tokenizer).__name__}")
     seen: dict = {}
-    for words in _documents(path, lowercase, blank_line_docs):
+    for words in _documents(path, lowercase, blank_line_docs, tokenizer):
         for w in words:
             seen[w] = seen.get(w, 0) + 1
     vocab = [w for w, n in seen.items() if n >= min_count]  # dicts keep first-insertion order
     index = {w: i for i, w in enumerate(vocab)}
-    chunks = TextChunks(path, index, lowercase, blank_line_docs, chunk_tokens or (1 << 62))
+    chunks = TextChunks(path, index, lowercase, blank_line_docs, chunk_tokens or (1 << 62), tokenizer)
     if chunk_tokens is not None:
         return chunks, None, vocab
     got = list(chunks)
