@@ -1,7 +1,7 @@
 // Bindings for src/cpu/bit_cipher.cpp: embkern._C.bit_cipher.count
 //
 // Takes numpy arrays (zero-copy views of torch CPU tensors) and adds one
-// chunk's co-occurrence sums into A in place. Everything src/ relies on
+// chunk's co-occurrence sums into A in place; to_double finalises A. Everything src/ relies on
 // is checked here -- dtypes, ranks, shapes against V, b and the offsets,
 // C-contiguity, writable accumulators, token ids in [0, V), bit indices in
 // [0, b) with at most b a type, both CSR offset arrays -- and reported as
@@ -26,6 +26,19 @@ View<T> req(const py::object& obj, const char* name, int ndim, bool writable = f
 
 // Offsets of the window, |delta| < 2^40: i + delta never overflows.
 constexpr int64_t kMaxDelta = int64_t(1) << 40;
+// Quantised table values: x in [0, 1] as round(x * 2^62).
+constexpr int64_t kOne = int64_t(1) << 62;
+
+void check_quanta(const View<int64_t>& t, const char* name) {
+  int64_t n = 1;
+  for (int64_t d : t.shape) n *= d;
+  for (int64_t k = 0; k < n; ++k)
+    if (t.data[k] < 0 || t.data[k] > kOne)
+      value_error(std::string(name) + ": expected quantised weights in [0, 2^62], got " + std::to_string(t.data[k]) +
+                  " at flat index " + std::to_string(k));
+}
+
+const uint64_t* words(const View<int64_t>& t) { return reinterpret_cast<const uint64_t*>(t.data); }
 
 void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_, py::object bit_index_,
            py::object wa_, py::object ws_, py::object wpad_, py::object deltas_, py::object load_, py::object A_,
@@ -33,8 +46,8 @@ void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_,
   auto boff = req<int64_t>(bit_offsets_, "bit_offsets", 1);
   if (boff.size(0) < 1) value_error("bit_offsets: expected shape (V + 1,) with V >= 0, got (0,)");
   const int64_t V = boff.size(0) - 1;
-  auto A = req<double>(A_, "A", 3, true);
-  expect_shape(A, "A", {V, -1, -1});
+  auto A = req<int64_t>(A_, "A", 4, true);
+  expect_shape(A, "A", {V, -1, -1, 2});
   if (A.size(2) < 3) value_error("A: expected A.shape[2] = bits + 2 >= 3, got " + std::to_string(A.size(2)));
   const int64_t bits = A.size(2) - 2;
   auto bidx = req<int32_t>(bit_index_, "bit_index", 1);
@@ -47,15 +60,18 @@ void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_,
       value_error("deltas: expected |delta| < 2^40, got deltas[" + std::to_string(o) +
                   "] = " + std::to_string(deltas.data[o]));
   const int64_t nb = concat ? n_off : 1;
-  expect_shape(A, "A", {V, nb, bits + 2});
-  auto wa = req<double>(wa_, "wa", 2);
+  expect_shape(A, "A", {V, nb, bits + 2, 2});
+  auto wa = req<int64_t>(wa_, "wa", 2);
   expect_shape(wa, "wa", {n_off, V});
-  auto wpad = req<double>(wpad_, "wpad", 1);
+  check_quanta(wa, "wa");
+  auto wpad = req<int64_t>(wpad_, "wpad", 1);
   expect_shape(wpad, "wpad", {n_off});
-  View<double> ws;
+  check_quanta(wpad, "wpad");
+  View<int64_t> ws;
   if (!ws_.is_none()) {
-    ws = req<double>(ws_, "ws", 2);
+    ws = req<int64_t>(ws_, "ws", 2);
     expect_shape(ws, "ws", {n_off, V});
+    check_quanta(ws, "ws");
   }
   auto load = req<int64_t>(load_, "load", 1);
   expect_shape(load, "load", {V});
@@ -71,8 +87,20 @@ void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_,
   const int64_t n_docs = doff.size(0) - 1;
   check_csr_offsets(doff.data, n_docs, N, "doc_offsets", "len(token_ids)");
   run_nogil(0, "bit_cipher.count", [&] {
-    bit_cipher::count(tok.data, N, doff.data, n_docs, boff.data, bidx.data, wa.data, ws.data, wpad.data,
-                      deltas.data, n_off, concat, V, bits, load.data, A.data);
+    bit_cipher::count(tok.data, N, doff.data, n_docs, boff.data, bidx.data, words(wa),
+                      ws_.is_none() ? nullptr : words(ws), words(wpad), deltas.data, n_off, concat, V, bits,
+                      load.data, reinterpret_cast<uint64_t*>(A.data));
+  });
+}
+
+void to_double(py::object A_, py::object out_) {
+  auto A = req<int64_t>(A_, "A", 2);
+  if (A.size(1) != 2) value_error("A: expected shape (n, 2) (lo, hi words), got second dimension " +
+                                  std::to_string(A.size(1)));
+  auto out = req<double>(out_, "out", 1, true);
+  expect_shape(out, "out", {A.size(0)});
+  run_nogil(0, "bit_cipher.to_double", [&] {
+    bit_cipher::to_double(words(A), A.size(0), out.data);
   });
 }
 
@@ -82,13 +110,17 @@ void register_bit_cipher(py::module_& m) {
   using py::arg;
   m.def("count", &count, arg("token_ids"), arg("doc_offsets"), arg("bit_offsets"), arg("bit_index"), arg("wa"),
         arg("ws"), arg("wpad"), arg("deltas"), arg("load"), arg("A"), arg("concat"),
-        "Adds one chunk's bit-cipher co-occurrence sums into A (V, nb, b + 2) float64 in place, each block "
-        "[pad, bit 0 .. bit b-1, q weight]. "
+        "Adds one chunk's bit-cipher co-occurrence sums into A (V, nb, b + 2, 2) int64 in place: unsigned "
+        "128-bit integers as (lo, hi) words, quanta of 2^-62, each block [pad, bit 0 .. bit b-1, q weight]. "
         "token_ids (N,) int32 in [0, V); doc_offsets (n_docs + 1,) int64 CSR over N; bit_offsets (V + 1,) int64 "
         "and bit_index (nnz,) int32: the active bits of each type; wa, ws (n_off, V) float64: the bit and q "
-        "weights of a context type at each offset (ws None without noise); wpad (n_off,) the pad's "
+        "weights of a context type at each offset, quantised to integers round(x * 2^62) in [0, 2^62] (ws None "
+        "without noise); wpad (n_off,) the pad's "
         "weights; deltas (n_off,) int64 the offsets; load (V,) int64 the counts of the cipher (how rows are "
         "dealt to threads; no effect on the result); concat: one block per offset.");
+  m.def("to_double", &to_double, arg("A"), arg("out"),
+        "out (n,) float64 = A (n, 2) int64 (unsigned 128-bit integers as (lo, hi) words) * 2^-62, each rounded "
+        "once to nearest (ties to even).");
 }
 
 }  // namespace embkern

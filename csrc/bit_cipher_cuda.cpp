@@ -35,13 +35,13 @@ struct Problem {
   std::optional<ArrayView> doc_offsets;  // int64 (n_docs + 1,)
   py::object doc_offsets_host;           // the same values on the host
   std::optional<ArrayView> code_mask;    // uint64 (V, W)
-  std::optional<ArrayView> wa, ws;       // float64 (n_off, V); ws None without noise
-  std::optional<ArrayView> wpad;         // float64 (n_off,)
+  std::optional<ArrayView> wa, ws;       // int64 (n_off, V) quanta in [0, 2^62]; ws None without noise
+  std::optional<ArrayView> wpad;         // int64 (n_off,) quanta in [0, 2^62]
   std::optional<ArrayView> deltas;       // int64 (n_off,)
   py::object deltas_host;                // the same values on the host
   bool concat = false;
   int64_t vocab_size = 0, bits = 0;
-  std::optional<ArrayView> A;  // float64 (V, nb, b + 2)
+  std::optional<ArrayView> A;  // int64 (V, nb, b + 2, 2): unsigned 128-bit sums as (lo, hi) words
 };
 
 template <typename T>
@@ -82,13 +82,18 @@ bcc::Problem make_problem(const Problem& a) {
   p.num_offsets = n_off;
   p.mask_words = (b + 63) / 64;
   p.code_mask = checked_ptr<const uint64_t>(a.code_mask, "code_mask", sat_mul(V, p.mask_words), "V * ceil(b / 64)");
-  p.wa = checked_ptr<const double>(a.wa, "wa", sat_mul(n_off, V), "n_off * V");
-  p.ws = a.ws ? checked_ptr<const double>(a.ws, "ws", sat_mul(n_off, V), "n_off * V") : nullptr;
-  p.wpad = checked_ptr<const double>(a.wpad, "wpad", n_off, "n_off");
+  // Quantised tables (int64 in [0, 2^62], made by CooccurrenceCounts; a larger
+  // value would change sums, never memory safety: the adds are unsigned).
+  p.wa = reinterpret_cast<const uint64_t*>(checked_ptr<const int64_t>(a.wa, "wa", sat_mul(n_off, V), "n_off * V"));
+  p.ws = a.ws ? reinterpret_cast<const uint64_t*>(checked_ptr<const int64_t>(a.ws, "ws", sat_mul(n_off, V),
+                                                                             "n_off * V"))
+              : nullptr;
+  p.wpad = reinterpret_cast<const uint64_t*>(checked_ptr<const int64_t>(a.wpad, "wpad", n_off, "n_off"));
   p.concat = a.concat;
   p.vocab_size = V;
   p.bits = b;
-  p.A = checked_ptr<double>(a.A, "A", sat_mul(sat_mul(V, a.concat ? n_off : 1), b + 2), "V * nb * (b + 2)");
+  p.A = reinterpret_cast<uint64_t*>(checked_ptr<int64_t>(
+      a.A, "A", sat_mul(sat_mul(sat_mul(V, a.concat ? n_off : 1), b + 2), 2), "V * nb * (b + 2) * 2"));
   return p;
 }
 

@@ -161,36 +161,111 @@ def test_empty_corpus_defined(backend):
 
 # --------------------------------------------------------------------------- streaming and merging
 
+def raw_sums(counts):
+    """The 128-bit sums of a CooccurrenceCounts as Python ints, shape (V, nb, b + 2)."""
+    w = counts.A.cpu().numpy().view(np.uint64)
+    return [[[(int(h) << 64) | int(lo) for lo, h in blk] for blk in row] for row in w.tolist()]
+
+
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
 @pytest.mark.parametrize("mode", ["sum", "concat"])
 def test_chunked_equals_one_pass_equals_merged(backend, mode):
     ids, off = zipf_corpus(80, 6000, 30, seed=3)
     c = embkern.BitCipher.fit(ids, vocab_size=80)
-    one = embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend).update(ids, off)
+
+    def new():
+        return embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend)
+
+    one = new().update(ids, off)
     # chunks of whole documents, counted one after the other
     cuts = [0, 7, 8, 19, 30]
     chunks = [(ids[off[a]:off[b]], off[a:b + 1] - off[a]) for a, b in zip(cuts[:-1], cuts[1:])]
-    seq = embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend)
+    seq = new()
     for t, o in chunks:
         seq.update(t, o)
     streamed = embkern.cooccurrence_vectors(iter(chunks), None, c, window=4, mode=mode, backend=backend,
                                             progress=False)
-    if backend == "cpu":  # corpus-order sums: the same float64 bits
-        assert torch.equal(seq.A, one.A)
-    else:  # the reference adds offset by offset over a chunk: equal up to float64 rounding
-        torch.testing.assert_close(seq.totals(), one.totals(), rtol=1e-11, atol=0)
+    assert torch.equal(seq.A, one.A)  # exact integer sums
     assert torch.equal(streamed, one.vectors())
-    # shards counted separately, merged in two groupings
-    shards = [embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend).update(t, o)
-              for t, o in chunks]
-    m1 = embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend)
-    for s in shards:
-        m1.merge(s)
-    m2 = embkern.CooccurrenceCounts(c, 4, mode, "cos2", True, backend=backend)
-    m2.merge(shards[3].merge(shards[2])).merge(shards[1].merge(shards[0]))
-    torch.testing.assert_close(m1.totals(), one.totals(), rtol=1e-11, atol=0)
-    assert torch.equal(m1.vectors(), one.vectors()) and torch.equal(m2.vectors(), one.vectors())
-    assert m1.n_tokens == one.n_tokens == 6000 and m1.n_docs == 30
+    # shards counted separately, merged in several groupings: the same 128-bit sums and float64 totals
+    F, raw = one.totals(), raw_sums(one)
+
+    def shards():
+        return [new().update(t, o) for t, o in chunks]
+
+    s = shards()
+    m1 = new()
+    for x in s:
+        m1.merge(x)
+    s = shards()
+    m2 = new().merge(s[3].merge(s[2])).merge(s[1].merge(s[0]))  # a tree, reversed
+    s = shards()
+    m3 = s[2].merge(s[0]).merge(s[3]).merge(s[1])  # merged into one shard, shuffled
+    # single documents as shards (30 of them), merged right to left
+    docs = [new().update(ids[off[d]:off[d + 1]], np.array([0, off[d + 1] - off[d]])) for d in range(30)]
+    m4 = docs[-1]
+    for x in reversed(docs[:-1]):
+        m4.merge(x)
+    for m in (m1, m2, m3, m4):
+        assert torch.equal(m.A, one.A)
+        assert raw_sums(m) == raw
+        assert torch.equal(m.totals(), F)
+        assert torch.equal(m.vectors(), one.vectors())
+        assert m.n_tokens == one.n_tokens == 6000 and m.n_docs == 30
+
+
+@pytest.mark.parametrize("mode", ["sum", "concat"])
+def test_kernel_equals_reference_exactly_and_merges_across_backends(mode):
+    ids, off = zipf_corpus(90, 4000, 12, seed=8)
+    c = embkern.BitCipher.fit(ids, vocab_size=90)
+    r = embkern.CooccurrenceCounts(c, 3, mode, "cos2", backend="reference").update(ids, off)
+    k = embkern.CooccurrenceCounts(c, 3, mode, "cos2", backend="cpu").update(ids, off)
+    assert torch.equal(k.A, r.A)
+    assert torch.equal(k.totals(), r.totals())
+    assert torch.equal(k.totals(), ref.count([(ids, off)], c.reference_cipher(), 3, mode, "cos2"))
+    half = int(off[6])
+    a = embkern.CooccurrenceCounts(c, 3, mode, "cos2", backend="reference").update(ids[:half], off[:7])
+    b = embkern.CooccurrenceCounts(c, 3, mode, "cos2", backend="cpu").update(ids[half:], off[6:] - half)
+    assert torch.equal(b.merge(a).A, k.A)
+
+
+def test_quantise_rounds_half_to_even_once():
+    from fractions import Fraction
+
+    q = ref.quantise(np.array([0.0, 1.0, 2.0 ** -63, 3 * 2.0 ** -63, 5 * 2.0 ** -63, 2.0 ** -62, 0.75 * 2.0 ** -62,
+                               2.0 ** -10, 0.1, 1 / 3, np.nextafter(2.0 ** -10, 0)]))
+    assert q.dtype == np.int64
+    assert q[:7].tolist() == [0, 1 << 62, 0, 2, 2, 1, 1]
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.random(2000), rng.random(2000) * 2.0 ** -20,
+                        [2.0 ** -10, 0.1, 1 / 3, np.nextafter(2.0 ** -10, 0), 2.0 ** -1074]])
+    n = ref.quantise(x)
+    for xi, ni in zip(x.tolist(), n.tolist()):
+        exact = Fraction(xi) * 2 ** 62
+        assert ni == round(exact)  # Python's round of a Fraction: nearest, ties to even
+        if xi >= 2.0 ** -10:
+            assert ni == exact  # no rounding at all
+        elif xi > 0:
+            assert abs(Fraction(ni) - exact) <= Fraction(1, 2)
+    with pytest.raises(ValueError, match="weights"):
+        ref.quantise(np.array([1.5]))
+
+
+def test_counts_pickle_and_deepcopy():
+    import copy
+    import pickle
+
+    ids, off = zipf_corpus(40, 2000, 5, seed=6)
+    c = embkern.BitCipher.fit(ids, vocab_size=40)
+    a = embkern.CooccurrenceCounts(c, 2, "concat", backend="cpu").update(ids[:off[2]], off[:3])
+    for b in (pickle.loads(pickle.dumps(a)), copy.deepcopy(a)):
+        assert torch.equal(b.A, a.A) and b.A.data_ptr() != a.A.data_ptr()
+        assert b.n_tokens == a.n_tokens and b.n_docs == a.n_docs
+        b.update(ids[off[2]:], off[2:] - off[2])  # the copy counts on without touching the original
+        one = embkern.CooccurrenceCounts(c, 2, "concat", backend="cpu").update(ids, off)
+        assert torch.equal(b.A, one.A) and not torch.equal(a.A, one.A)
+        assert torch.equal(copy.deepcopy(a).merge(pickle.loads(pickle.dumps(
+            embkern.CooccurrenceCounts(c, 2, "concat").update(ids[off[2]:], off[2:] - off[2])))).A, one.A)
 
 
 def test_merge_rejects_other_settings():
@@ -246,8 +321,8 @@ def test_opcheck():
     ids, off = zipf_corpus(30, 400, 4, seed=4)
     c = embkern.BitCipher.fit(ids, vocab_size=30)
     cc = embkern.CooccurrenceCounts(c, 2, "concat", "cos2", True, backend="reference")
-    args = (torch.as_tensor(ids, dtype=torch.int32), torch.as_tensor(off), cc._psi, cc._wpad, cc._reps,
-            cc._bit_offsets, cc._bit_index, cc._wa, cc._ws, cc._deltas, cc._load, cc.A, True)
+    args = (torch.as_tensor(ids, dtype=torch.int32), torch.as_tensor(off), cc._bit_offsets, cc._bit_index, cc._wa,
+            cc._ws, cc._wpad, cc._deltas, cc._load, cc.A, True)
     for be in ("reference", "cpu"):
         torch.library.opcheck(torch.ops.embkern.bit_cipher_count.default, args + (be,))
 
@@ -260,8 +335,8 @@ def test_compiled_count_update():
     t, o = torch.as_tensor(ids, dtype=torch.int32), torch.as_tensor(off)
 
     def step(cc, t, o):
-        ops.bit_cipher_count(t, o, cc._psi, cc._wpad, cc._reps, cc._bit_offsets, cc._bit_index, cc._wa, cc._ws,
-                             cc._deltas, cc._load, cc.A, False, "cpu")
+        ops.bit_cipher_count(t, o, cc._bit_offsets, cc._bit_index, cc._wa, cc._ws, cc._wpad, cc._deltas,
+                             cc._load, cc.A, False, "cpu")
         return cc.A.sum()
 
     step(eager, t, o)

@@ -3,12 +3,14 @@ empty and one-token documents, windows longer than the document; the same bits f
 thread count and ISA level; the raw binding's checks."""
 
 import itertools
+import math
 
 import numpy as np
 import pytest
 import torch
 
 import embkern
+from embkern.reference import bit_cipher as ref
 from helpers import cpu_module
 
 C = cpu_module()
@@ -44,9 +46,10 @@ def test_cpu_matches_reference(mode, weight, include_center, noise, window):
     kw = dict(window=window, mode=mode, weight=weight, include_center=include_center)
     a = embkern.CooccurrenceCounts(c, backend="reference", **kw).update(ids, off)
     b = embkern.CooccurrenceCounts(c, backend="cpu", **kw).update(ids, off)
-    torch.testing.assert_close(b.totals(), a.totals(), rtol=1e-12, atol=1e-12)
-    va, vb = a.vectors(), b.vectors()
-    torch.testing.assert_close(vb, va, rtol=2e-6, atol=2e-6)
+    # exact integer sums: the same 128-bit words, float64 totals and float32 vectors
+    assert torch.equal(b.A, a.A)
+    assert torch.equal(b.totals(), a.totals())
+    assert torch.equal(b.vectors(), a.vectors())
     # the pad and q parts land where the formula says: the rows of types never seen stay zero
     unseen = c.counts == 0
     assert torch.all(b.totals()[unseen] == 0)
@@ -93,10 +96,18 @@ def _raw_args(V=10, b=4, N=20, n_off=3, concat=False):
     boff = np.arange(V + 1, dtype=np.int64)
     bidx = (np.arange(V) % b).astype(np.int32)
     nb = n_off if concat else 1
-    return dict(token_ids=tok, doc_offsets=doff, bit_offsets=boff, bit_index=bidx, wa=np.ones((n_off, V)),
-                ws=np.ones((n_off, V)), wpad=np.ones(n_off), deltas=np.array([-1, 0, 1], dtype=np.int64),
-                load=np.arange(V, dtype=np.int64),
-                A=np.zeros((V, nb, b + 2)), concat=concat)
+    one = np.int64(1 << 62)  # 1.0 in quanta of 2^-62
+    return dict(token_ids=tok, doc_offsets=doff, bit_offsets=boff, bit_index=bidx,
+                wa=np.full((n_off, V), one), ws=np.full((n_off, V), one), wpad=np.full(n_off, one),
+                deltas=np.array([-1, 0, 1], dtype=np.int64), load=np.arange(V, dtype=np.int64),
+                A=np.zeros((V, nb, b + 2, 2), dtype=np.int64), concat=concat)
+
+
+def units(A):
+    """float64 values of 128-bit sums (V, nb, E, 2) through the binding's conversion."""
+    out = np.empty(A.shape[:-1])
+    BC.to_double(A.reshape(-1, 2), out.reshape(-1))
+    return out
 
 
 def test_raw_binding_counts_and_checks():
@@ -104,7 +115,8 @@ def test_raw_binding_counts_and_checks():
     BC.count(**a)
     # every position adds 3 offsets' weights (1 each) into its row: mass 3 N in the pad and bits; the q
     # weight gets one 1 per offset inside the document: 3 N minus the 4 pads of the two documents' ends
-    assert a["A"][..., :-1].sum() == 3 * 20 and a["A"][..., -1].sum() == 3 * 20 - 4
+    u = units(a["A"])
+    assert u[..., :-1].sum() == 3 * 20 and u[..., -1].sum() == 3 * 20 - 4
     bad = [
         (dict(token_ids=np.array([0, 10] + [1] * 18, dtype=np.int32)), ValueError,
          r"token_ids: expected token ids in \[0, 10\)"),
@@ -114,13 +126,19 @@ def test_raw_binding_counts_and_checks():
         (dict(doc_offsets=np.array([0, 5, 19], dtype=np.int64)), ValueError, "doc_offsets.*== len\\(token_ids\\)"),
         (dict(bit_index=np.full(10, 4, dtype=np.int32)), ValueError, r"bit_index: expected bit positions in \[0, 4\)"),
         (dict(bit_offsets=np.arange(11, dtype=np.int64)[::-1].copy()), ValueError, "bit_offsets"),
-        (dict(A=np.zeros((9, 1, 6))), ValueError, "A: expected shape"),
-        (dict(A=np.zeros((10, 2, 6))), ValueError, "A: expected shape"),
-        (dict(A=np.zeros((10, 1, 6), dtype=np.float32)), TypeError, "A: expected dtype float64"),
-        (dict(wa=np.ones((2, 10))), ValueError, "wa: expected shape"),
-        (dict(ws=np.ones((3, 9))), ValueError, "ws: expected shape"),
+        (dict(A=np.zeros((9, 1, 6, 2), dtype=np.int64)), ValueError, "A: expected shape"),
+        (dict(A=np.zeros((10, 2, 6, 2), dtype=np.int64)), ValueError, "A: expected shape"),
+        (dict(A=np.zeros((10, 1, 6, 3), dtype=np.int64)), ValueError, "A: expected shape"),
+        (dict(A=np.zeros((10, 1, 6), dtype=np.int64)), ValueError, "A: expected 4-d"),
+        (dict(A=np.zeros((10, 1, 6, 2))), TypeError, "A: expected dtype int64"),
+        (dict(wa=np.ones((3, 10))), TypeError, "wa: expected dtype int64"),
+        (dict(wa=np.ones((2, 10), dtype=np.int64)), ValueError, "wa: expected shape"),
+        (dict(wa=np.full((3, 10), (1 << 62) + 1, dtype=np.int64)), ValueError, "wa: expected quantised weights"),
+        (dict(ws=np.full((3, 10), -1, dtype=np.int64)), ValueError, "ws: expected quantised weights"),
+        (dict(wpad=np.full(3, np.iinfo(np.int64).max)), ValueError, "wpad: expected quantised"),
+        (dict(ws=np.ones((3, 9), dtype=np.int64)), ValueError, "ws: expected shape"),
         (dict(deltas=np.array([-(1 << 41), 0, 1], dtype=np.int64)), ValueError, "deltas"),
-        (dict(wpad=np.ones(4)), ValueError, "wpad"),
+        (dict(wpad=np.ones(4, dtype=np.int64)), ValueError, "wpad"),
         (dict(load=np.full(10, -1, dtype=np.int64)), ValueError, "load: expected per-type counts"),
         (dict(load=np.ones(9, dtype=np.int64)), ValueError, "load: expected shape"),
     ]
@@ -136,7 +154,41 @@ def test_raw_binding_counts_and_checks():
     a = _raw_args()
     a.update(ws=None)
     BC.count(**a)  # no noise: the q weights stay 0
-    assert a["A"][..., :-1].sum() == 60 and a["A"][..., -1].sum() == 0
+    u = units(a["A"])
+    assert u[..., :-1].sum() == 60 and u[..., -1].sum() == 0
+
+
+def test_sums_carry_into_the_high_word():
+    """Addends of 2^62 quanta: four of them pass 2^64, so the high word must take the carries."""
+    a = _raw_args(N=20)
+    BC.count(**a)
+    A = a["A"].view(np.uint64)
+    got = [(int(h) << 64) | int(lo) for lo, h in A.reshape(-1, 2).tolist()]
+    assert max(got) >= 1 << 64 and any(h > 0 for h in A[..., 1].ravel())
+    # the same sums counted again: exactly twice each (integers, no rounding)
+    BC.count(**{**a, "A": a["A"]})
+    again = [(int(h) << 64) | int(lo) for lo, h in a["A"].view(np.uint64).reshape(-1, 2).tolist()]
+    assert again == [2 * g for g in got]
+
+
+def test_to_double_rounds_once_to_nearest_even():
+    rng = np.random.default_rng(5)
+    vals = [0, 1, (1 << 53) + 1, (1 << 53) + 3, (1 << 54) + 2, (1 << 64) - 1, 1 << 64, (1 << 64) + (1 << 11),
+            (1 << 64) + (1 << 11) + 1, (1 << 64) + (3 << 11), (1 << 128) - 1, (1 << 117) + (1 << 64)]
+    vals += [int(x) << int(s) for x, s in zip(rng.integers(1, 1 << 62, 300), rng.integers(0, 66, 300))]
+    vals += [int(x) | (1 << 70) for x in rng.integers(0, 1 << 62, 100)]  # low bits below the mantissa
+    A = np.array([[v & ((1 << 64) - 1), v >> 64] for v in vals], dtype=np.uint64).view(np.int64)
+    out = np.empty(len(vals))
+    BC.to_double(A, out)
+    want = np.array([math.ldexp(float(v), -62) for v in vals])  # Python: int -> float rounds half to even
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(ref.to_double(A), want)
+    with pytest.raises(ValueError, match="A: expected shape"):
+        BC.to_double(np.zeros((3, 3), dtype=np.int64), np.empty(3))
+    with pytest.raises(ValueError, match="out: expected shape"):
+        BC.to_double(np.zeros((3, 2), dtype=np.int64), np.empty(4))
+    with pytest.raises(TypeError, match="A: expected dtype int64"):
+        BC.to_double(np.zeros((3, 2)), np.empty(3))
 
 
 def test_raw_binding_random_inputs_never_crash():
@@ -170,10 +222,11 @@ def test_raw_binding_random_inputs_never_crash():
         args = dict(token_ids=arr((N,), np.int32, 0 if rng.random() < 0.8 else -2, V + (rng.random() < 0.2)),
                     doc_offsets=doff, bit_offsets=boff,
                     bit_index=arr((int(boff[-1]),), np.int32, 0, b + (rng.random() < 0.2)),
-                    wa=rng.random((n_off, V)), ws=rng.random((n_off, V)) if rng.random() < 0.5 else None,
-                    wpad=rng.random(n_off), deltas=arr((n_off,), np.int64, -20, 20),
-                    load=arr((V,), np.int64, 0, 9), A=np.zeros((V, nb, b + 2)), concat=bool(nb > 1 or
-                                                                                          rng.random() < 0.3))
+                    wa=arr((n_off, V), np.int64, 0, 1 << 62),
+                    ws=arr((n_off, V), np.int64, 0, 1 << 62) if rng.random() < 0.5 else None,
+                    wpad=arr((n_off,), np.int64, -1 if rng.random() < 0.1 else 0, 1 << 62),
+                    deltas=arr((n_off,), np.int64, -20, 20), load=arr((V,), np.int64, 0, 9),
+                    A=np.zeros((V, nb, b + 2, 2), dtype=np.int64), concat=bool(nb > 1 or rng.random() < 0.3))
         try:
             BC.count(**args)
             ok += 1

@@ -92,9 +92,9 @@ def test_binding_rechecks():
 
     base = dict(tokens=view(8, 10, "int32"), doc_offsets=view(8, 3, "int64"),
                 doc_offsets_host=np.array([0, 4, 10], np.int64), code_mask=view(8, 5, "uint64"),
-                wa=view(8, 15, "float64"), ws=None, wpad=view(8, 3, "float64"), deltas=view(8, 3, "int64"),
+                wa=view(8, 15, "int64"), ws=None, wpad=view(8, 3, "int64"), deltas=view(8, 3, "int64"),
                 deltas_host=np.array([-1, 0, 1], np.int64), concat=False, vocab_size=5, bits=4,
-                A=view(8, 30, "float64"))
+                A=view(8, 60, "int64"))
 
     def run(**change):
         mod.count(mod.Problem(**{**base, **change}), workspace=0, workspace_bytes=0, device=0, stream=0)
@@ -105,8 +105,10 @@ def test_binding_rechecks():
         (dict(doc_offsets=view(8, 2, "int64")), ValueError, "doc_offsets"),
         (dict(code_mask=view(8, 4, "uint64")), ValueError, "code_mask"),
         (dict(wa=view(8, 15, "float32")), TypeError, "wa"),
-        (dict(A=view(8, 29, "float64")), ValueError, "A"),
-        (dict(A=view(0, 30, "float64")), ValueError, "A: null data pointer"),
+        (dict(wa=view(8, 15, "float64")), TypeError, "wa: expected dtype int64"),
+        (dict(A=view(8, 59, "int64")), ValueError, "A"),
+        (dict(A=view(8, 60, "float64")), TypeError, "A: expected dtype int64"),
+        (dict(A=view(0, 60, "int64")), ValueError, "A: null data pointer"),
         (dict(deltas_host=np.array([-(1 << 41), 0, 1], np.int64)), ValueError, "deltas"),
         (dict(vocab_size=0), ValueError, "vocab_size"),
         (dict(concat=True), ValueError, "A"),

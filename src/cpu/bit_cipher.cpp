@@ -4,14 +4,15 @@
 // Work split: row t of S and Q belongs to one thread (deal() below). Every thread walks
 // the whole chunk (reading 4 bytes a token, ~1% of the work of a token it
 // owns) and does the scatter-adds of the positions whose target it owns. So
-// no element is written by two threads, and each element sees its addends in
-// corpus order whatever T is: the float64 sums are the same bits for every
-// thread count, and a corpus counted in consecutive chunks gives the same
-// bits as one call. Rows are dealt by the cipher's counts (longest
+// no element is written by two threads. The sums are unsigned 128-bit
+// integers of quanta 2^-62 (the tables are quantised once in Python): integer
+// addition is associative, so every thread count, ISA level, chunking and
+// merge order gives the same bits. Rows are dealt by the cipher's counts (longest
 // processing time first), which balances the tokens of a Zipf corpus.
 //
-// Per owned position: n_off offsets x (popcount(c) + 1) adds into the one
-// row A[t] (b + 2 doubles a block: the pad entry, the b bits, and the q
+// Per owned position: n_off offsets x (popcount(c) + 1) 128-bit adds (add +
+// add-with-carry on the two 64-bit words) into the one row A[t] (b + 2
+// accumulators of 16 bytes a block: the pad entry, the b bits, and the q
 // weight beside them, so that two threads never share the cache line of a
 // row's scalar), which stays in L1 for the position;
 // interior positions (the whole window inside the document) skip the
@@ -35,28 +36,74 @@ struct Ctx {
   const int32_t* tok;
   const int64_t* boff;
   const int32_t* bidx;
-  const double* wa;
-  const double* ws;
-  const double* wpad;
+  const uint64_t* wa;
+  const uint64_t* ws;
+  const uint64_t* wpad;
   const int64_t* deltas;
   int64_t n_off, V, E;  // E = b + 2: the entries of one block of a row
 };
 
-// The adds of position i (document [lo, hi)) into row `row` of A.
+// e[0..1] (lo, hi) += x as one unsigned 128-bit integer: add, then add the
+// carry (add + adc to memory). A branch on the carry instead is 2x slower at
+// b = 64: weights near 1 are ~2^61 quanta, so the low word wraps every few
+// adds and the branch mispredicts.
+inline void add(uint64_t* __restrict e, uint64_t x) {
+  uint64_t s;
+  e[1] += __builtin_add_overflow(e[0], x, &s);
+  e[0] = s;
+}
+
+// e += v, v a 128-bit sum kept in registers.
+inline void add(uint64_t* __restrict e, unsigned __int128 v) {
+  unsigned __int128 t = (static_cast<unsigned __int128>(e[1]) << 64) | e[0];
+  t += v;
+  e[0] = static_cast<uint64_t>(t);
+  e[1] = static_cast<uint64_t>(t >> 64);
+}
+
+// The adds of position i (document [lo, hi)) into row `row` of A. In sum
+// mode every offset adds to the same pad and q entries: those sums are kept
+// in registers over the offsets and added once (2 memory adds a position
+// instead of up to 2 n_off; exact either way, integers).
 template <bool kInterior, bool kNoise, bool kConcat>
-inline void position(const Ctx& c, int64_t i, int64_t lo, int64_t hi, double* row) {
-  const int64_t q_at = c.E - 1;
-  for (int64_t o = 0; o < c.n_off; ++o) {
-    const int64_t j = i + c.deltas[o];
-    double* blk = kConcat ? row + o * c.E : row;
+//
+// The sizes and pointers are copied into locals and the row is __restrict: A
+// is uint64_t, which may alias the int64_t tables (deltas, offsets, sizes),
+// so without them every 128-bit add forces those to be reloaded (~25% of the
+// b = 64 time).
+inline void position(const Ctx& c, int64_t i, int64_t lo, int64_t hi, uint64_t* __restrict row) {
+  const int64_t E = c.E, V = c.V, n_off = c.n_off, q_at = 2 * (E - 1);
+  const int32_t* __restrict tok = c.tok;
+  const int64_t* __restrict boff = c.boff;
+  const int32_t* __restrict bidx = c.bidx;
+  const uint64_t* __restrict wa = c.wa;
+  const uint64_t* __restrict ws = c.ws;
+  const uint64_t* __restrict wpad = c.wpad;
+  const int64_t* __restrict deltas = c.deltas;
+  unsigned __int128 pad = 0, q = 0;  // sum mode: <= n_off * 2^62 each
+  for (int64_t o = 0; o < n_off; ++o) {
+    const int64_t j = i + deltas[o];
+    uint64_t* __restrict blk = kConcat ? row + 2 * o * E : row;
     if (!kInterior && (j < lo || j >= hi)) {
-      blk[0] += c.wpad[o];
+      if (kConcat)
+        add(blk, wpad[o]);
+      else
+        pad += wpad[o];
       continue;
     }
-    const int64_t w = c.tok[j];
-    const double a = c.wa[o * c.V + w];
-    for (int64_t k = c.boff[w], e = c.boff[w + 1]; k < e; ++k) blk[1 + c.bidx[k]] += a;
-    if (kNoise) blk[q_at] += c.ws[o * c.V + w];
+    const int64_t w = tok[j];
+    const uint64_t a = wa[o * V + w];
+    for (int64_t k = boff[w], e = boff[w + 1]; k < e; ++k) add(blk + 2 * (1 + bidx[k]), a);
+    if (kNoise) {
+      if (kConcat)
+        add(blk + q_at, ws[o * V + w]);
+      else
+        q += ws[o * V + w];
+    }
+  }
+  if (!kConcat) {
+    if (!kInterior && pad != 0) add(row, pad);
+    if (kNoise) add(row + q_at, q);
   }
 }
 
@@ -65,7 +112,7 @@ inline void position(const Ctx& c, int64_t i, int64_t lo, int64_t hi, double* ro
 // the least loaded thread, ties to the lower thread and the lower id. With a
 // Zipf corpus dealing by t mod T leaves the thread of the most frequent type
 // ~10% more tokens (a = 1.1); this leaves < 1%. Which thread owns a row
-// changes no result (each row's addends come in corpus order either way).
+// changes no result (integer sums).
 void deal(const int64_t* load, int64_t V, int T, std::vector<uint16_t>& owner) {
   owner.assign(static_cast<size_t>(V), 0);
   if (T <= 1) return;
@@ -86,8 +133,8 @@ void deal(const int64_t* load, int64_t V, int T, std::vector<uint16_t>& owner) {
 
 template <bool kNoise, bool kConcat>
 void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_delta, int64_t hi_delta,
-         const int64_t* load, double* A) {
-  const int64_t nb = kConcat ? c.n_off : 1;  // rows are nb * E doubles
+         const int64_t* load, uint64_t* A) {
+  const int64_t nb = kConcat ? c.n_off : 1;  // rows are nb * E accumulators of two words
   std::vector<uint16_t> owner;
   const int max_threads = std::min(omp_get_max_threads(), 65535);
 #pragma omp parallel num_threads(max_threads)
@@ -122,7 +169,7 @@ void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_de
         }
         for (int64_t k = 0; k < n; ++k) {
           const int64_t i = mine[k];
-          double* row = A + int64_t(c.tok[i]) * nb * c.E;
+          uint64_t* row = A + 2 * int64_t(c.tok[i]) * nb * c.E;
           if (i >= in_lo && i < in_hi)
             position<true, kNoise, kConcat>(c, i, lo, hi, row);
           else
@@ -136,9 +183,9 @@ void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_de
 }  // namespace
 
 void count(const int32_t* tokens, int64_t n_tokens, const int64_t* doc_offsets, int64_t n_docs,
-           const int64_t* bit_offsets, const int32_t* bit_index, const double* wa, const double* ws,
-           const double* wpad, const int64_t* deltas, int64_t n_off, bool concat, int64_t V, int64_t bits,
-           const int64_t* load, double* A) {
+           const int64_t* bit_offsets, const int32_t* bit_index, const uint64_t* wa, const uint64_t* ws,
+           const uint64_t* wpad, const int64_t* deltas, int64_t n_off, bool concat, int64_t V, int64_t bits,
+           const int64_t* load, uint64_t* A) {
   if (n_tokens == 0 || n_off == 0) return;
   Ctx c{tokens, bit_offsets, bit_index, wa, ws, wpad, deltas, n_off, V, bits + 2};
   int64_t lo_delta = 0, hi_delta = 0;
@@ -155,6 +202,16 @@ void count(const int32_t* tokens, int64_t n_tokens, const int64_t* doc_offsets, 
     run<false, true>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, A);
   else
     run<false, false>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, A);
+}
+
+void to_double(const uint64_t* A, int64_t n, double* out) {
+  // GCC/Clang's unsigned __int128 -> double conversion rounds once to nearest
+  // (ties to even); * 2^-62 is exact (the result is 0 or >= 2^-62, normal).
+  // Serial: ~2 ns an element, once per vectors() call.
+  for (int64_t k = 0; k < n; ++k) {
+    const unsigned __int128 v = (static_cast<unsigned __int128>(A[2 * k + 1]) << 64) | A[2 * k];
+    out[k] = static_cast<double>(v) * 0x1p-62;
+  }
 }
 
 EMBKERN_ISA_END

@@ -12,10 +12,12 @@
 //      ascending order, adding what the CPU kernel adds to that element:
 //      wpad[o] to entry 0 at a position outside the document, wa[o][c] to
 //      bit entry j + 1 when the context type c has bit j, ws[o][c] to the q
-//      entry. All threads of a block read the same context tokens (L1
+//      entry -- integers (quanta of 2^-62), summed exactly in a 128-bit
+//      (lo, hi) register pair, so the result equals the CPU's whatever the
+//      order. All threads of a block read the same context tokens (L1
 //      broadcasts); b = 64 is 66 elements a block, so about half the threads
 //      of a 128-thread block idle in sum mode -- the price of owning each
-//      element, which is what makes the sums bit-equal to the CPU's.
+//      element, which keeps the kernel free of atomics.
 #include <cub/device/device_radix_sort.cuh>
 #include <cuda_runtime.h>
 
@@ -67,27 +69,33 @@ struct Args {
   const int32_t* start;
   const int32_t* end;
   const uint64_t* mask;
-  const double* wa;
-  const double* ws;
-  const double* wpad;
+  const uint64_t* wa;
+  const uint64_t* ws;
+  const uint64_t* wpad;
   const int64_t* deltas;
   int64_t W, n_off, V, E, nb;
   bool concat;
-  double* A;
+  uint64_t* A;  // (V, nb, E, 2): (lo, hi) words
 };
+
+// (lo, hi) += x as one unsigned 128-bit integer.
+__device__ __forceinline__ void add128(uint64_t& lo, uint64_t& hi, uint64_t x) {
+  lo += x;
+  hi += lo < x;
+}
 
 __global__ void __launch_bounds__(kThreads) count_kernel(Args a) {
   const int64_t t = blockIdx.x;
   const int32_t s0 = a.start[t], s1 = a.end[t];
   if (s0 >= s1) return;
   const int64_t row_len = a.nb * a.E;
-  double* row = a.A + t * row_len;
+  uint64_t* row = a.A + 2 * t * row_len;
   for (int64_t e = threadIdx.x; e < row_len; e += blockDim.x) {
     const int64_t blk = e / a.E, j = e - blk * a.E;
     const int64_t o0 = a.concat ? blk : 0, o1 = a.concat ? blk + 1 : a.n_off;
     const bool pad_entry = j == 0, q_entry = j == a.E - 1;
     const int64_t bit = j - 1;
-    double acc = row[e];
+    uint64_t sum_lo = row[2 * e], sum_hi = row[2 * e + 1];
     for (int32_t k = s0; k < s1; ++k) {
       const int64_t i = a.spos[k];
       const int32_t d = a.doc_of[i];
@@ -96,20 +104,21 @@ __global__ void __launch_bounds__(kThreads) count_kernel(Args a) {
         const int64_t jp = i + a.deltas[o];
         const bool outside = jp < lo || jp >= hi;
         if (pad_entry) {
-          if (outside) acc = __dadd_rn(acc, a.wpad[o]);
+          if (outside) add128(sum_lo, sum_hi, a.wpad[o]);
           continue;
         }
         if (outside) continue;
         const int64_t c = a.tok[jp];
         if (c < 0 || c >= a.V) continue;  // see segments_kernel
         if (q_entry) {
-          if (a.ws != nullptr) acc = __dadd_rn(acc, a.ws[o * a.V + c]);
+          if (a.ws != nullptr) add128(sum_lo, sum_hi, a.ws[o * a.V + c]);
         } else if ((a.mask[c * a.W + (bit >> 6)] >> (bit & 63)) & 1ull) {
-          acc = __dadd_rn(acc, a.wa[o * a.V + c]);
+          add128(sum_lo, sum_hi, a.wa[o * a.V + c]);
         }
       }
     }
-    row[e] = acc;
+    row[2 * e] = sum_lo;
+    row[2 * e + 1] = sum_hi;
   }
 }
 

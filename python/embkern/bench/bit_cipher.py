@@ -1,4 +1,4 @@
-"""Benchmark workloads of bit-cipher co-occurrence counting (CPU, float64 counts).
+"""Benchmark workloads of bit-cipher co-occurrence counting (CPU, exact 128-bit integer counts).
 
 Cases, each in tokens/s of co-occurrence (window 5, cos2 weights, noise on,
 include_center), at b = 64 and b = 768, sum and concat modes:
@@ -10,14 +10,14 @@ include_center), at b = 64 and b = 768, sum and concat modes:
   :meth:`CooccurrenceCounts.update` call.
 
 Each call zeroes the accumulator and adds the chunk (the zeroing, V x (b + 2)
-doubles, is part of the time). Rows: the ``cpu`` kernel and the reference
-(``embkern.reference.bit_cipher``, dense float64 index_add, timed once per
-case), and the anchor ``scipy sparse``: what a user would write -- one
+128-bit integers, is part of the time). Rows: the ``cpu`` kernel and the reference
+(``embkern.reference.bit_cipher``, dense int64 index_add of the quantised
+addends' 32-bit halves, timed once per case), and the anchor ``scipy sparse``: what a user would write -- one
 weighted sparse co-occurrence matrix (type x context type, pad as an extra
 column) per offset with ``scipy.sparse.coo_matrix(...).tocsr()``, then
 ``C @ R`` with R the dense ``[0, r_c]`` rows. At b = 768 in concat mode the
-reference and the anchor are skipped (their dense float64 blocks alone need
-several GB at V = 50k).
+reference and the anchor are skipped (their dense int64 / float64 blocks alone
+need several GB at V = 50k).
 
 Targets (printed met / missed): >= 50x the reference, and the issue's
 >= 10M tokens/s per core in sum mode at b = 64 is read from the throughput
@@ -139,7 +139,7 @@ def _case(kind: str, n: int, b: int, mode: str) -> Workload:
                                                      torch.float32).reason}
     anchors = {}
     if heavy:
-        skipped["reference"] = "dense float64 (V, 11 x 769) sums plus (piece, 769) temporaries per offset: GBs"
+        skipped["reference"] = "dense int64 (V, 11 x 770) sums of two halves plus (piece, 770) temporaries: GBs"
         skipped["scipy sparse"] = "11 dense (V, 769) float64 products: GBs at V = 50k"
     else:
         run = ["reference"] + run
@@ -148,7 +148,7 @@ def _case(kind: str, n: int, b: int, mode: str) -> Workload:
     ntok = n if kind == "zipf" else None
     w = Workload(
         name=f"{kind} b={b} {mode}", group="cooccurrence_vectors",
-        description=f"bit-cipher counts, {kind} corpus, b={b}, window {WINDOW}, cos2, noise, {mode}, float64",
+        description=f"bit-cipher counts, {kind} corpus, b={b}, window {WINDOW}, cos2, noise, {mode}, exact int128",
         backends={be: (lambda be=be: data.run(be)) for be in run}, anchors=anchors,
         primary_anchor="scipy sparse" if anchors else None,
         reference64=None if heavy else data.ref64, error=_error,

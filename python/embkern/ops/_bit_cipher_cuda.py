@@ -32,6 +32,8 @@ def code_mask(codes: np.ndarray) -> np.ndarray:
 
 def count(tokens: Tensor, doc_offsets: Tensor, mask: Tensor, wa: Tensor, ws, wpad: Tensor, deltas: Tensor,
           A: Tensor, concat: bool) -> None:
+    """Adds one chunk's exact sums into A (V, nb, b + 2, 2) int64 (unsigned 128-bit (lo, hi) words) on its
+    device; wa, ws (n_off, V) and wpad (n_off,) are int64 quanta of 2^-62 in [0, 2^62]."""
     mod = _mod()
     dev = A.device
     index = dev.index if dev.index is not None else torch.cuda.current_device()
@@ -44,7 +46,7 @@ def count(tokens: Tensor, doc_offsets: Tensor, mask: Tensor, wa: Tensor, ws, wpa
 
     tok = tokens.to(device=dev, dtype=torch.int32).contiguous()
     off = doc_offsets.to(device=dev, dtype=torch.int64).contiguous()
-    V, _, E = A.shape
+    V, _, E, _ = A.shape  # (V, nb, b + 2, 2): 128-bit sums as (lo, hi) words
     problem = mod.Problem(
         tokens=view(tok), doc_offsets=view(off), doc_offsets_host=doc_offsets.cpu().to(torch.int64).numpy(),
         code_mask=view(mask), wa=view(wa), ws=None if ws is None else view(ws), wpad=view(wpad),

@@ -8,13 +8,16 @@ op                     computes
 bit_cipher_count       adds one chunk's co-occurrence sums into S, Q (in place)
 =====================  ==========================================================
 
-The counts live in :class:`CooccurrenceCounts` as one float64 array
-``A (V, nb, b + 2)``, each block ``[pad, bit 0 .. bit b-1, q weight]``: ``S = A[..., :b+1]``
-holds the pad entry and the sparse ``beta eta`` part, ``Q = A[..., b+1]`` the
-weight of the q direction (the rank-1 part of the noise; ``docs/ops/bit_cipher.md``,
-"Kernel view"); :meth:`CooccurrenceCounts.vectors` forms ``F = S + Q q`` and
-finalises it. The reference accumulates ``F`` itself into ``S`` (its ``Q``
-stays 0), so counts of either backend merge.
+The counts live in :class:`CooccurrenceCounts` as one int64 array
+``A (V, nb, b + 2, 2)``: unsigned 128-bit integers stored as (lo, hi) 64-bit
+words, in quanta of 2^-62, each block ``[pad, bit 0 .. bit b-1, q weight]``.
+The first b + 1 entries hold the pad entry and the sparse ``beta eta`` part
+(S), the last the weight of the q direction (Q, the rank-1 part of the noise;
+``docs/ops/bit_cipher.md``, "Kernel view"). Every addend is a table value
+rounded once to a whole number of quanta, so the sums are exact integers:
+every backend, thread count, ISA level, chunking and merge grouping gives the
+same bits. :meth:`CooccurrenceCounts.totals` rounds each sum once to float64
+and forms ``F = S + Q q``; :meth:`CooccurrenceCounts.vectors` finalises it.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ..reference import bit_cipher as ref
 MODES = ref.MODES
 WEIGHTS = ref.WEIGHTS
 
-# dtype in the descriptor: that of the vectors (float32); every backend counts in float64.
+# dtype in the descriptor: that of the vectors (float32); every backend counts exactly in 128-bit integers.
 DESCRIPTOR = OpDescriptor(
     name="bit_cipher",
     kernels=("count",),
@@ -53,21 +56,21 @@ KERNELS = DESCRIPTOR.kernels
 # Kernels of embkern::bit_cipher_count
 
 
-def _ref_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat):
-    V, nb, E = A.shape
-    F = torch.zeros(V, nb * (E - 1), dtype=torch.float64)
-    ref.count_into(tokens, doc_offsets, psi, wpad, reps, deltas.tolist(), concat, F)
-    A[:, :, :E - 1] += F.view(V, nb, E - 1)
+def _ref_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, concat):
+    V, _, E, _ = A.shape
+    codes = torch.zeros(V, E - 2, dtype=torch.int64)
+    codes[torch.repeat_interleave(torch.arange(V), bit_offsets[1:] - bit_offsets[:-1]), bit_index.to(torch.int64)] = 1
+    ref.count_into(tokens, doc_offsets, codes, wa, ws, wpad, deltas.tolist(), concat, A.numpy().view(np.uint64))
 
 
-def _cpu_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat):
+def _cpu_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, concat):
     _backends.cpu_module().bit_cipher.count(
         tokens.numpy(), doc_offsets.numpy(), bit_offsets.numpy(), bit_index.numpy(), wa.numpy(),
         None if ws is None else ws.numpy(), wpad.numpy(), deltas.numpy(), load.numpy(), A.numpy(),
         bool(concat))
 
 
-def _cuda_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat):
+def _cuda_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, concat):
     from . import _bit_cipher_cuda
 
     # bit_offsets carries the code mask on this backend (see CooccurrenceCounts)
@@ -75,19 +78,36 @@ def _cuda_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa
 
 
 @torch.library.custom_op("embkern::bit_cipher_count", mutates_args=("A",))
-def bit_cipher_count(tokens: Tensor, doc_offsets: Tensor, psi: Tensor, wpad: Tensor, reps: Tensor,
-                     bit_offsets: Tensor, bit_index: Tensor, wa: Tensor, ws: Optional[Tensor], deltas: Tensor,
-                     load: Tensor, A: Tensor, concat: bool, backend: str) -> None:
-    """Adds the sums of one chunk into A (V, nb, b + 2) float64 in place (blocks [pad, bits, q weight])."""
-    _ref_count(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat)
+def bit_cipher_count(tokens: Tensor, doc_offsets: Tensor, bit_offsets: Tensor, bit_index: Tensor, wa: Tensor,
+                     ws: Optional[Tensor], wpad: Tensor, deltas: Tensor, load: Tensor, A: Tensor, concat: bool,
+                     backend: str) -> None:
+    """Adds the exact sums of one chunk into A (V, nb, b + 2, 2) int64 in place.
+
+    A holds unsigned 128-bit integers as (lo, hi) words, quanta of 2^-62, blocks
+    [pad, bits, q weight]; wa, ws (n_off, V) and wpad (n_off,) are int64 quanta
+    in [0, 2^62] (``reference.bit_cipher.tables``)."""
+    _ref_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, concat)
 
 
 _backends.route(bit_cipher_count, {"reference": _ref_count, "cpu": _cpu_count, "cuda": _cuda_count})
 
 
 @bit_cipher_count.register_fake
-def _(tokens, doc_offsets, psi, wpad, reps, bit_offsets, bit_index, wa, ws, deltas, load, A, concat, backend):
+def _(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, concat, backend):
     return None
+
+
+def _to_double(A: Tensor) -> Tensor:
+    """float64 ``A * 2^-62`` (A (..., 2) int64 128-bit sums), each rounded once; the compiled
+    conversion when the CPU module is built, else the reference's (the tests check they agree)."""
+    A = A.detach().cpu().contiguous()
+    try:
+        mod = _backends.cpu_module()
+    except RuntimeError:
+        return torch.from_numpy(ref.to_double(A.numpy()))
+    out = torch.empty(A.shape[:-1], dtype=torch.float64)
+    mod.bit_cipher.to_double(A.reshape(-1, 2).numpy(), out.reshape(-1).numpy())
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -267,19 +287,21 @@ def _offsets(doc_offsets, n: int, name: str = "doc_offsets") -> Tensor:
 
 
 class CooccurrenceCounts:
-    """Streaming, mergeable bit-cipher co-occurrence sums (float64).
+    """Streaming, mergeable bit-cipher co-occurrence sums, kept exactly.
 
     ``update(token_ids, doc_offsets)`` adds a chunk of whole documents;
     ``merge(other)`` adds another object's counts (same cipher and settings);
-    ``vectors(eps)`` gives the (V, D) float32 word vectors. Memory is
-    ``V * nb * (b + 2) * 8`` bytes whatever the corpus length (nb = number of
-    offsets in concat mode, 1 in sum mode).
+    ``vectors(eps)`` gives the (V, D) float32 word vectors. ``A`` (V, nb, b + 2, 2)
+    int64 holds the sums as unsigned 128-bit integers ((lo, hi) words) of quanta
+    2^-62; memory is ``V * nb * (b + 2) * 16`` bytes whatever the corpus length
+    (nb = number of offsets in concat mode, 1 in sum mode).
 
-    Exactness (``docs/ops/bit_cipher.md``, "Streaming and merging"): every
-    count element receives its addends in corpus order, so chunks counted one
-    after the other give the same float64 bits as one pass, for any thread
-    count; merged shards add partial sums, equal to one pass up to float64
-    rounding of those sums (the float32 vectors of the tests agree bit for bit).
+    Exactness (``docs/ops/bit_cipher.md``, "Numerics"): every addend is a float64
+    table value rounded once to a multiple of 2^-62 (relative error < 2^-52 for
+    addends >= 2^-10), and the sums are exact integers, so one pass, chunks
+    counted one after the other, and shards merged in any grouping give the same
+    bits, at any thread count, ISA level and backend. :meth:`totals` rounds each
+    sum once to float64. Picklable and deep-copyable (plain attributes).
     """
 
     def __init__(self, cipher: BitCipher, window: int = 5, mode: str = "sum", weight: str = "cos2",
@@ -299,23 +321,20 @@ class CooccurrenceCounts:
         V, b = c.vocab_size, c.bits
         self.deltas = ref.deltas(self.window, include_center)
         self.n_blocks = len(self.deltas) if mode == "concat" else 1
-        D = b + 1
-        _checks.fits(V * self.n_blocks * (D + 1) * 8, "cpu", f"bit-cipher counts (V {V}, blocks {self.n_blocks}, "
-                     f"b + 1 = {D}, float64)")
-        self.A = torch.zeros(V, self.n_blocks, D + 1, dtype=torch.float64)
+        E = b + 2
+        _checks.fits(V * self.n_blocks * E * 16, "cpu", f"bit-cipher counts (V {V}, blocks {self.n_blocks}, "
+                     f"b + 2 = {E}, 128-bit integers)")
+        self.A = torch.zeros(V, self.n_blocks, E, 2, dtype=torch.int64)
         self.n_tokens = 0
         self.n_docs = 0
-        # tables of the kernels
-        psi, wpad = ref.weight_table(c, self.window, include_center, weight)
-        pc = c.codes.sum(axis=1).astype(np.float64)
-        self._psi = torch.from_numpy(psi)
-        self._wpad = torch.from_numpy(wpad)
-        self._reps = torch.from_numpy(c.reps())
-        rows, cols = np.nonzero(c.codes)
+        # tables of the kernels: int64 quanta of 2^-62, rounded once here
+        wa, ws, wpad = ref.tables(c, self.window, include_center, weight)
+        cols = np.nonzero(c.codes)[1]
         self._bit_offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(c.codes.sum(axis=1, dtype=np.int64))]))
         self._bit_index = torch.from_numpy(cols.astype(np.int32))
-        self._wa = torch.from_numpy(np.ascontiguousarray(psi * (c.beta / pc)[None, :]))
-        self._ws = torch.from_numpy(np.ascontiguousarray(psi * (1.0 - c.beta)[None, :])) if c.noise else None
+        self._wa = torch.from_numpy(wa)
+        self._ws = None if ws is None else torch.from_numpy(ws)
+        self._wpad = torch.from_numpy(wpad)
         self._deltas = torch.tensor(self.deltas, dtype=torch.int64)
         self._load = torch.from_numpy(c.counts)  # how the cpu kernel deals rows to threads
         if self.backend == "cuda":
@@ -324,7 +343,7 @@ class CooccurrenceCounts:
             # the GPU tests bits in a (V, ceil(b / 64)) uint64 mask; it travels in the bit_offsets slot
             self._bit_offsets = torch.from_numpy(_bit_cipher_cuda.code_mask(c.codes).view(np.int64))
             dev = self.device
-            for name in ("_psi", "_wpad", "_reps", "_bit_offsets", "_bit_index", "_wa", "_ws", "_deltas", "_load"):
+            for name in ("_wpad", "_bit_offsets", "_bit_index", "_wa", "_ws", "_deltas", "_load"):
                 t = getattr(self, name)
                 if t is not None:
                     setattr(self, name, t.to(dev))
@@ -341,8 +360,8 @@ class CooccurrenceCounts:
         t32 = t.to(torch.int32).contiguous()
         if self.device.type == "cuda":
             t32, off = t32.to(self.device), off.to(self.device)
-        bit_cipher_count(t32, off, self._psi, self._wpad, self._reps, self._bit_offsets, self._bit_index, self._wa,
-                         self._ws, self._deltas, self._load, self.A, self.mode == "concat", self.backend)
+        bit_cipher_count(t32, off, self._bit_offsets, self._bit_index, self._wa, self._ws, self._wpad,
+                         self._deltas, self._load, self.A, self.mode == "concat", self.backend)
         self.n_tokens += N
         self.n_docs += off.numel() - 1
         return self
@@ -353,32 +372,37 @@ class CooccurrenceCounts:
                 c.rank.tobytes())
 
     def merge(self, other: "CooccurrenceCounts") -> "CooccurrenceCounts":
-        """Add ``other``'s counts into these (same cipher, window, mode, weight, include_center)."""
+        """Add ``other``'s counts into these (same cipher, window, mode, weight, include_center):
+        128-bit integer additions with carry, so any grouping of shards gives the same bits."""
         if not isinstance(other, CooccurrenceCounts):
             raise TypeError(f"other: expected a CooccurrenceCounts, got {type(other).__name__}")
         if other._key() != self._key():
             raise ValueError("other: expected counts of the same cipher, window, mode, weight and include_center")
-        self.A += other.A.to(self.A.device)
+        mine = self.A.cpu().contiguous()
+        w = mine.numpy().view(np.uint64)
+        theirs = other.A.cpu().contiguous().numpy().view(np.uint64)
+        ref.add128_(w, theirs[..., 0], theirs[..., 1])
+        if mine.data_ptr() != self.A.data_ptr():
+            self.A.copy_(mine)
         self.n_tokens += other.n_tokens
         self.n_docs += other.n_docs
         return self
 
     @property
     def S(self) -> Tensor:
-        """(V, nb, b + 1) float64 view: per block the pad entry and the ``beta eta`` sums."""
-        return self.A[:, :, :-1]
+        """(V, nb, b + 1) float64 (a copy): per block the pad entry and the ``beta eta`` sums, each rounded once."""
+        return _to_double(self.A[:, :, :-1])
 
     @property
     def Q(self) -> Optional[Tensor]:
-        """(V, nb) float64 view: per block the weight of the q direction (None without noise)."""
-        return self.A[:, :, -1] if self.cipher.noise else None
+        """(V, nb) float64 (a copy): per block the weight of the q direction (None without noise)."""
+        return _to_double(self.A[:, :, -1]) if self.cipher.noise else None
 
     def totals(self) -> Tensor:
-        """F (V, nb * (b + 1)) float64: the sums before finalisation (``S + Q q``)."""
-        F = self.S.cpu().clone()
-        if self.cipher.noise:
-            F[:, :, 1:] += self.Q.cpu()[:, :, None] * torch.from_numpy(self.cipher.reference_cipher().q)
-        return F.reshape(F.shape[0], -1)
+        """F (V, nb * (b + 1)) float64: the sums before finalisation, ``S + Q q`` (each sum rounded once
+        to float64, then one product and one add per entry)."""
+        c = self.cipher.reference_cipher()
+        return ref.totals_of(_to_double(self.A), c.q, c.noise)
 
     def vectors(self, eps: float = 1e-3) -> Tensor:
         """(V, nb * (b + 1)) float32: per block, zeros -> eps, then -log10(F / sum F)."""
@@ -402,9 +426,10 @@ def cooccurrence_vectors(token_ids, doc_offsets=None, cipher: Optional[BitCipher
         weight: "cos2" (cos^2(pi |delta| p(c))), "inv" (1/|delta|, 1 at 0) or "none".
         eps: the value of zero entries before ``-log10(F / sum F)`` (per block).
 
-    Numerics contract (``docs/ops/bit_cipher.md``): float64 sums, equal to the reference's up
-    to float64 rounding; identical bits for any thread count and ISA level, and for any split
-    of the corpus into chunks. An empty corpus gives every row ``log10(b + 1)``.
+    Numerics contract (``docs/ops/bit_cipher.md``): addends rounded once to multiples of 2^-62,
+    summed exactly (128-bit integers), each sum rounded once to float64: the reference's bits,
+    identical for any backend, thread count and ISA level, and for any split of the corpus into
+    chunks or shards. An empty corpus gives every row ``log10(b + 1)``.
     """
     single = isinstance(token_ids, (torch.Tensor, np.ndarray)) or (
         isinstance(token_ids, list) and not (token_ids and isinstance(token_ids[0], tuple)))

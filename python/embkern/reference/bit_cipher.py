@@ -12,10 +12,16 @@ against it and the bench times it as the baseline.
   eta (rows sum to 1), beta, q and the context representations
   ``R[c] = [0, r_c]`` (``r_c = beta_c eta_c + (1 - beta_c) q`` with noise,
   ``eta_c`` without) and the pad ``[1, 0, ..., 0]``.
-* :func:`count` -- the co-occurrence sums F in float64, densely: for every
-  offset delta, every position i gathers ``psi(delta, w_{i+delta}) *
-  R[w_{i+delta}]`` (the pad outside the document) and adds it to row
-  ``w_i`` (block ``delta`` in concat mode, block 0 in sum mode).
+* :func:`tables` / :func:`quantise` -- the kernels' addends (the rank-1 form
+  of ``psi * R``: ``psi beta_c / popcount(c)`` per bit, ``psi (1 - beta_c)``
+  for the q direction, the pad's ``psi``), each rounded once to an integer
+  number of quanta ``2^-62``.
+* :func:`count_into` / :func:`count` -- the co-occurrence sums, exactly: for
+  every offset delta, every position i adds the integer addends of
+  ``w_{i+delta}`` (the pad outside the document) to row ``w_i`` (block
+  ``delta`` in concat mode, block 0 in sum mode) of an unsigned 128-bit
+  accumulator; :func:`totals` rounds each sum once to float64 and forms
+  ``F = S + Q q``.
 * :func:`finalise` -- per block, zeros -> eps, then ``-log10(F / sum F)``.
 """
 
@@ -162,35 +168,128 @@ def weight_table(cipher: Cipher, window: int, include_center: bool, weight: str)
     return w, wp
 
 
-def count_into(tok: torch.Tensor, off: torch.Tensor, psi: torch.Tensor, wpad: torch.Tensor, reps: torch.Tensor,
-               ds: Sequence[int], concat: bool, F: torch.Tensor) -> None:
-    """Adds one chunk's sums to F (V, n_blocks * (b + 1)) float64, densely.
+# ---------------------------------------------------------------------------
+# Exact sums: addends in quanta of 2^-62, unsigned 128-bit accumulators
 
-    tok (N,) ids, off (n_docs + 1,) CSR offsets, psi (n_off, V) the weight of a
-    word at each offset, wpad (n_off,) the pad's, reps (V, b + 1) ``[0, r_c]``."""
-    D = reps.shape[1]
+QUANTUM_BITS = 62  # an addend x in [0, 1] is n = round(x * 2^62) quanta, n <= 2^62 (fits int64)
+
+
+def quantise(x: np.ndarray) -> np.ndarray:
+    """int64 ``round_half_even(x * 2^62)`` of float64 values in [0, 1].
+
+    ``x * 2^62`` is an exact float64 scaling and ``np.rint`` rounds to nearest,
+    ties to even, giving an integer-valued float64 <= 2^62 that converts to int64
+    exactly. Values >= 2^-10 are multiples of 2^-62 already (their ulp is
+    >= 2^-62): no rounding at all; smaller ones move by at most 2^-63."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.size and not (np.all(x >= 0) and np.all(x <= 1)):
+        raise ValueError("weights: expected table values in [0, 1] to quantise")
+    return np.ascontiguousarray(np.rint(np.ldexp(x, QUANTUM_BITS)).astype(np.int64))
+
+
+def tables(cipher: Cipher, window: int, include_center: bool,
+           weight: str) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    """The kernels' quantised addends ``(wa (n_off, V), ws (n_off, V) or None, wpad (n_off,))`` int64.
+
+    ``wa[o, c] = psi(o, c) beta_c / popcount(c)`` (added to each bit of c),
+    ``ws[o, c] = psi(o, c) (1 - beta_c)`` (added to the q weight; None without
+    noise), ``wpad[o]`` the pad's weight, each computed in float64 and rounded
+    once by :func:`quantise`."""
+    psi, wpad = weight_table(cipher, window, include_center, weight)
+    pc = cipher.codes.sum(axis=1).astype(np.float64)
+    wa = quantise(psi * (cipher.beta / pc)[None, :])
+    ws = quantise(psi * (1.0 - cipher.beta)[None, :]) if cipher.noise else None
+    return wa, ws, quantise(wpad)
+
+
+def add128_(A: np.ndarray, x_lo: np.ndarray, x_hi: np.ndarray) -> None:
+    """A (..., 2) uint64 (lo, hi) += x_hi * 2^64 + x_lo (uint64 arrays of A's leading shape), mod 2^128."""
+    s = A[..., 0] + x_lo  # numpy uint64 arrays wrap mod 2^64
+    carry = (s < x_lo).astype(np.uint64)
+    A[..., 0] = s
+    A[..., 1] += x_hi + carry
+
+
+def to_double(A) -> np.ndarray:
+    """float64 ``A * 2^-62`` of unsigned 128-bit integers A (..., 2) (lo, hi) words, each rounded once.
+
+    Python's int -> float conversion rounds to nearest, ties to even; values
+    below 2^53 convert exactly through numpy."""
+    w = np.ascontiguousarray(np.asarray(A)).view(np.uint64)
+    shape = w.shape[:-1]
+    w = w.reshape(-1, 2)
+    lo, hi = w[:, 0], w[:, 1]
+    out = lo.astype(np.float64)
+    big = np.nonzero((hi != 0) | (lo >= np.uint64(1 << 53)))[0]
+    if big.size:
+        out[big] = [float((int(h) << 64) | int(l)) for l, h in zip(lo[big].tolist(), hi[big].tolist())]
+    return np.ldexp(out, -QUANTUM_BITS).reshape(shape)
+
+
+def totals(A, q: np.ndarray, noise: bool) -> torch.Tensor:
+    """F (V, nb * (b + 1)) float64 from the sums A (V, nb, b + 2, 2): ``S + Q q`` after one rounding each."""
+    return totals_of(torch.from_numpy(to_double(A)), q, noise)
+
+
+def totals_of(Ad: torch.Tensor, q: np.ndarray, noise: bool) -> torch.Tensor:
+    """F (V, nb * (b + 1)) from the float64 sums Ad (V, nb, b + 2): ``S + Q q`` (one product, one add)."""
+    F = Ad[:, :, :-1].clone()
+    if noise:
+        F[:, :, 1:] += Ad[:, :, -1:] * torch.from_numpy(q)
+    return F.reshape(F.shape[0], -1)
+
+
+def count_into(tok: torch.Tensor, off: torch.Tensor, codes: torch.Tensor, wa: torch.Tensor,
+               ws: Optional[torch.Tensor], wpad: torch.Tensor, ds: Sequence[int], concat: bool,
+               A: np.ndarray) -> None:
+    """Adds one chunk's exact sums to A (V, n_blocks, b + 2, 2) uint64 (unsigned 128-bit (lo, hi)), densely.
+
+    tok (N,) ids, off (n_docs + 1,) CSR offsets, codes (V, b) 0/1, wa / ws
+    (n_off, V) and wpad (n_off,) the quantised addends of :func:`tables`.
+    Each addend n <= 2^62 is split into 32-bit halves summed in int64 (at most
+    2^30 of them an element before they are carried into A, so no overflow)."""
+    V, nb, E, _ = A.shape
     tok = tok.to(torch.int64)
     off = off.to(torch.int64)
     N = tok.numel()
     if N == 0:
         return
-    pad = torch.zeros(D, dtype=torch.float64)
-    pad[0] = 1.0
+    codes = codes.to(torch.int64)
+    lo_acc = torch.zeros(V, nb * E, dtype=torch.int64)
+    hi_acc = torch.zeros(V, nb * E, dtype=torch.int64)
+    pending = 0
+    flat = A.reshape(V, nb * E, 2)
+
+    def flush():
+        add128_(flat, lo_acc.numpy().view(np.uint64), np.zeros((V, nb * E), dtype=np.uint64))
+        h = hi_acc.numpy().view(np.uint64)
+        add128_(flat, h << np.uint64(32), h >> np.uint64(32))
+        lo_acc.zero_()
+        hi_acc.zero_()
+
     doc = torch.repeat_interleave(torch.arange(off.numel() - 1), off[1:] - off[:-1])
-    # pieces of positions bound the (piece, b + 1) temporaries to ~64 MB
-    piece = max(1, (1 << 23) // D)
+    piece = max(1, min(1 << 29, (1 << 22) // E))  # (piece, b + 2) int64 temporaries of ~32 MB
     for lo in range(0, N, piece):
         i = torch.arange(lo, min(N, lo + piece))
         for o, d in enumerate(ds):
+            if pending + i.numel() > (1 << 30):
+                flush()
+                pending = 0
             j = i + int(d)
             inside = (j >= 0) & (j < N)
             jc = j.clamp(0, N - 1)
             inside &= doc[jc] == doc[i]
             c = tok[jc]
-            rep = torch.where(inside[:, None], reps[c], pad)
-            psi_c = torch.where(inside, psi[o][c], wpad[o].expand(c.shape))
+            X = torch.zeros(i.numel(), E, dtype=torch.int64)
+            X[:, 0] = torch.where(inside, 0, wpad[o])
+            X[:, 1:E - 1] = codes[c] * torch.where(inside, wa[o][c], 0)[:, None]
+            if ws is not None:
+                X[:, E - 1] = torch.where(inside, ws[o][c], 0)
             blk = o if concat else 0
-            F[:, blk * D:(blk + 1) * D].index_add_(0, tok[i], psi_c[:, None] * rep)
+            lo_acc[:, blk * E:(blk + 1) * E].index_add_(0, tok[i], X & 0xFFFFFFFF)
+            hi_acc[:, blk * E:(blk + 1) * E].index_add_(0, tok[i], X >> 32)
+            pending += i.numel()
+    flush()
 
 
 def count(chunks: Sequence[Tuple[np.ndarray, np.ndarray]], cipher: Cipher, window: int = 5, mode: str = "sum",
@@ -199,13 +298,13 @@ def count(chunks: Sequence[Tuple[np.ndarray, np.ndarray]], cipher: Cipher, windo
     V, b = cipher.vocab_size, cipher.bits
     ds = deltas(window, include_center)
     nb = len(ds) if mode == "concat" else 1
-    F = torch.zeros(V, nb * (b + 1), dtype=torch.float64)
-    w, wp = weight_table(cipher, window, include_center, weight)
-    reps = torch.from_numpy(cipher.reps())
+    A = np.zeros((V, nb, b + 2, 2), dtype=np.uint64)
+    wa, ws, wpad = tables(cipher, window, include_center, weight)
+    codes = torch.from_numpy(cipher.codes)
     for tok, off in chunks:
-        count_into(torch.as_tensor(np.asarray(tok)), torch.as_tensor(np.asarray(off)), torch.from_numpy(w),
-                   torch.from_numpy(wp), reps, ds, mode == "concat", F)
-    return F
+        count_into(torch.as_tensor(np.asarray(tok)), torch.as_tensor(np.asarray(off)), codes, torch.from_numpy(wa),
+                   None if ws is None else torch.from_numpy(ws), torch.from_numpy(wpad), ds, mode == "concat", A)
+    return totals(A, cipher.q, cipher.noise)
 
 
 def finalise(F: torch.Tensor, n_blocks: int, eps: float = 1e-3) -> torch.Tensor:

@@ -8,12 +8,14 @@ namespace bit_cipher {
 #include "embkern/isa_levels.inc"
 
 void count(const int32_t* tokens, int64_t n_tokens, const int64_t* doc_offsets, int64_t n_docs,
-           const int64_t* bit_offsets, const int32_t* bit_index, const double* wa, const double* ws,
-           const double* wpad, const int64_t* deltas, int64_t n_off, bool concat, int64_t V, int64_t bits,
-           const int64_t* load, double* A) {
+           const int64_t* bit_offsets, const int32_t* bit_index, const uint64_t* wa, const uint64_t* ws,
+           const uint64_t* wpad, const int64_t* deltas, int64_t n_off, bool concat, int64_t V, int64_t bits,
+           const int64_t* load, uint64_t* A) {
   EMBKERN_DISPATCH(count, tokens, n_tokens, doc_offsets, n_docs, bit_offsets, bit_index, wa, ws, wpad, deltas, n_off,
                    concat, V, bits, load, A);
 }
+
+void to_double(const uint64_t* A, int64_t n, double* out) { EMBKERN_DISPATCH(to_double, A, n, out); }
 
 }  // namespace bit_cipher
 }  // namespace embkern

@@ -7,23 +7,26 @@
 // wa[o][c] = psi(o, c) * beta_c / popcount(c) into the bits of c, and adds
 // ws[o][c] = psi(o, c) * (1 - beta_c) to one scalar per target row and block
 // (the q direction, applied once at finalisation), the last entry of the block. The pad (a position
-// outside the document) adds wpad[o] to entry 0 of the block.
+// outside the document) adds wpad[o] to entry 0 of the block. Every table
+// value x in [0, 1] arrives quantised: round_half_even(x * 2^62) as an
+// integer in [0, 2^62], and A sums those integers exactly.
 //
 // Shapes (n_off offsets, nb = n_off in concat mode, 1 in sum mode):
 //   tokens (N) int32 in [0, V)        doc_offsets (n_docs + 1) int64, CSR over N
 //   bit_offsets (V + 1) int64, CSR over bit_index (nnz) int32 in [0, b)
-//   wa, ws (n_off, V) float64          wpad (n_off) float64     deltas (n_off) int64
+//   wa, ws (n_off, V) uint64 <= 2^62   wpad (n_off) uint64 <= 2^62   deltas (n_off) int64
 //   load (V) int64 >= 0: each type's expected share of the work (the counts)
-//   A (V, nb, b + 2) float64, accumulated: per block [pad, bit 0 .. bit b-1, q weight]
+//   A (V, nb, b + 2, 2) uint64, accumulated: unsigned 128-bit integers as (lo, hi)
+//   words, per block [pad, bit 0 .. bit b-1, q weight], in quanta of 2^-62
 //   (ws null: no noise, the q weight is left alone)
 // Preconditions (checked at the csrc/ boundary, trusted here): the shapes
 // above, ids and bit indices in range, offsets from 0 non-decreasing to N.
 //
-// Determinism: each element of A is owned by one thread (rows are dealt
-// to threads by `load`) and receives its addends in corpus order (position
-// ascending, offsets ascending): the same sequence of float64 additions for
-// any thread count, any ISA level, and any split of the corpus into chunks
-// counted one after the other.
+// Determinism: the sums are exact integers (2^66 addends of <= 2^62 fit in
+// 128 bits), so they are the same bits for any thread count, ISA level,
+// split of the corpus into chunks, and grouping of merged shards. Each
+// element of A is still owned by one thread (rows are dealt to threads by
+// `load`): no atomics.
 #pragma once
 #include <cstdint>
 

@@ -6,19 +6,17 @@
 // Shapes (n_off offsets, nb = n_off in concat mode else 1, E = b + 2, W = ceil(b / 64)):
 //   tokens (N) int32 in [0, V)          doc_offsets (n_docs + 1) int64 CSR over N
 //   code_mask (V, W) uint64: bit j of type c is bit j % 64 of word j / 64
-//   wa, ws (n_off, V) float64 (ws null: no noise)   wpad (n_off) float64
+//   wa, ws (n_off, V) uint64 quanta <= 2^62 (ws null: no noise)   wpad (n_off) uint64 quanta
 //   deltas (n_off) int64, |delta| < 2^40
-//   A (V, nb, E) float64, accumulated: per block [pad, bit 0 .. bit b-1, q weight]
+//   A (V, nb, E, 2) uint64, accumulated: unsigned 128-bit integers as (lo, hi)
+//   words, per block [pad, bit 0 .. bit b-1, q weight], in quanta of 2^-62
 //
-// The same sums as the CPU kernel (src/cpu/bit_cipher.cpp), bit for bit: the
-// positions are stable-sorted by type (sort-and-segment: a radix sort of
-// (type, position) pairs, so each type's positions stay ascending), and one
-// thread owns each element of A, adding its addends in corpus order
-// (position ascending, then offset ascending) -- the order of the CPU, with
-// the same float64 table values and plain IEEE additions (no FMA, no
-// multiplication). No float atomics anywhere: the result does not depend on
-// the launch configuration, and chunks counted one after the other give the
-// same bits as one call.
+// The same sums as the CPU kernel (src/cpu/bit_cipher.cpp), bit for bit, by
+// construction: both add the same integer table values exactly, and integer
+// addition does not depend on order. The positions are still stable-sorted
+// by type (sort-and-segment: a radix sort of (type, position) pairs) and one
+// thread owns each element of A, keeping its 128-bit sum in two registers:
+// no atomics, no dependence on the launch configuration.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -36,15 +34,15 @@ struct Problem {
   int64_t num_docs = 0;
   const uint64_t* code_mask = nullptr;
   int64_t mask_words = 0;  // W
-  const double* wa = nullptr;
-  const double* ws = nullptr;
-  const double* wpad = nullptr;
+  const uint64_t* wa = nullptr;
+  const uint64_t* ws = nullptr;
+  const uint64_t* wpad = nullptr;
   const int64_t* deltas = nullptr;
   int64_t num_offsets = 0;  // n_off
   bool concat = false;
   int64_t vocab_size = 0;  // V
   int64_t bits = 0;        // b
-  double* A = nullptr;
+  uint64_t* A = nullptr;
 };
 
 // Preconditions (checked at the csrc/ boundary): 0 <= N <= kMaxTokens,
