@@ -82,19 +82,37 @@ def _block_documents(path: str, start: int, end: int, lowercase: bool, blank_lin
 # task may see its inputs again).
 
 
-def _unigram_task(path, start, end, lowercase, blank_line_docs, tokenizer) -> Dict[str, int]:
+class _Packed:
+    """A word dict (word -> count in first-occurrence order, or word -> id) wrapped so that Dask
+    pickles it as one object:
+    a bare dict result is serialised entry by entry, which took 1.7 s for a 43k-word dict
+    against 3 ms for pickle (and made the merge tree, not the counting, the cost)."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self, seen: Dict[str, int]):
+        self.seen = seen
+
+    def __getstate__(self):
+        return self.seen
+
+    def __setstate__(self, seen):
+        self.seen = seen
+
+
+def _unigram_task(path, start, end, lowercase, blank_line_docs, tokenizer) -> _Packed:
     seen: Dict[str, int] = {}
     for words in _block_documents(path, start, end, lowercase, blank_line_docs, tokenizer):
         for w in words:
             seen[w] = seen.get(w, 0) + 1
-    return seen  # insertion order = first occurrence in the block
+    return _Packed(seen)  # insertion order = first occurrence in the block
 
 
-def _merge_unigrams(a: Dict[str, int], b: Dict[str, int]) -> Dict[str, int]:
-    out = dict(a)  # a's words keep their places; b's new words follow in b's order
-    for w, n in b.items():
+def _merge_unigrams(a: _Packed, b: _Packed) -> _Packed:
+    out = dict(a.seen)  # a's words keep their places; b's new words follow in b's order
+    for w, n in b.seen.items():
         out[w] = out.get(w, 0) + n
-    return out
+    return _Packed(out)
 
 
 def _count_task(path, start, end, cipher, index, settings, lowercase, blank_line_docs, tokenizer):
@@ -102,7 +120,7 @@ def _count_task(path, start, end, cipher, index, settings, lowercase, blank_line
 
     ids: List[int] = []
     offs = [0]
-    get = index.get
+    get = index.seen.get
     for words in _block_documents(path, start, end, lowercase, blank_line_docs, tokenizer):
         doc = [i for i in map(get, words) if i is not None]
         if doc:  # a document left without known tokens is dropped, as tokenize_file drops it
@@ -213,7 +231,7 @@ def fit_cipher(paths, client=None, *, lowercase: bool = True, min_count: int = 1
         with Progress(len(futs), desc="fit_cipher", unit="block", enabled=progress) as bar:
             _cluster.gather_in_order(c, futs, [_label(b) for b in blocks], bar, keep=False)
         root = _tree_reduce(c, futs, _merge_unigrams)
-        seen = root.result() if root is not None else {}
+        seen = root.result().seen if root is not None else {}
     vocab = [w for w, n in seen.items() if n >= min_count]
     if not vocab:
         raise ValueError(f"paths: no word occurs at least min_count = {min_count} times in {len(files)} file(s)")
@@ -269,7 +287,7 @@ def cooccurrence_vectors(paths, cipher, vocab: Sequence[str], client=None, *, wi
     blocks = _blocks(files, blocksize, blank_line_docs)
     with _cluster.client_for(client, n_workers) as c:
         _cluster.dashboard_note(c, progress)
-        cipher_f, index_f = c.scatter([cipher, index], broadcast=True)  # once per worker, not once per task
+        cipher_f, index_f = c.scatter([cipher, _Packed(index)], broadcast=True)  # once per worker, not once per task
         futs = [c.submit(_count_task, p, a, b, cipher_f, index_f, settings, lowercase, blank_line_docs, tokenizer,
                          pure=False) for p, a, b in blocks]
         with Progress(len(futs), desc="cooccurrence", unit="block", enabled=progress) as bar:
