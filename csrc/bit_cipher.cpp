@@ -106,8 +106,11 @@ void to_double(py::object A_, py::object out_) {
 
 }  // namespace
 
+void register_bit_cipher_text(py::module_& m);  // csrc/bit_cipher_text.cpp
+
 void register_bit_cipher(py::module_& m) {
   using py::arg;
+  register_bit_cipher_text(m);
   m.def("count", &count, arg("token_ids"), arg("doc_offsets"), arg("bit_offsets"), arg("bit_index"), arg("wa"),
         arg("ws"), arg("wpad"), arg("deltas"), arg("load"), arg("A"), arg("concat"),
         "Adds one chunk's bit-cipher co-occurrence sums into A (V, nb, b + 2, 2) int64 in place: unsigned "

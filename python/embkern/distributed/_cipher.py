@@ -66,15 +66,28 @@ def _splits(path: str, blocksize: int, blank_line_docs: bool) -> List[Tuple[int,
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def _block_documents(path: str, start: int, end: int, lowercase: bool, blank_line_docs: bool, tokenizer):
-    """The token lists of the documents in one block, as ``tokenize_file`` reads them."""
-    from ..ops import bit_cipher as bc
-
+def _block_bytes(path: str, start: int, end: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(start)
-        data = f.read(end - start)
+        return f.read(end - start)
+
+
+def _block_documents(path: str, start: int, end: int, lowercase: bool, blank_line_docs: bool, tokenizer):
+    """The token lists of the documents in one block, as ``tokenize_file``'s Python loop reads them
+    (the path taken with a custom ``tokenizer``, or without the CPU module)."""
+    from ..ops import bit_cipher as bc
+
+    data = _block_bytes(path, start, end)
     text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace")  # the same decoding as open()
     return bc._documents_of(text, lowercase, blank_line_docs, tokenizer)
+
+
+def _fast_table(tokenizer):
+    """The C++ tokenizer's WordTable type when it gives tokenize_file's words (no custom tokenizer and
+    the CPU module built on this worker), else None."""
+    from ..ops import bit_cipher as bc
+
+    return bc._word_table_type() if tokenizer is None else None
 
 
 # ---------------------------------------------------------------------------
@@ -88,19 +101,37 @@ class _Packed:
     a bare dict result is serialised entry by entry, which took 1.7 s for a 43k-word dict
     against 3 ms for pickle (and made the merge tree, not the counting, the cost)."""
 
-    __slots__ = ("seen",)
+    __slots__ = ("seen", "table")
 
     def __init__(self, seen: Dict[str, int]):
         self.seen = seen
+        self.table = None  # word -> id as a C++ WordTable, built on first use on each worker
 
     def __getstate__(self):
         return self.seen
 
     def __setstate__(self, seen):
         self.seen = seen
+        self.table = None
+
+    def word_table(self, Table):
+        """The words by id (the dict's order: ``index`` maps word -> its position) as a ``Table``; built once
+        per worker (the scattered object is shared by its tasks)."""
+        if self.table is None:
+            t = Table()
+            t.add(list(self.seen))
+            self.table = t
+        return self.table
 
 
 def _unigram_task(path, start, end, lowercase, blank_line_docs, tokenizer) -> _Packed:
+    Table = _fast_table(tokenizer)
+    if Table is not None:
+        from ..ops import bit_cipher as bc
+
+        t = Table()
+        t.count(_block_bytes(path, start, end), lowercase, bc._LineSplit(lowercase))
+        return _Packed(dict(zip(t.words(), t.counts().tolist())))  # first-occurrence order, as below
     seen: Dict[str, int] = {}
     for words in _block_documents(path, start, end, lowercase, blank_line_docs, tokenizer):
         for w in words:
@@ -118,6 +149,14 @@ def _merge_unigrams(a: _Packed, b: _Packed) -> _Packed:
 def _count_task(path, start, end, cipher, index, settings, lowercase, blank_line_docs, tokenizer):
     from ..ops import bit_cipher as bc
 
+    counts = bc.CooccurrenceCounts(cipher, **settings)
+    Table = _fast_table(tokenizer)
+    if Table is not None:
+        ids_a, offs_a = index.word_table(Table).encode(_block_bytes(path, start, end), lowercase, blank_line_docs,
+                                                       bc._LineSplit(lowercase))
+        if ids_a.size:
+            counts.update(ids_a, offs_a)
+        return counts
     ids: List[int] = []
     offs = [0]
     get = index.seen.get
@@ -126,7 +165,6 @@ def _count_task(path, start, end, cipher, index, settings, lowercase, blank_line
         if doc:  # a document left without known tokens is dropped, as tokenize_file drops it
             ids.extend(doc)
             offs.append(len(ids))
-    counts = bc.CooccurrenceCounts(cipher, **settings)
     if ids:
         counts.update(np.asarray(ids, dtype=np.int32), np.asarray(offs, dtype=np.int64))
     return counts
