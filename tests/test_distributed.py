@@ -291,3 +291,21 @@ def test_cipher_counts_survive_a_killed_worker(client, tmp_path):
     assert at_kill < n_blocks, "the job had finished before the worker was killed"
     print("blocks counted when the worker was killed:", at_kill, "of", n_blocks)
     client.wait_for_workers(2, timeout=120)
+
+
+def test_dashboard_note(capsys):
+    from embkern.distributed import _cluster
+
+    class WithLink:
+        dashboard_link = "http://127.0.0.1:8787/status"
+
+    class NoDashboard:
+        @property
+        def dashboard_link(self):
+            raise KeyError("dashboard")  # what a scheduler without bokeh gives
+
+    _cluster.dashboard_note(WithLink(), True)
+    assert "Dask dashboard at http://127.0.0.1:8787/status" in capsys.readouterr().err
+    _cluster.dashboard_note(WithLink(), False)
+    _cluster.dashboard_note(NoDashboard(), True)
+    assert capsys.readouterr().err == ""
