@@ -103,8 +103,8 @@ class WordTable {
   std::vector<int64_t> slots_;
 };
 
-// Calls on_line(words, blank) for each line of data[0, n): `words` a
-// vector of (pointer, length) into data or into `scratch`.
+// One line: its words as (pointer, length) into the data or into the
+// Scanner's buffers (valid until the next line), and whether it is blank.
 struct Line {
   std::vector<std::pair<const char*, size_t>> words;
   bool blank = true;

@@ -33,13 +33,6 @@ def _blocksize(blocksize) -> int:
     return blocksize
 
 
-def _is_blank(line: bytes) -> bool:
-    # ASCII whitespace only: such a line is blank to str.strip() too, so a cut
-    # after it never splits a blank-line document (a line blank only under
-    # Unicode whitespace is just not used as a cut).
-    return not line.strip()
-
-
 def _splits(path: str, blocksize: int, blank_line_docs: bool) -> List[Tuple[int, int]]:
     """Byte ranges [start, end) covering the file, each ending just after a newline (one document
     per line) or after a blank line (blank-line documents), or at the end of the file.
@@ -47,6 +40,8 @@ def _splits(path: str, blocksize: int, blank_line_docs: bool) -> List[Tuple[int,
     A cut right after b"\\n" never falls inside a UTF-8 sequence or between the
     "\\r" and "\\n" of a CRLF pair, so each block decodes to exactly the lines
     the whole file would give."""
+    from ..ops import bit_cipher as bc
+
     size = os.path.getsize(path)
     cuts = [0]
     with open(path, "rb") as f:
@@ -60,7 +55,7 @@ def _splits(path: str, blocksize: int, blank_line_docs: bool) -> List[Tuple[int,
             if blank_line_docs:
                 while True:
                     line = f.readline()
-                    if not line or _is_blank(line):
+                    if not line or bc.is_blank_bytes(line):
                         break
             cuts.append(min(f.tell(), size))
     return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
@@ -80,14 +75,6 @@ def _block_documents(path: str, start: int, end: int, lowercase: bool, blank_lin
     data = _block_bytes(path, start, end)
     text = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace")  # the same decoding as open()
     return bc._documents_of(text, lowercase, blank_line_docs, tokenizer)
-
-
-def _fast_table(tokenizer):
-    """The C++ tokenizer's WordTable type when it gives tokenize_file's words (no custom tokenizer and
-    the CPU module built on this worker), else None."""
-    from ..ops import bit_cipher as bc
-
-    return bc._word_table_type() if tokenizer is None else None
 
 
 # ---------------------------------------------------------------------------
@@ -125,10 +112,10 @@ class _Packed:
 
 
 def _unigram_task(path, start, end, lowercase, blank_line_docs, tokenizer) -> _Packed:
-    Table = _fast_table(tokenizer)
-    if Table is not None:
-        from ..ops import bit_cipher as bc
+    from ..ops import bit_cipher as bc
 
+    Table = bc._word_table_for(tokenizer)
+    if Table is not None:
         t = Table()
         t.count(_block_bytes(path, start, end), lowercase, bc._LineSplit(lowercase))
         return _Packed(dict(zip(t.words(), t.counts().tolist())))  # first-occurrence order, as below
@@ -150,7 +137,7 @@ def _count_task(path, start, end, cipher, index, settings, lowercase, blank_line
     from ..ops import bit_cipher as bc
 
     counts = bc.CooccurrenceCounts(cipher, **settings)
-    Table = _fast_table(tokenizer)
+    Table = bc._word_table_for(tokenizer)
     if Table is not None:
         ids_a, offs_a = index.word_table(Table).encode(_block_bytes(path, start, end), lowercase, blank_line_docs,
                                                        bc._LineSplit(lowercase))

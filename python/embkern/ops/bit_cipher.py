@@ -520,6 +520,12 @@ def _word_table_type():
         return None
 
 
+def _word_table_for(tokenizer):
+    """The WordTable type when the C++ tokenizer gives this tokenizer's words (``tokenizer=None`` and the CPU
+    module built), else None (the Python loop)."""
+    return _word_table_type() if tokenizer is None else None
+
+
 def is_blank_bytes(line: bytes) -> bool:
     """A line blank under ASCII whitespace: blank to ``str.strip()`` too, so a cut after it never splits a
     blank-line document (a line blank only under Unicode whitespace is just not used as a cut)."""
@@ -642,7 +648,7 @@ def tokenize_file(path, lowercase: bool = True, min_count: int = 1, blank_line_d
         chunk_tokens = _nonneg_int(chunk_tokens, "chunk_tokens", 1)
     if tokenizer is not None and not callable(tokenizer):
         raise TypeError(f"tokenizer: expected None or a callable str -> list of str, got {type(tokenizer).__name__}")
-    Table = _word_table_type() if tokenizer is None else None
+    Table = _word_table_for(tokenizer)
     if Table is not None:  # the C++ tokenizer: same words and documents
         table = Table()
         split = _LineSplit(lowercase)
