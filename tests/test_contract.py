@@ -98,3 +98,25 @@ def test_every_descriptor_is_consistent(name):
     if "cpu" in desc.backends:
         st = _backends.check(desc, "cpu", desc.kernels, "cpu", next(iter(desc.backends["cpu"].dtypes)))
         assert st.ok, st.reason
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_matches_isfinite(dtype):
+    from embkern import _checks
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(5, 7, 33, generator=g).to(dtype)
+    assert _checks.all_finite(base)
+    assert _checks.all_finite(base[:0])  # empty
+    assert _checks.all_finite(base.clone().requires_grad_(True))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in ((0, 0, 0), (4, 6, 32), (2, 3, 17)):
+            x = base.clone()
+            x[where] = bad
+            assert not _checks.all_finite(x), (bad, where)
+            # strided views: the one holding the bad element is caught, the other is finite
+            for view in (x[:, :, 0::2], x[:, :, 1::2], x.transpose(0, 2)):
+                assert _checks.all_finite(view) == bool(torch.isfinite(view).all()), (bad, where)
+    assert _checks.all_finite(torch.tensor([2**31 - 1, -5]))  # integers are finite
+    assert _checks.all_finite(torch.tensor([True, False]))

@@ -10,7 +10,9 @@ Cases (each times every available embkern backend on the same inputs):
 * ``forward+backward L=...``: output, then gradients of q, k, v, tau_q and tau_v
   from one random output gradient.
 * ``decode 1 x 4096``: one query token against a 4096-token cache (q_offset =
-  4095), forward.
+  4095), forward. Its second anchor, ``sdpa, v*tau_v cached``, is SDPA on a
+  cache that already holds ``v * tau_v`` (made once in setup), as a decoder
+  built on SDPA would keep it; the 1.2x target is measured against that one.
 
 Anchors:
 
@@ -69,6 +71,9 @@ class _Data:
         go = torch.randn(B, H, Lq, d, generator=g)
         # update, not rebind: the case callables hold this dict
         self.t.update({n: x.to(self.device) for n, x in zip(("q", "k", "v", "tq", "tv", "go"), (q, k, v, tq, tv, go))})
+        # A decoder that runs SDPA keeps v * tau_v in its cache (tau_v of a cached
+        # token never changes): the decode anchor reads this tensor, made once here.
+        self.t["v_scaled"] = self.t["v"] * self.t["tv"][..., None]
 
     def teardown(self):
         self.t.clear()
@@ -201,11 +206,15 @@ def _decode_case(data: _Data) -> Workload:
         name=f"decode 1 x {Lk}", group="selective_attention",
         description=f"one query token against a {Lk}-token cache (q_offset = {Lk - 1}), B={B} H={H} d={d}, fp32",
         backends={be: call(be) for be in run},
-        anchors={"sdpa(q*tau_q, v*tau_v)": lambda: _sdpa(t["q"], t["k"], t["v"], t["tq"], t["tv"])},
+        anchors={"sdpa(q*tau_q, v*tau_v)": lambda: _sdpa(t["q"], t["k"], t["v"], t["tq"], t["tv"]),
+                 "sdpa, v*tau_v cached": lambda: torch.nn.functional.scaled_dot_product_attention(
+                     t["q"] * t["tq"][..., None], t["k"], t["v_scaled"])},
         reference64=ref64, error=_max_abs, work=4.0 * B * H * Lk * d / 1e9, work_unit="GFLOP/s",
         params={"B": B, "H": H, "Lq": 1, "Lk": Lk, "d": d, "dtype": "float32"},
-        targets=[Target("time / sdpa on the same cache (target <= 1.2)", "sdpa(q*tau_q, v*tau_v)", "time", "ratio",
-                        1.2)],
+        # Against the cache SDPA would really read (v already scaled): the
+        # first anchor also pays the v * tau_v product every step.
+        targets=[Target("time / sdpa on the same cache, v*tau_v cached (target <= 1.2)", "sdpa, v*tau_v cached",
+                        "time", "ratio", 1.2)],
         skipped=skipped, setup=data.setup, teardown=data.teardown)
 
 
