@@ -424,3 +424,27 @@ def test_raw_float64():
     RA.forward(**a)
     assert a["out"].dtype == np.float64 and np.isfinite(a["out"]).all()
     assert math.isfinite(float(a["lse_out"].sum()))
+
+
+# --------------------------------------------------------------------------- NaN propagates
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_nan_score_propagates_to_its_row_only(level):
+    # A NaN in q row 4 of (0, 1) makes that row's scores NaN: output and lse NaN, as in the
+    # reference; the other rows are untouched (the fixed exp no longer maps NaN to 0).
+    B, H, Lq, Lk, d, dv, P = 2, 2, 9, 40, 16, 8, 64
+    q, k, v, R, S, u = data(B, H, Lq, Lk, d, dv, P, dtype=torch.float64, seed=6)
+    q[0, 1, 4, 3] = float("nan")
+    out = torch.empty(B, H, Lq, dv, dtype=torch.float64)
+    lse = torch.empty(B, H, Lq, dtype=torch.float64)
+    C.set_isa(level)
+    try:
+        RA.forward(*(t.numpy() for t in (q, k, v, R, S, u)), out.numpy(), lse.numpy(), True, Lk - Lq)
+    finally:
+        C.set_isa(C.isa_info()["best"])
+    want, want_lse = ref.attention_forward(q, k, v, R, S, u, True, Lk - Lq)
+    nan_rows = torch.zeros(B, H, Lq, dtype=torch.bool)
+    nan_rows[0, 1, 4] = True
+    assert torch.equal(torch.isnan(want_lse), nan_rows) and torch.equal(torch.isnan(lse), nan_rows)
+    assert torch.isnan(out[nan_rows]).all() and torch.isnan(want[nan_rows]).all()
+    torch.testing.assert_close(out[~nan_rows], want[~nan_rows], rtol=1e-12, atol=1e-12)

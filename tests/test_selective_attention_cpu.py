@@ -278,3 +278,34 @@ def test_raw_float64():
     a = _raw_args(np.float64)
     SA.forward(**a)
     assert a["out"].dtype == np.float64 and np.isfinite(a["out"]).all()
+
+
+# --------------------------------------------------------------------------- NaN propagates
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("Lk", [12, 70, 200])  # one key block, and rows spanning several
+def test_nan_score_propagates_to_its_row_only(level, Lk):
+    # A NaN in q[0, 1, 3] (or in a visible key) makes every score of that row NaN: the
+    # row's output and lse are NaN, as in the reference, and every other row is untouched.
+    # (Until the fixed exp took max(lo, x), a NaN score became exp(lo) = 0: the key was
+    # silently dropped and the row came out finite.)
+    q, k, v, tq, tv = data(2, 2, 2, 9, Lk, 16, 8, dtype=torch.float64, seed=5)
+    q[0, 1, 3, 2] = float("nan")
+    k[1, 0, 2, 5] = float("nan")  # key 2 of batch 1, head 0: every query sees it (causal, offset Lk - 9 >= 0)
+    out = torch.empty(2, 2, 9, 8, dtype=torch.float64)
+    lse = torch.empty(2, 2, 9, dtype=torch.float64)
+    C.set_isa(level)
+    try:
+        SA.forward(q.numpy(), k.numpy(), v.numpy(), tq.numpy(), tv.numpy(), out.numpy(), lse.numpy(), True,
+                   0.25, Lk - 9)
+    finally:
+        C.set_isa(C.isa_info()["best"])
+    want, want_lse = ref.attention_forward(q, k, v, tq, tv, True, 0.25, Lk - 9)
+    nan_rows = torch.zeros(2, 2, 9, dtype=torch.bool)
+    nan_rows[0, 1, 3] = True
+    nan_rows[1, 0, :] = True
+    assert torch.equal(torch.isnan(want_lse), nan_rows) and torch.equal(torch.isnan(lse), nan_rows)
+    assert torch.isnan(out[nan_rows]).all() and torch.isnan(want[nan_rows]).all()
+    ok = ~nan_rows
+    torch.testing.assert_close(out[ok], want[ok], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse[ok], want_lse[ok], rtol=1e-12, atol=1e-12)

@@ -192,7 +192,11 @@ inline typename Vec<T>::R vexp(typename Vec<T>::R x) {
   using C = ExpConst<T>;
   using R = typename V::R;
   const R lo = V::set1(C::lo);
-  const R xc = V::max(x, lo);
+  // max(lo, x), not max(x, lo): max is `a > b ? a : b` at every level, so a NaN
+  // x comes through (and the result is NaN, as std::exp's) instead of being
+  // clamped to lo and returning 0 -- which silently dropped a key with a NaN
+  // score from its row. Finite x: the same value either way.
+  const R xc = V::max(lo, x);
   const R t = V::fma(xc, V::set1(C::log2e), V::set1(C::shifter));
   const R n = V::sub(t, V::set1(C::shifter));
   R r = V::fma(n, V::set1(-C::ln2_hi), xc);

@@ -258,7 +258,7 @@ void forward_block(const Problem<T>& P, const T* q, const T* k, const T* v, cons
   }
   for (int64_t i = 0; i < mb; ++i) {
     T* o = out + (i0 + i) * dv;
-    if (l[i] > T(0)) {
+    if (!(l[i] == T(0))) {  // l = 0: saw no key; NaN (a NaN score) goes on into out and lse
       for (int64_t c = 0; c < dv; ++c) o[c] = O[i * dvp + c] / l[i];
       lse[i0 + i] = m[i] + std::log(l[i]);
     } else {  // sees no key

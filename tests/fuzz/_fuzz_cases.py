@@ -1106,3 +1106,8 @@ EXECUTORS = {
     "raw_fde_plan": raw_fde_plan,
     "raw_misc": raw_misc,
 }
+
+# The attention and bit-cipher raw executors live in their own module (they use the helpers above).
+from _fuzz_cases_attn import EXECUTORS as _ATTENTION_EXECUTORS  # noqa: E402
+
+EXECUTORS.update(_ATTENTION_EXECUTORS)

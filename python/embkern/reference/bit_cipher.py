@@ -236,7 +236,7 @@ def totals_of(Ad: torch.Tensor, q: np.ndarray, noise: bool) -> torch.Tensor:
     F = Ad[:, :, :-1].clone()
     if noise:
         F[:, :, 1:] += Ad[:, :, -1:] * torch.from_numpy(q)
-    return F.reshape(F.shape[0], -1)
+    return F.reshape(F.shape[0], F.shape[1] * F.shape[2])  # not -1: V = 0 is valid
 
 
 def count_into(tok: torch.Tensor, off: torch.Tensor, codes: torch.Tensor, wa: torch.Tensor,

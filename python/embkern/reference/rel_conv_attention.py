@@ -97,9 +97,10 @@ def scores(q, k, R, S, u, causal: bool, q_offset: int) -> torch.Tensor:
 
 def _softmax(s):
     lse = torch.logsumexp(s, dim=-1)
-    finite = torch.isfinite(lse)
-    p = torch.exp(s - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
-    return torch.where(finite[..., None], p, torch.zeros_like(p)), lse
+    # P = 0 only for a row that sees no key (lse = -inf); NaN scores propagate.
+    empty = lse == float("-inf")
+    p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    return torch.where(empty[..., None], torch.zeros_like(p), p), lse
 
 
 def attention_forward(q, k, v, R, S, u, causal: bool = True,

@@ -115,9 +115,11 @@ def _probabilities(q, k, tau_q, causal, scale, q_offset):
 
 
 def _softmax_from(S, lse):
-    finite = torch.isfinite(lse)
-    P = torch.exp(S - torch.where(finite, lse, torch.zeros_like(lse))[..., None])
-    return torch.where(finite[..., None], P, torch.zeros_like(P))
+    # Only a row that sees no key (lse = -inf) is set to P = 0; a NaN (or +inf)
+    # lse comes from NaN / overflowing scores and propagates into P and O.
+    empty = lse == float("-inf")
+    P = torch.exp(S - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
+    return torch.where(empty[..., None], torch.zeros_like(P), P)
 
 
 def _scaled_v(v, tau_v, acc):
@@ -170,7 +172,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     vs = _scaled_v(v, tau_v, acc)
     ve = _expand_kv(vs, groups)
     Oa = P @ ve  # recomputed in the accumulation dtype, not the rounded output
-    dvp = (P.transpose(-1, -2) @ go).reshape(B, Hkv, groups, Lk, -1).sum(2)
+    dvp = (P.transpose(-1, -2) @ go).reshape(B, Hkv, groups, Lk, go.shape[-1]).sum(2)  # not -1: B = 0 is valid
     dP = go @ ve.transpose(-1, -2)
     dS = P * (dP - (go * Oa).sum(-1, keepdim=True))
     ke = _expand_kv(k, groups).to(acc)

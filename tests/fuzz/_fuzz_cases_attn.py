@@ -1,0 +1,188 @@
+"""Executors of the raw attention and bit-cipher fuzz cases (test_fuzz_raw_attention.py).
+
+They run in the worker process, like those of ``_fuzz_cases`` (whose helpers they use): build the
+buffers, call the raw ``embkern._C`` function, then either check the error (kind, and the argument it
+names) or compare what was written with the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import embkern._C as C
+from _fuzz_cases import _raw_array, _set_env, attempt, bits_equal, close, settle
+from embkern.ops import bit_cipher as obc
+from embkern.reference import bit_cipher as rbc
+from embkern.reference import rel_conv_attention as rrca
+from embkern.reference import selective_attention as rssa
+
+
+def _t(v):
+    return torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+
+
+def _dbl(v):
+    return None if v is None else v.double()
+
+
+def _flt(v):
+    return None if v is None else v.float()
+
+
+SSA_ARGS = {
+    "forward": ("q", "k", "v", "tau_q", "tau_v", "out", "lse_out"),
+    "backward": ("grad_out", "q", "k", "v", "tau_q", "tau_v", "out", "lse", "dq_out", "dk_out", "dv_out",
+                 "dtau_q_out", "dtau_v_out"),
+}
+
+
+def raw_ssa(spec):
+    fn, argn = spec["fn"], SSA_ARGS[spec["fn"]]
+    vals = {n: _raw_array(spec["args"][n]) for n in argn}
+    causal, scale, off = spec["causal"], spec["scale"], spec["q_offset"]
+    hard = [f for f in spec["faults"] if not f.startswith("soft:")]
+    tt = {n: _t(v) for n, v in vals.items()}
+    if fn == "backward" and not hard:
+        # a consistent (out, lse) pair for the backward: the reference's, in the input dtype
+        o, l = rssa.attention_forward(tt["q"], tt["k"], tt["v"], tt["tau_q"], tt["tau_v"], causal, scale, off)
+        vals["out"][...] = o.numpy()
+        vals["lse"][...] = l.numpy()
+    _set_env(spec, argn)
+    f = getattr(C.selective_attention, fn)
+    names = argn + ("scale", "q_offset", "causal")
+    kind, res = attempt(lambda: f(*[vals[n] for n in argn], causal, scale, off), names)
+    if not settle(kind, res, spec):
+        return kind
+    assert res is None, f"{fn}: returned {res!r}, expected None (outputs are written in place)"
+    q, k, v, tq, tv = (tt[n] for n in ("q", "k", "v", "tau_q", "tau_v"))
+    dt = q.dtype
+    if fn == "forward":
+        o, l = rssa.attention_forward(q, k, v, tq, tv, causal, scale, off)
+        o64, l64 = rssa.attention_forward(q.double(), k.double(), v.double(), tq.double(), _dbl(tv), causal, scale,
+                                          off)
+        o32, l32 = rssa.attention_forward(q.float(), k.float(), v.float(), tq.float(), _flt(tv), causal, scale, off)
+        close(tt["out"], o, o64, dt, "out", ref32=o32)
+        close(tt["lse_out"], l, l64, dt, "lse_out", ref32=l32)
+        return "ok"
+    go, out, lse = tt["grad_out"], tt["out"], tt["lse"]
+    lp = rssa.attention_backward(go, q, k, v, tq, tv, out, lse, causal, scale, off)
+    o64, l64 = rssa.attention_forward(q.double(), k.double(), v.double(), tq.double(), _dbl(tv), causal, scale, off)
+    r64 = rssa.attention_backward(go.double(), q.double(), k.double(), v.double(), tq.double(), _dbl(tv), o64, l64,
+                                  causal, scale, off)
+    o32, l32 = rssa.attention_forward(q.float(), k.float(), v.float(), tq.float(), _flt(tv), causal, scale, off)
+    r32 = rssa.attention_backward(go.float(), q.float(), k.float(), v.float(), tq.float(), _flt(tv), o32, l32,
+                                  causal, scale, off)
+    for i, name in enumerate(("dq_out", "dk_out", "dv_out", "dtau_q_out", "dtau_v_out")):
+        if tt[name] is None:
+            continue
+        close(tt[name], lp[i], r64[i], dt, name, ref32=r32[i])
+    return "ok"
+
+
+RCA_ARGS = {
+    "forward": ("q", "k", "v", "rel_emb", "rel_bias", "content_bias", "out", "lse_out"),
+    "backward": ("grad_out", "q", "k", "v", "rel_emb", "rel_bias", "content_bias", "out", "lse", "dq_out", "dk_out",
+                 "dv_out", "drel_emb_out", "drel_bias_out", "dcontent_bias_out"),
+    "conv_forward": ("x", "weight", "bias", "y_out"),
+    "conv_backward": ("grad_y", "x", "weight", "dx_out", "dweight_out", "dbias_out"),
+}
+
+
+def raw_rca(spec):
+    fn, argn = spec["fn"], RCA_ARGS[spec["fn"]]
+    vals = {n: _raw_array(spec["args"][n]) for n in argn}
+    tt = {n: _t(v) for n, v in vals.items()}
+    hard = [f for f in spec["faults"] if not f.startswith("soft:")]
+    f = getattr(C.rel_conv_attention, fn)
+    _set_env(spec, argn)
+    if fn.startswith("conv"):
+        kind, res = attempt(lambda: f(*[vals[n] for n in argn]), argn)
+        if not settle(kind, res, spec):
+            return kind
+        x, w = tt["x"], tt["weight"]
+        dt = x.dtype
+        if fn == "conv_forward":
+            b = tt["bias"]
+            close(tt["y_out"], rrca.causal_depthwise_conv(x, w, b), rrca.causal_depthwise_conv(x.double(), w.double(),
+                                                                                                _dbl(b)),
+                  dt, "y_out", ref32=rrca.causal_depthwise_conv(x.float(), w.float(), _flt(b)))
+            return "ok"
+        g, hb = tt["grad_y"], tt["dbias_out"] is not None
+        lp = rrca.causal_depthwise_conv_backward(g, x, w, hb)
+        r64 = rrca.causal_depthwise_conv_backward(g.double(), x.double(), w.double(), hb)
+        r32 = rrca.causal_depthwise_conv_backward(g.float(), x.float(), w.float(), hb)
+        for i, name in enumerate(("dx_out", "dweight_out", "dbias_out")):
+            if tt[name] is not None:
+                close(tt[name], lp[i], r64[i], dt, name, ref32=r32[i])
+        return "ok"
+    causal, off = spec["causal"], spec["q_offset"]
+    six = ("q", "k", "v", "rel_emb", "rel_bias", "content_bias")
+    if fn == "backward" and not hard:
+        o, l = rrca.attention_forward(*(tt[n] for n in six), causal, off)
+        vals["out"][...] = o.numpy()
+        vals["lse"][...] = l.numpy()
+    names = argn + ("q_offset", "causal", "max_distance")
+    kind, res = attempt(lambda: f(*[vals[n] for n in argn], causal, off), names)
+    if not settle(kind, res, spec):
+        return kind
+    assert res is None, f"{fn}: returned {res!r}, expected None (outputs are written in place)"
+    ins = [tt[n] for n in six]
+    dt = ins[0].dtype
+    if fn == "forward":
+        o, l = rrca.attention_forward(*ins, causal, off)
+        o64, l64 = rrca.attention_forward(*(x.double() for x in ins), causal, off)
+        o32, l32 = rrca.attention_forward(*(x.float() for x in ins), causal, off)
+        close(tt["out"], o, o64, dt, "out", ref32=o32)
+        close(tt["lse_out"], l, l64, dt, "lse_out", ref32=l32)
+        return "ok"
+    go = tt["grad_out"]
+    lp = rrca.attention_backward(go, *ins, causal, off)
+    r64 = rrca.attention_backward(go.double(), *(x.double() for x in ins), causal, off)
+    r32 = rrca.attention_backward(go.float(), *(x.float() for x in ins), causal, off)
+    for i, name in enumerate(("dq_out", "dk_out", "dv_out", "drel_emb_out", "drel_bias_out", "dcontent_bias_out")):
+        close(tt[name], lp[i], r64[i], dt, name, ref32=r32[i])
+    return "ok"
+
+
+BC_ARGS = ("token_ids", "doc_offsets", "bit_offsets", "bit_index", "wa", "ws", "wpad", "deltas", "load", "A")
+
+
+def raw_bit_cipher(spec):
+    if spec["fn"] == "to_double":
+        A, out = _raw_array(spec["args"]["A"]), _raw_array(spec["args"]["out"])
+        if "to_double: readonly" in spec["faults"] and isinstance(out, np.ndarray):
+            out.flags.writeable = False
+        _set_env(spec, ("A", "out"))
+        kind, res = attempt(lambda: C.bit_cipher.to_double(A, out), ("A", "out"))
+        if not settle(kind, res, spec):
+            return kind
+        bits_equal(torch.from_numpy(out), torch.from_numpy(rbc.to_double(A)), "out")
+        return "ok"
+    vals = {n: _raw_array(spec["args"][n]) for n in BC_ARGS}
+    concat = spec["concat"]
+    if "A read-only" in spec["faults"] and isinstance(vals["A"], np.ndarray):
+        vals["A"].flags.writeable = False
+    if "wa strided" in spec["faults"]:
+        wide = np.zeros((vals["wa"].shape[0], 2 * vals["wa"].shape[1]), np.int64)
+        wide[:, ::2] = vals["wa"]
+        vals["wa"] = wide[:, ::2]
+    before = vals["A"].copy() if isinstance(vals["A"], np.ndarray) else None
+    _set_env(spec, BC_ARGS)
+    names = BC_ARGS + ("len(token_ids)", "len(bit_index)", "concat")
+    kind, res = attempt(lambda: C.bit_cipher.count(*[vals[n] for n in BC_ARGS], concat), names)
+    if not settle(kind, res, spec):
+        if before is not None and vals["A"].flags.writeable:
+            # a refused call leaves the counts as they were
+            bits_equal(torch.from_numpy(vals["A"]), torch.from_numpy(before), "A after a refused call")
+        return kind
+    assert res is None, f"count: returned {res!r}, expected None (A is added to in place)"
+    want = torch.from_numpy(before.copy())
+    t = {n: _t(vals[n]) for n in BC_ARGS if n != "A"}
+    obc._ref_count(t["token_ids"], t["doc_offsets"], t["bit_offsets"], t["bit_index"], t["wa"], t["ws"], t["wpad"],
+                   t["deltas"], t["load"], want, concat)
+    bits_equal(torch.from_numpy(vals["A"]), want, "A")
+    return "ok"
+
+
+EXECUTORS = {"raw_ssa": raw_ssa, "raw_rca": raw_rca, "raw_bit_cipher": raw_bit_cipher}
