@@ -144,19 +144,31 @@ void build_records(const int64_t* boff, const int32_t* bidx, const uint64_t* wa,
 }
 
 // Types dealt to T threads by the longest-processing-time rule on `load`
-// (the cipher's counts: a type's share of the work): heaviest first, each to
-// the least loaded thread, ties to the lower thread and the lower id. With a
-// Zipf corpus dealing by t mod T leaves the thread of the most frequent type
-// ~10% more tokens (a = 1.1); this leaves < 1%. Which thread owns a row
-// changes no result (integer sums).
+// (the cipher's counts: a type's share of the work), for the 256 T heaviest
+// types: heaviest first, each to the least loaded thread, ties to the lower
+// thread and the lower id. The rest follow in id order, by the same rule; each
+// weighs at most what the 256 T-th heaviest does, so they cannot unbalance the
+// threads by more than that (Zipf(1.1), V = 50k, 2 threads: max/min load
+// 1.0005 against 1.0000 for a full sort). With a Zipf corpus dealing by t mod T
+// leaves the thread of the most frequent type ~10% more tokens (a = 1.1). This
+// runs on one thread every call, before the counting: selecting the heavy
+// types (nth_element) instead of sorting all V takes 0.6 ms instead of 3.1 ms
+// at V = 50k. Which thread owns a row changes no result (integer sums).
 void deal(const int64_t* load, int64_t V, int T, std::vector<uint16_t>& owner) {
   owner.assign(static_cast<size_t>(V), 0);
-  if (T <= 1) return;
+  if (T <= 1 || V == 0) return;
+  auto heavier = [&](int64_t a, int64_t b) { return load[a] != load[b] ? load[a] > load[b] : a < b; };
+  const int64_t K = std::min<int64_t>(V, 256 * int64_t(T));
   std::vector<int64_t> order(static_cast<size_t>(V));
   for (int64_t t = 0; t < V; ++t) order[t] = t;
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
-    return load[a] != load[b] ? load[a] > load[b] : a < b;
-  });
+  // a strict total order: the K heaviest are one set whatever nth_element's pivots
+  std::nth_element(order.begin(), order.begin() + (K - 1), order.end(), heavier);
+  std::sort(order.begin(), order.begin() + K, heavier);
+  std::vector<char> heavy(static_cast<size_t>(V), 0);
+  for (int64_t k = 0; k < K; ++k) heavy[order[k]] = 1;
+  int64_t n = K;
+  for (int64_t t = 0; t < V; ++t)
+    if (!heavy[t]) order[n++] = t;
   std::vector<int64_t> sum(static_cast<size_t>(T), 0);
   for (int64_t t : order) {
     int best = 0;
