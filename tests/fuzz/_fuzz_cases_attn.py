@@ -22,12 +22,9 @@ def _t(v):
     return torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
 
 
-def _dbl(v):
-    return None if v is None else v.double()
-
-
-def _flt(v):
-    return None if v is None else v.float()
+def _as(dtype, *ts):
+    """The tensors cast to dtype (None stays None): the reference run in float64 or float32."""
+    return [None if t is None else t.to(dtype) for t in ts]
 
 
 SSA_ARGS = {
@@ -59,20 +56,18 @@ def raw_ssa(spec):
     dt = q.dtype
     if fn == "forward":
         o, l = rssa.attention_forward(q, k, v, tq, tv, causal, scale, off)
-        o64, l64 = rssa.attention_forward(q.double(), k.double(), v.double(), tq.double(), _dbl(tv), causal, scale,
-                                          off)
-        o32, l32 = rssa.attention_forward(q.float(), k.float(), v.float(), tq.float(), _flt(tv), causal, scale, off)
+        o64, l64 = rssa.attention_forward(*_as(torch.float64, q, k, v, tq, tv), causal, scale, off)
+        o32, l32 = rssa.attention_forward(*_as(torch.float32, q, k, v, tq, tv), causal, scale, off)
         close(tt["out"], o, o64, dt, "out", ref32=o32)
         close(tt["lse_out"], l, l64, dt, "lse_out", ref32=l32)
         return "ok"
     go, out, lse = tt["grad_out"], tt["out"], tt["lse"]
     lp = rssa.attention_backward(go, q, k, v, tq, tv, out, lse, causal, scale, off)
-    o64, l64 = rssa.attention_forward(q.double(), k.double(), v.double(), tq.double(), _dbl(tv), causal, scale, off)
-    r64 = rssa.attention_backward(go.double(), q.double(), k.double(), v.double(), tq.double(), _dbl(tv), o64, l64,
-                                  causal, scale, off)
-    o32, l32 = rssa.attention_forward(q.float(), k.float(), v.float(), tq.float(), _flt(tv), causal, scale, off)
-    r32 = rssa.attention_backward(go.float(), q.float(), k.float(), v.float(), tq.float(), _flt(tv), o32, l32,
-                                  causal, scale, off)
+    r64, r32 = [], []
+    for dtype, r in ((torch.float64, r64), (torch.float32, r32)):
+        ins = _as(dtype, q, k, v, tq, tv)
+        o_, l_ = rssa.attention_forward(*ins, causal, scale, off)
+        r.extend(rssa.attention_backward(*_as(dtype, go), *ins, o_, l_, causal, scale, off))
     for i, name in enumerate(("dq_out", "dk_out", "dv_out", "dtau_q_out", "dtau_v_out")):
         if tt[name] is None:
             continue
@@ -104,14 +99,14 @@ def raw_rca(spec):
         dt = x.dtype
         if fn == "conv_forward":
             b = tt["bias"]
-            close(tt["y_out"], rrca.causal_depthwise_conv(x, w, b), rrca.causal_depthwise_conv(x.double(), w.double(),
-                                                                                                _dbl(b)),
-                  dt, "y_out", ref32=rrca.causal_depthwise_conv(x.float(), w.float(), _flt(b)))
+            close(tt["y_out"], rrca.causal_depthwise_conv(x, w, b),
+                  rrca.causal_depthwise_conv(*_as(torch.float64, x, w, b)), dt, "y_out",
+                  ref32=rrca.causal_depthwise_conv(*_as(torch.float32, x, w, b)))
             return "ok"
         g, hb = tt["grad_y"], tt["dbias_out"] is not None
         lp = rrca.causal_depthwise_conv_backward(g, x, w, hb)
-        r64 = rrca.causal_depthwise_conv_backward(g.double(), x.double(), w.double(), hb)
-        r32 = rrca.causal_depthwise_conv_backward(g.float(), x.float(), w.float(), hb)
+        r64 = rrca.causal_depthwise_conv_backward(*_as(torch.float64, g, x, w), hb)
+        r32 = rrca.causal_depthwise_conv_backward(*_as(torch.float32, g, x, w), hb)
         for i, name in enumerate(("dx_out", "dweight_out", "dbias_out")):
             if tt[name] is not None:
                 close(tt[name], lp[i], r64[i], dt, name, ref32=r32[i])
@@ -131,15 +126,15 @@ def raw_rca(spec):
     dt = ins[0].dtype
     if fn == "forward":
         o, l = rrca.attention_forward(*ins, causal, off)
-        o64, l64 = rrca.attention_forward(*(x.double() for x in ins), causal, off)
-        o32, l32 = rrca.attention_forward(*(x.float() for x in ins), causal, off)
+        o64, l64 = rrca.attention_forward(*_as(torch.float64, *ins), causal, off)
+        o32, l32 = rrca.attention_forward(*_as(torch.float32, *ins), causal, off)
         close(tt["out"], o, o64, dt, "out", ref32=o32)
         close(tt["lse_out"], l, l64, dt, "lse_out", ref32=l32)
         return "ok"
     go = tt["grad_out"]
     lp = rrca.attention_backward(go, *ins, causal, off)
-    r64 = rrca.attention_backward(go.double(), *(x.double() for x in ins), causal, off)
-    r32 = rrca.attention_backward(go.float(), *(x.float() for x in ins), causal, off)
+    r64 = rrca.attention_backward(*_as(torch.float64, go, *ins), causal, off)
+    r32 = rrca.attention_backward(*_as(torch.float32, go, *ins), causal, off)
     for i, name in enumerate(("dq_out", "dk_out", "dv_out", "drel_emb_out", "drel_bias_out", "dcontent_bias_out")):
         close(tt[name], lp[i], r64[i], dt, name, ref32=r32[i])
     return "ok"

@@ -29,6 +29,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .selective_attention import _softmax_from
+
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
@@ -96,11 +98,9 @@ def scores(q, k, R, S, u, causal: bool, q_offset: int) -> torch.Tensor:
 
 
 def _softmax(s):
+    """(P, lse): selective attention's rule (P = 0 only for a row that sees no key; NaN propagates)."""
     lse = torch.logsumexp(s, dim=-1)
-    # P = 0 only for a row that sees no key (lse = -inf); NaN scores propagate.
-    empty = lse == float("-inf")
-    p = torch.exp(s - torch.where(empty, torch.zeros_like(lse), lse)[..., None])
-    return torch.where(empty[..., None], torch.zeros_like(p), p), lse
+    return _softmax_from(s, lse), lse
 
 
 def attention_forward(q, k, v, R, S, u, causal: bool = True,
