@@ -88,8 +88,11 @@ def one_process(paths, config, threads: int, out=None):
 
 
 def text_data(data_dir: str, n_tokens: int, V: int = 50_000, line: int = 100, seed: int = 0) -> str:
-    """A synthetic corpus file (written once): Zipf(1.1) word ids, ``line`` words a line."""
-    p = os.path.join(data_dir, f"text-n{n_tokens}-V{V}.txt")
+    """A synthetic corpus file (written once): Zipf(1.1) word ids truncated to V types (the bench's
+    zipf_ids), ``line`` words a line."""
+    from embkern.bench.bit_cipher import zipf_ids
+
+    p = os.path.join(data_dir, f"text-zipf-n{n_tokens}-V{V}.txt")
     if os.path.exists(p):
         return p
     os.makedirs(data_dir, exist_ok=True)
@@ -98,7 +101,7 @@ def text_data(data_dir: str, n_tokens: int, V: int = 50_000, line: int = 100, se
     tmp = p + ".tmp"
     with open(tmp, "w") as f:
         for start in range(0, n_tokens, 1_000_000):
-            ids = np.minimum(rng.zipf(1.1, min(1_000_000, n_tokens - start)) - 1, V - 1).tolist()
+            ids = zipf_ids(rng, V, min(1_000_000, n_tokens - start)).tolist()
             f.write("\n".join(" ".join(map(words.__getitem__, ids[i:i + line])) for i in range(0, len(ids), line)))
             f.write("\n")
     os.replace(tmp, p)

@@ -64,7 +64,8 @@ struct Ctx {
 inline uint32_t half(const uint64_t* r, int64_t k) { return static_cast<uint32_t>(r[k >> 1] >> ((k & 1) * 32)); }
 inline void set_half(uint64_t* r, int64_t k, uint32_t v) { r[k >> 1] |= static_cast<uint64_t>(v) << ((k & 1) * 32); }
 
-constexpr int64_t kPrefetch = 4;  // owned positions ahead: 2..16 measure the same (+-3%)
+constexpr int64_t kPrefetch = 4;   // owned positions ahead: 2..16 measure the same (+-3%)
+constexpr int64_t kRecAhead = 8;  // owned positions ahead for a context record
 
 // e[0..1] (lo, hi) += x as one unsigned 128-bit integer: add, then add the
 // carry (add + adc to memory). A branch on the carry instead is 2x slower at
@@ -143,40 +144,51 @@ void build_records(const int64_t* boff, const int32_t* bidx, const uint64_t* wa,
   }
 }
 
-// Types dealt to T threads by the longest-processing-time rule on `load`
-// (the cipher's counts: a type's share of the work), for the 256 T heaviest
-// types: heaviest first, each to the least loaded thread, ties to the lower
-// thread and the lower id. The rest follow in id order, by the same rule; each
-// weighs at most what the 256 T-th heaviest does, so they cannot unbalance the
-// threads by more than that (Zipf(1.1), V = 50k, 2 threads: max/min load
-// 1.0005 against 1.0000 for a full sort). With a Zipf corpus dealing by t mod T
-// leaves the thread of the most frequent type ~10% more tokens (a = 1.1). This
-// runs on one thread every call, before the counting: selecting the heavy
-// types (nth_element) instead of sorting all V takes 0.6 ms instead of 3.1 ms
-// at V = 50k. Which thread owns a row changes no result (integer sums).
-void deal(const int64_t* load, int64_t V, int T, std::vector<uint16_t>& owner) {
+// Rows dealt to T threads by the longest-processing-time rule on `load`
+// (the cipher's counts: a type's share of the work), in groups of g adjacent
+// rows whose bytes are a whole number of 64-byte lines (g = 2 at b = 64: a
+// row is 1056 bytes, 16.5 lines), so two threads never write one cache line
+// (A comes from torch's allocator, 64-byte aligned). Dealing single rows put
+// the two heaviest types, ids 0 and 1 of a Zipf corpus, on two threads that
+// shared the line between their rows: +7% at 2 threads (V = 2000) once gone.
+// For the 256 T heaviest groups: heaviest first, each to the least loaded
+// thread, ties to the lower thread and the lower group. The rest follow in
+// order, by the same rule; each weighs at most what the 256 T-th heaviest
+// does, so they cannot unbalance the threads by more than that (Zipf(1.1),
+// V = 50k, 2 threads: max/min load 1.0005 against 1.0000 for a full sort).
+// With a Zipf corpus dealing by t mod T leaves the thread of the most
+// frequent type ~10% more tokens (a = 1.1). This runs on one thread every
+// call, before the counting: selecting the heavy groups (nth_element) instead
+// of sorting all takes 0.6 ms instead of 3.1 ms at V = 50k. Which thread owns
+// a row changes no result (integer sums).
+void deal(const int64_t* load, int64_t V, int64_t g, int T, std::vector<uint16_t>& owner) {
   owner.assign(static_cast<size_t>(V), 0);
   if (T <= 1 || V == 0) return;
-  auto heavier = [&](int64_t a, int64_t b) { return load[a] != load[b] ? load[a] > load[b] : a < b; };
-  const int64_t K = std::min<int64_t>(V, 256 * int64_t(T));
-  std::vector<int64_t> order(static_cast<size_t>(V));
-  for (int64_t t = 0; t < V; ++t) order[t] = t;
+  const int64_t G = (V + g - 1) / g;
+  std::vector<int64_t> gload(static_cast<size_t>(G), 0);
+  for (int64_t t = 0; t < V; ++t) gload[t / g] += load[t] + 1;  // + 1: types of count 0 still spread
+  auto heavier = [&](int64_t a, int64_t b) { return gload[a] != gload[b] ? gload[a] > gload[b] : a < b; };
+  const int64_t K = std::min<int64_t>(G, 256 * int64_t(T));
+  std::vector<int64_t> order(static_cast<size_t>(G));
+  for (int64_t k = 0; k < G; ++k) order[k] = k;
   // a strict total order: the K heaviest are one set whatever nth_element's pivots
   std::nth_element(order.begin(), order.begin() + (K - 1), order.end(), heavier);
   std::sort(order.begin(), order.begin() + K, heavier);
-  std::vector<char> heavy(static_cast<size_t>(V), 0);
+  std::vector<char> heavy(static_cast<size_t>(G), 0);
   for (int64_t k = 0; k < K; ++k) heavy[order[k]] = 1;
   int64_t n = K;
-  for (int64_t t = 0; t < V; ++t)
-    if (!heavy[t]) order[n++] = t;
+  for (int64_t k = 0; k < G; ++k)
+    if (!heavy[k]) order[n++] = k;
   std::vector<int64_t> sum(static_cast<size_t>(T), 0);
-  for (int64_t t : order) {
+  std::vector<uint16_t> gowner(static_cast<size_t>(G));
+  for (int64_t k : order) {
     int best = 0;
-    for (int k = 1; k < T; ++k)
-      if (sum[k] < sum[best]) best = k;
-    owner[t] = static_cast<uint16_t>(best);
-    sum[best] += load[t] + 1;  // + 1: types of count 0 still spread
+    for (int u = 1; u < T; ++u)
+      if (sum[u] < sum[best]) best = u;
+    gowner[k] = static_cast<uint16_t>(best);
+    sum[best] += gload[k];
   }
+  for (int64_t t = 0; t < V; ++t) owner[t] = gowner[t / g];
 }
 
 template <bool kNoise, bool kConcat>
@@ -189,7 +201,11 @@ void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_de
 #pragma omp parallel num_threads(max_threads)
   {
     const int me = omp_get_thread_num(), T = omp_get_num_threads();
-    if (me == 0) deal(load, c.V, T, owner);
+    if (me == 0) {
+      int64_t g = 1;  // rows a group: 16 nb E bytes a row, groups of whole 64-byte lines
+      while ((g * 16 * nb * c.E) % 64 != 0) ++g;
+      deal(load, c.V, g, T, owner);
+    }
     build_records(boff, bidx, wa, ws, c.n_off, c.V, c.nbw, c.R, c.V * me / T, c.V * (me + 1) / T, rec);
 #pragma omp barrier
     // (thread 0 and a barrier rather than `omp single`: _C forwards only the
@@ -222,6 +238,18 @@ void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_de
           if (c.prefetch_row && k + kPrefetch < n) {
             const uint64_t* ahead = A + 2 * int64_t(c.tok[mine[k + kPrefetch]]) * nb * c.E;
             for (int64_t e = 0; e < 2 * nb * c.E; e += 8) __builtin_prefetch(ahead + e, 1, 3);
+          }
+          if (k + kRecAhead < n) {
+            // The record of the word that enters the window kRecAhead owned
+            // positions ahead: it is the one record a position reads that the
+            // position before did not (V = 50k: 9.6 MB of records, a miss to
+            // L3 or memory). Zipf(1.1) over 50k types, b = 64 sum: 9.1 ->
+            // 10.8M positions/s at 1 thread, 17.0 -> 19.2M at 2; concat
+            // +10-15%. Prefetching every word that enters between two owned
+            // positions (about 2 at 2 threads) measured no better.
+            const int64_t j = std::min(hi - 1, mine[k + kRecAhead] + hi_delta);
+            const uint64_t* r = c.rec + int64_t(c.tok[j]) * c.R;
+            for (int64_t e = 0; e < c.R; e += 8) __builtin_prefetch(r + e, 0, 3);
           }
           uint64_t* row = A + 2 * int64_t(c.tok[i]) * nb * c.E;
           if (i >= in_lo && i < in_hi)
