@@ -397,6 +397,43 @@ def test_real_data_head500():
     assert torch.all(c.codes[top].sum(1) == 1)
 
 
+def test_html_prose_keeps_main_text_and_drops_code_and_navigation():
+    from embkern.contrib.bit_cipher_eval import html_prose
+
+    page = """<html><head><style>p { x: 1 }</style><script>var a = 1;</script></head><body>
+    <div class="related"><a href="x">Navigation</a></div>
+    <div class="body" role="main"><h1>Built-in Functions<a class="headerlink">&para;</a></h1>
+    <p>The <code>abs</code> function returns
+    the absolute value &amp; more.<p>Unclosed paragraph</p>
+    <div class="highlight"><pre>def f(): return 1</pre></div>
+    <ul><li>one<br>two</li><li>three</li></ul><table><tr><td>cell a</td><td>cell b</td></tr></table>
+    </div><div class="footer">Copyright</div></body></html>"""
+    assert html_prose(page) == ["Built-in Functions\u00b6", "The abs function returns the absolute value & more.",
+                                "Unclosed paragraph", "one two", "three", "cell a", "cell b"]
+
+
+def test_python_doc_corpus_skips_indexes_and_is_cached(tmp_path):
+    from embkern.contrib.bit_cipher_eval import python_doc_corpus
+
+    root = tmp_path / "html"
+    (root / "library").mkdir(parents=True)
+    (root / "_static").mkdir()
+    main = '<div role="main"><p>{}</p></div>'
+    (root / "index.html").write_text(main.format("front page"))
+    (root / "library" / "os.html").write_text(main.format("the os module"))
+    (root / "genindex-A.html").write_text(main.format("index entry"))
+    (root / "search.html").write_text(main.format("search page"))
+    (root / "_static" / "x.html").write_text(main.format("static"))
+    assert python_doc_corpus(str(tmp_path / "cache"), root=str(tmp_path / "none")) is None
+    p = python_doc_corpus(str(tmp_path / "cache"), root=str(root))
+    with open(p) as f:
+        assert f.read() == "front page\nthe os module\n"
+    assert python_doc_corpus(str(tmp_path / "cache"), root=str(root)) == p  # cached: same file
+    (root / "library" / "sys.html").write_text(main.format("the sys module"))
+    p2 = python_doc_corpus(str(tmp_path / "cache"), root=str(root))  # a new page: a new key
+    assert p2 != p and open(p2).read().splitlines()[-1] == "the sys module"
+
+
 @pytest.mark.parametrize("mode", ["sum", "concat"])
 def test_bench_anchor_counts_the_same_quantities(mode):
     """The bench's plain scipy.sparse count (its anchor row) computes the reference's F."""
