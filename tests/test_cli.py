@@ -171,6 +171,13 @@ def test_plot_and_extra_report_formatting(tmp_path):
                                            "logx": True}]}}
     text = bench.report.format_extra("hypercomplex", extras["hypercomplex"])
     assert "Kinships" in text and "0.5000" in text and "a note" in text
+    # a second table with its own columns, printed after the rows and before the notes
+    extra2 = dict(extras["hypercomplex"], tables=[{"title": "memory", "rows": [{"L": 16384, "peak": 2.25}]}])
+    text2 = bench.report.format_extra("hypercomplex", extra2)
+    lines = text2.splitlines()
+    at = lines.index("hypercomplex: memory")
+    assert lines[at + 1].split() == ["L", "peak"] and lines[at + 3].split() == ["16384", "2.2500"]
+    assert lines.index("  note: a note") > at and "algebra" in text2.split("hypercomplex: memory")[0]
     path = tmp_path / "x" / "c.png"
     assert bench.report.plot(str(path), rows, extras) is None
     assert path.read_bytes()[:8] == PNG_MAGIC

@@ -168,13 +168,76 @@ def workloads(quick: bool, device) -> List[Workload]:
     return out
 
 
+def long_memory_rows(lengths, B: int = 4, H: int = 8, d: int = 64) -> List[dict]:
+    """Peak extra memory and time of one forward+backward call at each L (fp32, causal, P = L, cpu kernel
+    and SDPA), next to the size of the authors' (L, 2L, B, H) float32 relative scores, which are not run.
+
+    One call each (at L = 16384 one call is ~30 s on 2 cores); the peak is the CPU meter's
+    (:class:`embkern.bench.timing.CpuPeak`) and counts what the call allocates: the leaves' copies,
+    the output, the saved state and every gradient."""
+    import time
+
+    from . import timing
+
+    meter = timing.CpuPeak()
+    if not meter.ok:
+        return []
+    cpu_ok = "cpu" in rca_ops.DESCRIPTOR.backends and _backends.check(
+        rca_ops.DESCRIPTOR, "cpu", rca_ops.DESCRIPTOR.kernels, "cpu", torch.float32).ok
+    rows = []
+    for L in lengths:
+        g = torch.Generator().manual_seed(7)
+        q, k, v, go = (torch.randn(B, H, L, d, generator=g) for _ in range(4))
+        R, S, u = torch.randn(2 * L, H, d, generator=g) * 0.3, torch.randn(2 * L, H, generator=g) * 0.3, \
+            torch.randn(H, d, generator=g) * 0.3
+
+        def ours():
+            leaves = [x.clone().requires_grad_(True) for x in (q, k, v, R, S, u)]
+            rca_ops.relative_attention(*leaves, max_distance=L, backend="cpu").backward(go)
+            return [x.grad for x in leaves]
+
+        def sdpa():
+            leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            torch.nn.functional.scaled_dot_product_attention(*leaves, is_causal=True).backward(go)
+            return [x.grad for x in leaves]
+
+        row = {"L": L, "authors' relative scores GiB (not run)": round(L * 2 * L * B * H * 4 / 2**30, 2)}
+        for name, fn in (("cpu", ours), ("sdpa", sdpa)) if cpu_ok else (("sdpa", sdpa),):
+            t = time.perf_counter()
+            out, peak = meter.measure(fn)
+            row[f"{name} s"] = round(time.perf_counter() - t, 2)
+            row[f"{name} peak +MiB"] = round(peak / 2**20, 1)
+            del out
+        rows.append(row)
+        del q, k, v, go, R, S, u
+    return rows
+
+
 def extra_report(quick: bool) -> dict:
-    """MHA vs RMHA vs RCMHA loss curves of the char LM on real text (:func:`embkern.contrib.char_lm.bench_report`)."""
+    """MHA vs RMHA vs RCMHA loss curves of the char LM on real text (:func:`embkern.contrib.char_lm.bench_report`),
+    and (full runs) the peak memory of one forward+backward at L = 4096 and 16384 (:func:`long_memory_rows`)."""
     title = "char LM on head500.noblanks.cor: MHA vs RMHA vs RCMHA"
     try:
         from ..contrib import char_lm
     except Exception as exc:
-        return {"title": title, "rows": [], "panels": [], "notes": [f"skipped: {type(exc).__name__}: {exc}"]}
-    fast = [be for be in ("cpu",) if be in rca_ops.DESCRIPTOR.backends and _backends.check(
-        rca_ops.DESCRIPTOR, be, rca_ops.DESCRIPTOR.kernels, "cpu", torch.float32).ok]
-    return char_lm.bench_report(title, ("vanilla", "rmha", "rcmha"), fast, quick, tiny(), "EMBKERN_RCMHA_LM_PNG")
+        out = {"title": title, "rows": [], "panels": [], "notes": [f"skipped: {type(exc).__name__}: {exc}"]}
+    else:
+        fast = [be for be in ("cpu",) if be in rca_ops.DESCRIPTOR.backends and _backends.check(
+            rca_ops.DESCRIPTOR, be, rca_ops.DESCRIPTOR.kernels, "cpu", torch.float32).ok]
+        out = char_lm.bench_report(title, ("vanilla", "rmha", "rcmha"), fast, quick, tiny(), "EMBKERN_RCMHA_LM_PNG")
+    if tiny():
+        lengths = (64,)
+    elif quick:
+        lengths = ()
+    else:
+        lengths = (4096, 16384)
+    if lengths:
+        shape = dict(B=1, H=2, d=16) if tiny() else dict(B=4, H=8, d=64)
+        mem = long_memory_rows(lengths, **shape)
+        out.setdefault("tables", []).append(
+            {"title": "peak extra memory of one forward+backward, fp32, causal, "
+                      + " ".join(f"{k}={v}" for k, v in shape.items()) + ", P = L", "rows": mem})
+        out.setdefault("notes", []).append(
+            "long L: ours and sdpa grow with L d (inputs, output, gradients); the authors' formulation "
+            "materialises (L, 2L, B, H) relative scores and more, which grow with L^2 and are not run")
+    return out

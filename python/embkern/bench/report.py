@@ -105,20 +105,30 @@ def format_targets(targets: List[dict]) -> str:
     return table(["workload", "backend", "target", "value", ""], body, right=(3,))
 
 
+def _rows_table(rows: List[dict], columns=None) -> str:
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    if columns:  # the columns to print; the JSON keeps every key
+        keys = [k for k in columns if k in keys]
+
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    return table(keys, [[cell(r.get(k, "")) for k in keys] for r in rows])
+
+
 def format_extra(op: str, extra: dict) -> str:
+    """An extra report: its rows, then each of its ``tables`` ({"title", "rows"}: a second table with
+    other columns), then its notes."""
     lines = [f"{op}: {extra.get('title', 'extra report')}"]
     rows = extra.get("rows") or []
     if rows:
-        keys: List[str] = []
-        for r in rows:
-            keys += [k for k in r if k not in keys]
-        if extra.get("columns"):  # the columns to print; the JSON keeps every key
-            keys = [k for k in extra["columns"] if k in keys]
-
-        def cell(v):
-            return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-        lines.append(table(keys, [[cell(r.get(k, "")) for k in keys] for r in rows]))
+        lines.append(_rows_table(rows, extra.get("columns")))
+    for t in extra.get("tables") or []:
+        if t.get("rows"):
+            lines.append(f"{op}: {t.get('title', '')}")
+            lines.append(_rows_table(t["rows"], t.get("columns")))
     for n in extra.get("notes") or []:
         lines.append(f"  note: {n}")
     return "\n".join(lines)
