@@ -14,7 +14,7 @@ d = 128, Gaussian, in .npz CSR shards of 10,000 documents, written once under
   writing .npy shards (out=directory) — the cluster start is timed apart,
   since a long job pays it once.
 
-Bit cipher: a synthetic text file (default 200M tokens: Zipf(1.1) over 50k
+Bit cipher: a synthetic text file (default 200M tokens: Zipf(1.1) truncated to 50k
 words "w0".."w49999", 100 tokens a line, one document per line), raw text to
 b = 64 sum-mode vectors (window 5, cos2). One process: tokenize_file (the
 vocabulary pass) + BitCipher.fit + cooccurrence_vectors over lazy 10M-token
