@@ -251,6 +251,32 @@ void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_de
             const uint64_t* r = c.rec + int64_t(c.tok[j]) * c.R;
             for (int64_t e = 0; e < c.R; e += 8) __builtin_prefetch(r + e, 0, 3);
           }
+          if (!c.prefetch_row && k + kPrefetch < n) {
+            // Where the whole row is too many lines to prefetch (concat: 11
+            // blocks, 182 lines at b = 64; sum at b = 768: 193 lines), fetch
+            // the ~n_off (popcount + 1) entries the position kPrefetch owned
+            // positions ahead adds to: per offset the context word's bits (its
+            // record was prefetched kRecAhead - kPrefetch positions earlier)
+            // and the q weight, or the pad entry outside the document. Paired,
+            // 2 threads, same bits: head500 concat b = 64 49 -> 31 ms, sum
+            // b = 768 40 -> 29 ms, concat b = 768 65 -> 36 ms; Zipf V = 50k
+            // concat b = 64 104 -> 103 ms (1 thread 194 -> 178), sum b = 768
+            // 73-92 -> 68-71 ms. For sum at b = 64 the whole row (17 lines) is
+            // better: this costs 1.7x there.
+            const int64_t ia = mine[k + kPrefetch];
+            uint64_t* ra = A + 2 * int64_t(c.tok[ia]) * nb * c.E;
+            for (int64_t o = 0; o < c.n_off; ++o) {
+              uint64_t* blk = kConcat ? ra + 2 * o * c.E : ra;
+              const int64_t j = ia + c.deltas[o];
+              if (j < lo || j >= hi) {
+                __builtin_prefetch(blk, 1, 3);
+                continue;
+              }
+              const uint64_t* r = c.rec + int64_t(c.tok[j]) * c.R;
+              for (uint32_t q = 1, m = half(r, 0); q <= m; ++q) __builtin_prefetch(blk + half(r, q), 1, 3);
+              if (kNoise) __builtin_prefetch(blk + 2 * (c.E - 1), 1, 3);
+            }
+          }
           uint64_t* row = A + 2 * int64_t(c.tok[i]) * nb * c.E;
           if (i >= in_lo && i < in_hi)
             position<true, kNoise, kConcat>(c, i, lo, hi, row);
