@@ -397,6 +397,22 @@ def test_real_data_head500():
     assert torch.all(c.codes[top].sum(1) == 1)
 
 
+def test_bench_zipf_ids_are_truncated_zipf_not_clamped():
+    from embkern.bench.bit_cipher import zipf_ids
+
+    V, n, a = 1000, 200_000, 1.1
+    ids = zipf_ids(np.random.default_rng(0), V, n, a)
+    assert ids.dtype == np.int32 and ids.min() >= 0 and ids.max() < V
+    p = np.arange(1, V + 1, dtype=np.float64) ** -a
+    p /= p.sum()
+    freq = np.bincount(ids, minlength=V) / n
+    # the head follows the truncated law within 5 binomial standard deviations ...
+    sd = np.sqrt(p[:20] * (1 - p[:20]) / n)
+    assert np.all(np.abs(freq[:20] - p[:20]) < 5 * sd)
+    # ... and the last id holds its own share, not the tail beyond V (clamping gave it ~46% here)
+    assert freq[V - 1] < 10 * p[V - 1] + 5 / n
+
+
 def test_html_prose_keeps_main_text_and_drops_code_and_navigation():
     from embkern.contrib.bit_cipher_eval import html_prose
 
