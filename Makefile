@@ -114,7 +114,7 @@ BENCH_ANCHORS := muvera-python==0.2.0
 BENCH_ANCHORS_WITH_DEPS := fastembed==0.9.1
 
 # The bit-cipher word-similarity report's larger English corpus: the prose of
-# the Python 3.11 documentation (Debian's python3.11-doc, ~1.2M tokens). Only
+# the Python 3.11 documentation (Debian's python3.11-doc, ~1.3M tokens). Only
 # tried as root with apt-get; otherwise the report says it skipped the corpus.
 PYTHON_DOC := /usr/share/doc/python3.11/html
 
