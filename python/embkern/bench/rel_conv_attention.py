@@ -168,6 +168,12 @@ def workloads(quick: bool, device) -> List[Workload]:
     return out
 
 
+def _fast_cpu_backends() -> List[str]:
+    """The fused backends that run here on fp32 CPU tensors (the cpu kernels, when built)."""
+    return [be for be in ("cpu",) if be in rca_ops.DESCRIPTOR.backends and _backends.check(
+        rca_ops.DESCRIPTOR, be, rca_ops.DESCRIPTOR.kernels, "cpu", torch.float32).ok]
+
+
 def long_memory_rows(lengths, B: int = 4, H: int = 8, d: int = 64) -> List[dict]:
     """Peak extra memory and time of one forward+backward call at each L (fp32, causal, P = L, cpu kernel
     and SDPA), next to the size of the authors' (L, 2L, B, H) float32 relative scores, which are not run.
@@ -182,8 +188,7 @@ def long_memory_rows(lengths, B: int = 4, H: int = 8, d: int = 64) -> List[dict]
     meter = timing.CpuPeak()
     if not meter.ok:
         return []
-    cpu_ok = "cpu" in rca_ops.DESCRIPTOR.backends and _backends.check(
-        rca_ops.DESCRIPTOR, "cpu", rca_ops.DESCRIPTOR.kernels, "cpu", torch.float32).ok
+    cpu_ok = "cpu" in _fast_cpu_backends()
     rows = []
     for L in lengths:
         g = torch.Generator().manual_seed(7)
@@ -222,9 +227,8 @@ def extra_report(quick: bool) -> dict:
     except Exception as exc:
         out = {"title": title, "rows": [], "panels": [], "notes": [f"skipped: {type(exc).__name__}: {exc}"]}
     else:
-        fast = [be for be in ("cpu",) if be in rca_ops.DESCRIPTOR.backends and _backends.check(
-            rca_ops.DESCRIPTOR, be, rca_ops.DESCRIPTOR.kernels, "cpu", torch.float32).ok]
-        out = char_lm.bench_report(title, ("vanilla", "rmha", "rcmha"), fast, quick, tiny(), "EMBKERN_RCMHA_LM_PNG")
+        out = char_lm.bench_report(title, ("vanilla", "rmha", "rcmha"), _fast_cpu_backends(), quick, tiny(),
+                                   "EMBKERN_RCMHA_LM_PNG")
     if tiny():
         lengths = (64,)
     elif quick:
