@@ -1,6 +1,6 @@
 """The Triton relative-attention and causal-conv kernels (triton_kernels/rel_conv_attention.py) beyond what
-test_rel_conv_attention.py checks for every backend: shapes around the 16 x 16 interpreter tiles (so windows,
-diagonals and partial blocks are all exercised), all six gradients in fp16 / bf16, table edges, queries that see
+test_rel_conv_attention.py checks for every backend: shapes around the 16 x 32 interpreter tiles (so both window
+products, partial blocks and backward chunks walking several key blocks are all exercised), all six gradients in fp16 / bf16, table edges, queries that see
 no key, and bit-identical reruns (the dR / dS / du / dweight partials are reduced in a fixed order, no atomics).
 
 On a machine without a GPU these run through the Triton interpreter on CPU tensors (TRITON_INTERPRET=1)."""
@@ -48,6 +48,8 @@ CASES = [  # B, H, Lq, Lk, d, dv, causal, q_offset
     (1, 1, 33, 33, 32, 16, False, 5),       # not causal, q_offset > 0 without memory
     (1, 2, 20, 20, 16, 16, True, -3),       # the first three queries see no key: zeros, zero gradients
     (1, 1, 47, 64, 16, 16, True, 17),       # q_offset = M, 47 rows end mid-tile
+    (1, 1, 40, 230, 16, 16, True, None),    # 8 key blocks: each of the 4 backward chunks walks two of them
+    (1, 2, 33, 161, 16, 16, False, None),   # 6 key blocks over 4 chunks, not causal: chunks of unequal length
 ]
 
 
@@ -59,8 +61,9 @@ def _id(c):
 def test_values_and_all_six_gradients_fp32(case):
     require_backend(ops.DESCRIPTOR, "backward", "triton", DEV, torch.float32)
     *dims, causal, qo = case
-    fast, slow = _fns(causal, qo)
-    args = _inputs(*dims)
+    p = max(P, dims[3])  # tables long enough for every key
+    fast, slow = _fns(causal, qo, P=p)
+    args = _inputs(*dims, P=p)
     testing.assert_parity(fast, slow, args)
     reports = testing.assert_grad_parity(fast, slow, args)
     assert len(reports) == 6  # q, k, v, R, S, u

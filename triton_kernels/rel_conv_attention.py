@@ -72,15 +72,21 @@ from ._tiles import _dot, device_ctx, launch_opts, pow2, upcast
 
 
 def _cfg(t: torch.Tensor, d: int) -> dict:
-    """Square T x T tiles (the dR / dS diagonal walk needs BM = BN): 16 in the interpreter (the
-    tl.dot minimum; every program runs in Python); on the GPU 64 with 4 warps, 32 for head dims
-    above 128 (fp16 / bf16) or above 64 (fp32) to bound shared memory: compiled for sm_90 the dq
-    kernel needs 128 KiB at T = 64, d = 128 in bf16 and 224 KiB in fp32, at the 227 KiB limit. Fixed:
-    no autotuning, so the rounding of every sum is the same on every run and every GPU."""
+    """Tiles of BM query rows by BN keys, BM < BN: a tile reads BM + BN - 1 window rows, taken as two
+    power-of-two products (BN rows, then BM), so the relative term costs (BN + BM) / BN of ``Q K^T``:
+    1.25x at 32 x 128 on the GPU (64 x 64 would cost 2x), 1.5x at 16 x 32 in the interpreter (16 is the
+    tl.dot minimum; every program runs in Python there). Wider heads take smaller tiles to stay inside sm_90's
+    227 KiB of shared memory (benchmarks/gpu/compile_rel_attention.py --all prints what each needs): 16 x 64
+    above d = 128 in fp16 / bf16 and above 64 in fp32, 16 x 32 above 128 in fp32. Fixed: no autotuning, so
+    the rounding of every sum is the same on every run and every GPU."""
     if t.device.type != "cuda":
-        return dict(T=16, warps=1, stages=1)
+        return dict(BM=16, BN=32, warps=1, bwd_warps=1, stages=1)
     wide = 64 if t.dtype == torch.float32 else 128
-    return dict(T=32 if d > wide else 64, warps=4, stages=2)
+    if d <= wide:
+        return dict(BM=32, BN=128, warps=4, bwd_warps=8, stages=2)
+    if t.dtype == torch.float32 and d > 128:
+        return dict(BM=16, BN=32, warps=4, bwd_warps=4, stages=2)
+    return dict(BM=16, BN=64, warps=4, bwd_warps=4, stages=2)
 
 
 # ---------------------------------------------------------------------------
@@ -98,20 +104,23 @@ def _window(R_ptr, S_ptr, r0, h, H, P2, od, d, BW: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, k, uk, Rw, Sw, scale, BM: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr,
+def _scores(q, k, uk, R1, S1, R2, S2, scale, BM: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr,
             IEEE: tl.constexpr):
-    """(BM, BN) fp32 unmasked scores of one tile: content, u . k, and the diagonal band of Q Rw^T + S_w."""
+    """(BM, BN) fp32 unmasked scores of one tile: content, u . k, and the diagonal band of the two window
+    products ``Q R1^T + S1`` (window offsets 0 .. BN - 1) and ``Q R2^T + S2`` (BN .. BN + BM - 1)."""
     qk = _dot(q, tl.trans(k), UPCAST, IEEE)
-    qr = _dot(q, tl.trans(Rw), UPCAST, IEEE) + Sw[None, :]
+    qr1 = _dot(q, tl.trans(R1), UPCAST, IEEE) + S1[None, :]
+    qr2 = _dot(q, tl.trans(R2), UPCAST, IEEE) + S2[None, :]
     band = tl.arange(0, BN)[None, :] - tl.arange(0, BM)[:, None] + (BM - 1)
-    rel = tl.gather(qr, band, 1)
-    return (qk + uk[None, :] + rel) * scale
+    lo = tl.gather(qr1, tl.minimum(band, BN - 1), 1)
+    hi = tl.gather(qr2, tl.maximum(band - BN, 0), 1)
+    return (qk + uk[None, :] + tl.where(band < BN, lo, hi)) * scale
 
 
 @triton.jit
-def _band_to_window(ds, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
-    """G (BM, BW): G[ii, w] = ds[ii, w + ii - (BM - 1)] where that key column exists, else 0."""
-    c = tl.arange(0, BW)[None, :] + tl.arange(0, BM)[:, None] - (BM - 1)
+def _band_to_window(ds, off, BM: tl.constexpr, BN: tl.constexpr, BW: tl.constexpr):
+    """G (BM, BW): G[ii, w] = ds[ii, off + w + ii - (BM - 1)] where that key column exists, else 0."""
+    c = off + tl.arange(0, BW)[None, :] + tl.arange(0, BM)[:, None] - (BM - 1)
     ok = (c >= 0) & (c < BN)
     g = tl.gather(ds, tl.where(ok, c, 0), 1)
     return tl.where(ok, g, 0.0)
@@ -144,29 +153,31 @@ def _uk(k, u):
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, o_ptr, lse_ptr,
                 H, Lq, Lk, d, dv, P, scale, q_offset,
-                CAUSAL: tl.constexpr, T: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
-    m0 = pid_m * T
-    rows = m0 + tl.arange(0, T)
+    m0 = pid_m * BM
+    rows = m0 + tl.arange(0, BM)
     od = tl.arange(0, BD)
     odv = tl.arange(0, BDV)
     q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
     u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
-    m_i = tl.full([T], float("-inf"), tl.float32)
-    l_i = tl.zeros([T], tl.float32)
-    acc = tl.zeros([T, BDV], tl.float32)
+    m_i = tl.full([BM], float("-inf"), tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    acc = tl.zeros([BM, BDV], tl.float32)
     hi = Lk
     if CAUSAL:
-        hi = tl.minimum(Lk, m0 + T + q_offset)
-    for n0 in range(0, hi, T):
-        cols = n0 + tl.arange(0, T)
+        hi = tl.minimum(Lk, m0 + BM + q_offset)
+    for n0 in range(0, hi, BN):
+        cols = n0 + tl.arange(0, BN)
         k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
         v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
-        Rw, Sw = _window(R_ptr, S_ptr, P + n0 - m0 - q_offset - (T - 1), h, H, 2 * P, od, d, BW)
-        s = _scores(q, k, _uk(k, u), Rw, Sw, scale, T, T, UPCAST, IEEE)
+        r0 = P + n0 - m0 - q_offset - (BM - 1)
+        R1, S1 = _window(R_ptr, S_ptr, r0, h, H, 2 * P, od, d, BN)
+        R2, S2 = _window(R_ptr, S_ptr, r0 + BN, h, H, 2 * P, od, d, BM)
+        s = _scores(q, k, _uk(k, u), R1, S1, R2, S2, scale, BM, BN, UPCAST, IEEE)
         s = tl.where(_visible(rows, cols, Lq, Lk, q_offset, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -185,137 +196,88 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, o_ptr, lse_ptr,
 
 
 @triton.jit
-def _probs(q, k, uk, Rw, Sw, do, v, lse, dlt, rows, cols, Lq, Lk, q_offset, scale,
-           CAUSAL: tl.constexpr, T: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """Recomputed P (T, T) fp32 and dS * scale (T, T) fp32 of one tile."""
-    s = _scores(q, k, uk, Rw, Sw, scale, T, T, UPCAST, IEEE)
-    ok = _visible(rows, cols, Lq, Lk, q_offset, CAUSAL) & (lse != float("-inf"))[:, None]
-    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-    p = tl.where(ok, tl.exp(s - lse_safe[:, None]), 0.0)
-    dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-    return p, p * (dp - dlt[:, None]) * scale
+def _add_to(ptr, offs, mask, x):
+    """``*ptr[offs] += x`` in fp32. Only safe because the calling program is the one writer of these addresses
+    (its own slice of a partial buffer) and puts a barrier between one tile's store and the next tile's load."""
+    tl.store(ptr + offs, tl.load(ptr + offs, mask=mask, other=0.0) + x, mask=mask)
 
 
 @triton.jit
-def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr,
-                   dk_ptr, dv_ptr, dup_ptr,
-                   H, Lq, Lk, d, dv, P, scale, q_offset, nN,
-                   CAUSAL: tl.constexpr, T: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    pid_n = tl.program_id(0)
+def _bwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr,
+                dk_ptr, dv_ptr, dup_ptr, dqp_ptr, dRp_ptr, dSp_ptr,
+                H, Lq, Lk, d, dv, P, scale, q_offset, nN, nC, BHn, NR, rbase,
+                CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One program per (chunk c, batch x head): key blocks c, c + nC, c + 2 nC, ... in turn, each against every
+    query block that sees it. dk, dv stay in registers per key block; dq and the window gradients dR, dS are added
+    into the program's own slice of the (nC, B H, ...) partial buffers (a tile reads the window rows
+    r0 .. r0 + BN + BM - 1 with r0 = P + n0 - m0 - q_offset - (BM - 1), buffer row r0 - rbase)."""
+    c = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
-    n0 = pid_n * T
-    cols = n0 + tl.arange(0, T)
     od = tl.arange(0, BD)
     odv = tl.arange(0, BDV)
-    k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
-    v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
     u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
-    uk = _uk(k, u)
-    dk = tl.zeros([T, BD], tl.float32)
-    dva = tl.zeros([T, BDV], tl.float32)
-    csum = tl.zeros([T], tl.float32)  # sum_i dS_ij * scale, per key
-    lo = 0
-    if CAUSAL:  # the first query row that sees key n0 is n0 - q_offset
-        lo = tl.maximum(0, n0 - q_offset)
-        lo = (lo // T) * T
-    for m0 in range(lo, Lq, T):
-        rows = m0 + tl.arange(0, T)
-        q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
-        do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
-        lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
-        dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
-        Rw, Sw = _window(R_ptr, S_ptr, P + n0 - m0 - q_offset - (T - 1), h, H, 2 * P, od, d, BW)
-        p, ds = _probs(q, k, uk, Rw, Sw, do, v, lse, dlt, rows, cols, Lq, Lk, q_offset, scale, CAUSAL, T, UPCAST,
-                       IEEE)
-        dva += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
-        csum += tl.sum(ds, 0)
-    dk += csum[:, None] * u[None, :]
-    cmask = cols < Lk
-    tl.store(dk_ptr + (bh * Lk + cols)[:, None] * d + od[None, :], dk.to(dk_ptr.dtype.element_ty),
-             mask=cmask[:, None] & (od < d)[None, :])
-    tl.store(dv_ptr + (bh * Lk + cols)[:, None] * dv + odv[None, :], dva.to(dv_ptr.dtype.element_ty),
-             mask=cmask[:, None] & (odv < dv)[None, :])
-    du = tl.sum(csum[:, None] * k.to(tl.float32), 0)
-    tl.store(dup_ptr + (bh * nN + pid_n) * d + od, du, mask=od < d)
-
-
-@triton.jit
-def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
-                  H, Lq, Lk, d, dv, P, scale, q_offset,
-                  CAUSAL: tl.constexpr, T: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    h = bh % H
-    m0 = pid_m * T
-    rows = m0 + tl.arange(0, T)
-    od = tl.arange(0, BD)
-    odv = tl.arange(0, BDV)
-    q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
-    do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
-    lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
-    dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
-    u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
-    dq = tl.zeros([T, BD], tl.float32)
-    hi = Lk
-    if CAUSAL:
-        hi = tl.minimum(Lk, m0 + T + q_offset)
-    for n0 in range(0, hi, T):
-        cols = n0 + tl.arange(0, T)
+    dq_base = (c * BHn + bh) * Lq
+    dr_base = (c * BHn + bh) * NR
+    for n in range(c, nN, nC):
+        n0 = n * BN
+        cols = n0 + tl.arange(0, BN)
         k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
         v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
-        Rw, Sw = _window(R_ptr, S_ptr, P + n0 - m0 - q_offset - (T - 1), h, H, 2 * P, od, d, BW)
-        p, ds = _probs(q, k, _uk(k, u), Rw, Sw, do, v, lse, dlt, rows, cols, Lq, Lk, q_offset, scale, CAUSAL, T,
-                       UPCAST, IEEE)
-        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
-        g = _band_to_window(ds, T, T, BW)
-        dq += _dot(g.to(Rw.dtype), Rw, UPCAST, IEEE)
-    tl.store(dq_ptr + (bh * Lq + rows)[:, None] * d + od[None, :], dq.to(dq_ptr.dtype.element_ty),
-             mask=(rows < Lq)[:, None] & (od < d)[None, :])
-
-
-@triton.jit
-def _bwd_rel_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr, dRp_ptr, dSp_ptr,
-                    H, Lq, Lk, d, dv, P, scale, q_offset, nM, nN,
-                    CAUSAL: tl.constexpr, T: tl.constexpr, BW: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
-                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    t = tl.program_id(0)  # diagonal: key block - query block = t - (nM - 1)
-    bh = tl.program_id(1)
-    h = bh % H
-    nD = nM + nN - 1
-    dt = t - (nM - 1)
-    m_lo = tl.maximum(0, -dt)
-    m_hi = tl.minimum(nM, nN - dt)
-    if CAUSAL:  # tile (m, m + dt) holds a visible pair iff (m + dt) T <= m T + T - 1 + q_offset: not m-dependent
-        m_hi = tl.where(dt * T > T - 1 + q_offset, m_lo, m_hi)
-    od = tl.arange(0, BD)
-    odv = tl.arange(0, BDV)
-    u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
-    Rw, Sw = _window(R_ptr, S_ptr, P + dt * T - q_offset - (T - 1), h, H, 2 * P, od, d, BW)
-    dR = tl.zeros([BW, BD], tl.float32)
-    dS = tl.zeros([BW], tl.float32)
-    for m in range(m_lo, m_hi):
-        m0 = m * T
-        rows = m0 + tl.arange(0, T)
-        cols = m0 + dt * T + tl.arange(0, T)
-        q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
-        do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
-        lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
-        dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
-        k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
-        v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
-        p, ds = _probs(q, k, _uk(k, u), Rw, Sw, do, v, lse, dlt, rows, cols, Lq, Lk, q_offset, scale, CAUSAL, T,
-                       UPCAST, IEEE)
-        g = _band_to_window(ds, T, T, BW)
-        dR += _dot(tl.trans(g.to(q.dtype)), q, UPCAST, IEEE)
-        dS += tl.sum(g, 0)
-    w = tl.arange(0, BW)
-    base = (bh * nD + t) * BW
-    tl.store(dRp_ptr + (base + w)[:, None] * d + od[None, :], dR, mask=(od < d)[None, :])
-    tl.store(dSp_ptr + base + w, dS)
+        uk = _uk(k, u)
+        dk = tl.zeros([BN, BD], tl.float32)
+        dva = tl.zeros([BN, BDV], tl.float32)
+        csum = tl.zeros([BN], tl.float32)  # sum_i dS_ij * scale, per key
+        lo = 0
+        if CAUSAL:  # the first query row that sees key n0 is n0 - q_offset
+            lo = tl.maximum(0, n0 - q_offset)
+            lo = (lo // BM) * BM
+        for m0 in range(lo, Lq, BM):
+            rows = m0 + tl.arange(0, BM)
+            q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
+            do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
+            lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+            dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
+            r0 = P + n0 - m0 - q_offset - (BM - 1)
+            R1, S1 = _window(R_ptr, S_ptr, r0, h, H, 2 * P, od, d, BN)
+            R2, S2 = _window(R_ptr, S_ptr, r0 + BN, h, H, 2 * P, od, d, BM)
+            s = _scores(q, k, uk, R1, S1, R2, S2, scale, BM, BN, UPCAST, IEEE)
+            ok = _visible(rows, cols, Lq, Lk, q_offset, CAUSAL) & (lse != float("-inf"))[:, None]
+            lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+            p = tl.where(ok, tl.exp(s - lse_safe[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+            ds = p * (dp - dlt[:, None]) * scale
+            dva += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
+            dsl = ds.to(q.dtype)
+            dk += _dot(tl.trans(dsl), q, UPCAST, IEEE)
+            csum += tl.sum(ds, 0)
+            g1 = _band_to_window(ds, 0, BM, BN, BN)
+            g2 = _band_to_window(ds, BN, BM, BN, BM)
+            g1l = g1.to(q.dtype)
+            g2l = g2.to(q.dtype)
+            dq = _dot(dsl, k, UPCAST, IEEE)
+            dq += _dot(g1l, R1, UPCAST, IEEE)
+            dq += _dot(g2l, R2, UPCAST, IEEE)
+            dmask = (od < d)[None, :]
+            _add_to(dqp_ptr, (dq_base + rows)[:, None] * d + od[None, :], (rows < Lq)[:, None] & dmask, dq)
+            w1 = dr_base + r0 - rbase + tl.arange(0, BN)
+            w2 = dr_base + r0 + BN - rbase + tl.arange(0, BM)
+            _add_to(dRp_ptr, w1[:, None] * d + od[None, :], dmask, _dot(tl.trans(g1l), q, UPCAST, IEEE))
+            _add_to(dRp_ptr, w2[:, None] * d + od[None, :], dmask, _dot(tl.trans(g2l), q, UPCAST, IEEE))
+            _add_to(dSp_ptr, w1, w1 < dr_base + NR, tl.sum(g1, 0))  # always inside the slice: r0 - rbase + BN + BM <= NR
+            _add_to(dSp_ptr, w2, w2 < dr_base + NR, tl.sum(g2, 0))
+            # the next tile's window overlaps this one by BN rows and a later key block revisits these dq rows:
+            # every thread's stores must land before any thread reloads them
+            tl.debug_barrier()
+        dk += csum[:, None] * u[None, :]
+        cmask = cols < Lk
+        tl.store(dk_ptr + (bh * Lk + cols)[:, None] * d + od[None, :], dk.to(dk_ptr.dtype.element_ty),
+                 mask=cmask[:, None] & (od < d)[None, :])
+        tl.store(dv_ptr + (bh * Lk + cols)[:, None] * dv + odv[None, :], dva.to(dv_ptr.dtype.element_ty),
+                 mask=cmask[:, None] & (odv < dv)[None, :])
+        du = tl.sum(csum[:, None] * k.to(tl.float32), 0)
+        tl.store(dup_ptr + (bh * nN + n) * d + od, du, mask=od < d)
 
 
 # ---------------------------------------------------------------------------
@@ -325,8 +287,7 @@ def _bwd_rel_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, d
 def _consts(q, v, causal):
     d = q.shape[-1]
     c = _cfg(q, d)
-    T = c["T"]
-    return dict(CAUSAL=bool(causal), T=T, BW=triton.next_power_of_2(2 * T - 1), BD=pow2(d), BDV=pow2(v.shape[-1]),
+    return dict(CAUSAL=bool(causal), BM=c["BM"], BN=c["BN"], BD=pow2(d), BDV=pow2(v.shape[-1]),
                 UPCAST=upcast(q), IEEE=q.dtype == torch.float32), c
 
 
@@ -345,22 +306,20 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R: torch.Tensor, 
         return out, lse
     kw, c = _consts(q, v, causal)
     with device_ctx(q):
-        _fwd_kernel[(triton.cdiv(Lq, kw["T"]), B * H)](
+        _fwd_kernel[(triton.cdiv(Lq, kw["BM"]), B * H)](
             q, k, v, R, S, u, out, lse, H, Lq, Lk, d, dv, P, d ** -0.5, int(q_offset), **kw,
             **launch_opts(q, c["warps"], c["stages"]))
     return out, lse
 
 
-def _overlap_add(parts: torch.Tensor, T: int) -> torch.Tensor:
-    """(B, H, nD, 2T, ...) diagonal partials -> (H, (nD + 1) T, ...): window t covers row blocks t and t + 1;
-    each block is (its diagonal's low half + the previous diagonal's high half), then summed over the batch:
-    the same additions in the same order on every run."""
-    B, H, nD = parts.shape[:3]
-    rest = parts.shape[4:]
-    blocks = parts.new_zeros(B, H, nD + 1, T, *rest)
-    blocks[:, :, :nD] += parts[:, :, :, :T]
-    blocks[:, :, 1:] += parts[:, :, :, T:]
-    return blocks.sum(0).reshape(H, (nD + 1) * T, *rest)
+def chunks(n_key_blocks: int) -> int:
+    """How many programs share one (batch, head) in the backward: a function of the key-block count only, so
+    the rounding of dq, dR, dS does not depend on the batch, the GPU or the scheduling; at most MAX_CHUNKS, so
+    the partial buffers stay MAX_CHUNKS x O(L d)."""
+    return max(1, min(int(n_key_blocks), MAX_CHUNKS))
+
+
+MAX_CHUNKS = 4
 
 
 def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R: torch.Tensor,
@@ -377,27 +336,30 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     du = torch.zeros(u.shape, dtype=torch.float32, device=q.device)
     if q.numel() and k.numel():
         kw, c = _consts(q, v, causal)
-        T, BW = kw["T"], kw["BW"]
-        nM, nN = triton.cdiv(Lq, T), triton.cdiv(Lk, T)
-        nD = nM + nN - 1
-        dup = torch.empty(B, H, nN, d, dtype=torch.float32, device=q.device)
-        dRp = torch.empty(B, H, nD, BW, d, dtype=torch.float32, device=q.device)
-        dSp = torch.empty(B, H, nD, BW, dtype=torch.float32, device=q.device)
-        args = (H, Lq, Lk, d, dv, P, d ** -0.5, int(q_offset))
-        opts = launch_opts(q, c["warps"], c["stages"])
+        BM, BN = kw["BM"], kw["BN"]
+        nM, nN = triton.cdiv(Lq, BM), triton.cdiv(Lk, BN)
+        nC = chunks(nN)
+        # window rows run from rbase (n0 = 0, last query block) to rbase + NR - 1 (last key block, m0 = 0)
+        rbase = P - (nM - 1) * BM - int(q_offset) - (BM - 1)
+        NR = nN * BN + nM * BM
+        f32 = dict(dtype=torch.float32, device=q.device)
+        dup = torch.empty(B, H, nN, d, **f32)
+        dqp = torch.zeros(nC, B, H, Lq, d, **f32)
+        dRp = torch.zeros(nC, B, H, NR, d, **f32)
+        dSp = torch.zeros(nC, B, H, NR, **f32)
         with device_ctx(q):
-            _bwd_kv_kernel[(nN, B * H)](q, k, v, R, S, u, do, lse, delta, dk, dvv, dup, *args, nN, **kw, **opts)
-            _bwd_q_kernel[(nM, B * H)](q, k, v, R, S, u, do, lse, delta, dq, *args, **kw, **opts)
-            _bwd_rel_kernel[(nD, B * H)](q, k, v, R, S, u, do, lse, delta, dRp, dSp, *args, nM, nN, **kw, **opts)
+            _bwd_kernel[(nC, B * H)](q, k, v, R, S, u, do, lse, delta, dk, dvv, dup, dqp, dRp, dSp,
+                                     H, Lq, Lk, d, dv, P, d ** -0.5, int(q_offset), nN, nC, B * H, NR, rbase, **kw,
+                                     **launch_opts(q, c["bwd_warps"], c["stages"]))
+        # fixed-order reductions of the partials (chunks, then batch, then key blocks): no float atomics
+        dq = dqp.sum(0).to(q.dtype)
         du = dup.sum(dim=(0, 2))
-        # window t starts at table row r0 + t T (r0 of the first diagonal, dt = 1 - nM)
-        r0 = P + (1 - nM) * T - int(q_offset) - (T - 1)
-        rows_R = _overlap_add(dRp[..., :2 * T, :], T)  # (H, (nD + 1) T, d)
-        rows_S = _overlap_add(dSp[..., :2 * T], T)  # (H, (nD + 1) T)
-        lo, hi = max(r0, 0), min(r0 + rows_R.shape[1], 2 * P)
+        rows_R = dRp.sum(dim=(0, 1))  # (H, NR, d): buffer row i is table row rbase + i
+        rows_S = dSp.sum(dim=(0, 1))
+        lo, hi = max(rbase, 0), min(rbase + NR, 2 * P)
         if hi > lo:  # rows outside the table only ever saw masked pairs: their partials are zeros
-            dR[lo:hi] = rows_R[:, lo - r0:hi - r0].transpose(0, 1)
-            dS[lo:hi] = rows_S[:, lo - r0:hi - r0].T
+            dR[lo:hi] = rows_R[:, lo - rbase:hi - rbase].transpose(0, 1)
+            dS[lo:hi] = rows_S[:, lo - rbase:hi - rbase].T
     return dq, dk, dvv, dR.to(R.dtype), dS.to(S.dtype), du.to(u.dtype)
 
 

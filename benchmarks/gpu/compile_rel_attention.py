@@ -7,7 +7,7 @@ a machine with no device can still check that the kernels lower for the GPU
 (the tests there run them through the interpreter only). It prints the shared
 memory each kernel needs; the limit is 227 KiB per block on sm_90.
 
-    python benchmarks/gpu/compile_rel_attention.py              # bf16, T = 64, d = 64 (about a minute)
+    python benchmarks/gpu/compile_rel_attention.py              # bf16, 32 x 128 tiles, d = 64
     python benchmarks/gpu/compile_rel_attention.py --all        # every dtype / tile / head-dim class _cfg picks
 
 Compiling is CPU-bound, tens of seconds per kernel; it starts no GPU work.
@@ -19,7 +19,7 @@ import argparse
 import inspect
 import sys
 
-FP32_BUFFERS = ("lse", "delta", "dup", "dRp", "dSp", "dwp")
+FP32_BUFFERS = ("lse", "delta", "dup", "dqp", "dRp", "dSp", "dwp")
 
 
 def _signature(fn, dtype: str, const: dict) -> dict:
@@ -46,31 +46,70 @@ def compile_kernel(fn, dtype: str, const: dict, arch: int, warps: int, stages: i
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
+def _usage(k, arch: int) -> str:
+    """Registers and spills per thread, from ptxas -v on the kernel's PTX (a loaded kernel reports them, but
+    loading needs a GPU)."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+    try:
+        ptxas = get_ptxas(arch).path
+    except TypeError:  # triton before 3.5 takes no arch
+        ptxas = get_ptxas().path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(k.asm["ptx"])
+        sm = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        run = subprocess.run([ptxas, "-v", f"-arch={sm}", src, "-o", os.path.join(tmp, "k.cubin")],
+                             capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    # one kernel, but ptxas may report several entries (e.g. a libdevice helper): the largest is the kernel
+    regs = [int(x) for x in re.findall(r"Used (\d+) registers", log)]
+    spill = [(int(a), int(b)) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    if not regs:
+        return "registers: ptxas -v gave no count (" + log.strip().splitlines()[-1][:200] + ")"
+    out = f"{max(regs)} registers"
+    if spill:
+        out += f", spills {max(a for a, _ in spill)} B stored / {max(b for _, b in spill)} B loaded"
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
-    ap.add_argument("--all", action="store_true", help="every (dtype, T, d) class of the launcher's _cfg")
+    ap.add_argument("--all", action="store_true", help="every (dtype, tile, d) class of the launcher's _cfg")
+    ap.add_argument("--ttgir", action="store_true", help="also write each attention kernel's TTGIR to the current folder")
     args = ap.parse_args()
 
     from embkern.triton_kernels import rel_conv_attention as m
 
-    # (dtype, T, padded d): what _cfg picks on the GPU -- T = 64 up to d = 128 (16-bit) / 64 (fp32), else 32
-    configs = [("bf16", 64, 64)]
+    # (dtype, BM, BN, padded d): what _cfg picks on the GPU -- 32 x 128 up to d = 128 (16-bit) / 64 (fp32),
+    # else 16 x 64 (16 x 32 for fp32 above d = 128); the forward runs 4 warps, the backward 8 at 32 x 128, else 4
+    configs = [("bf16", 32, 128, 64)]
     if args.all:
-        configs += [("fp16", 64, 128), ("bf16", 32, 256), ("fp32", 64, 64), ("fp32", 32, 128), ("fp32", 32, 256)]
-    attention = [("forward", m._fwd_kernel), ("backward dk dv", m._bwd_kv_kernel), ("backward dq", m._bwd_q_kernel),
-                 ("backward dR dS", m._bwd_rel_kernel)]
+        configs += [("fp16", 32, 128, 128), ("bf16", 16, 64, 256), ("fp32", 32, 128, 64), ("fp32", 16, 64, 128),
+                    ("fp32", 16, 32, 256)]
+    attention = [("forward", m._fwd_kernel, 4), ("backward", m._bwd_kernel, None)]
     failed = 0
-    for dtype, T, bd in configs:
-        const = dict(CAUSAL=True, T=T, BW=2 * T, BD=bd, BDV=bd, UPCAST=False, IEEE=dtype == "fp32")
-        for name, fn in attention:
+    for dtype, BM, BN, bd in configs:
+        const = dict(CAUSAL=True, BM=BM, BN=BN, BD=bd, BDV=bd, UPCAST=False, IEEE=dtype == "fp32")
+        for name, fn, warps in attention:
+            warps = warps or (8 if BN == 128 else 4)
+            tag = f"sm_{args.arch} {dtype} {BM}x{BN} d<={bd} {name} ({warps} warps)"
             try:
-                k = compile_kernel(fn, dtype, const, args.arch, 4, 2)
-                print(f"sm_{args.arch} {dtype} T={T} d<={bd} {name}: cubin {len(k.asm['cubin'])} bytes, "
-                      f"shared memory {k.metadata.shared / 1024:.1f} KiB", flush=True)
+                k = compile_kernel(fn, dtype, const, args.arch, warps, 2)
+                print(f"{tag}: cubin {len(k.asm['cubin'])} bytes, shared memory {k.metadata.shared / 1024:.1f} KiB, "
+                      f"{_usage(k, args.arch)}", flush=True)
+                if args.ttgir:
+                    with open(f"{fn.fn.__name__}-{dtype}-{BM}x{BN}-d{bd}.ttgir", "w") as f:
+                        f.write(k.asm["ttgir"])
             except Exception as exc:  # report every kernel, not the first failure only
                 failed += 1
-                print(f"sm_{args.arch} {dtype} T={T} d<={bd} {name}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                print(f"{tag}: FAILED {type(exc).__name__}: {exc}", flush=True)
     for name, fn, const in (("conv forward", m._conv_fwd_kernel, dict(HAS_B=True, BT=64, BC=64)),
                             ("conv backward", m._conv_bwd_kernel, dict(BT=64, BC=64))):
         try:
