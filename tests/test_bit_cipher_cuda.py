@@ -56,8 +56,22 @@ def test_cuda_equals_cpu_bit_for_bit(mode, weight, noise, window):
     kw = dict(window=window, mode=mode, weight=weight)
     cpu = embkern.CooccurrenceCounts(c, backend="cpu", **kw).update(ids, off)
     gpu = embkern.CooccurrenceCounts(c, backend="cuda", **kw).update(ids, off)
-    assert torch.equal(gpu.A.cpu(), cpu.A)
+    assert_same_words(gpu.A.cpu(), cpu.A)
     assert torch.equal(gpu.vectors(), cpu.vectors())
+
+
+def assert_same_words(got, want):
+    """Equal (V, nb, b + 2, 2) sums; else say how many words differ and where the first is (type, block,
+    entry, lo/hi), which tells a wrong element from a wrong row or an unwritten array."""
+    assert got.shape == want.shape, (got.shape, want.shape)
+    bad = (got != want).nonzero()
+    if len(bad):
+        t, blk, e, w = bad[0].tolist()
+        rows = torch.unique(bad[:, 0]).numel()
+        raise AssertionError(f"{len(bad)} of {got.numel()} words differ, in {rows} of {got.shape[0]} types; first at "
+                             f"type {t} block {blk} entry {e} word {w}: got {int(got[t, blk, e, w])}, "
+                             f"want {int(want[t, blk, e, w])}; nonzero words got {int((got != 0).sum())}, "
+                             f"want {int((want != 0).sum())}")
 
 
 @cuda_test

@@ -77,13 +77,18 @@ def _cfg(t: torch.Tensor, d: int) -> dict:
     1.25x at 32 x 128 on the GPU (64 x 64 would cost 2x), 1.5x at 16 x 32 in the interpreter (16 is the
     tl.dot minimum; every program runs in Python there). Wider heads take smaller tiles to stay inside sm_90's
     227 KiB of shared memory (benchmarks/gpu/compile_rel_attention.py --all prints what each needs): 16 x 64
-    above d = 128 in fp16 / bf16 and above 64 in fp32, 16 x 32 above 128 in fp32. Fixed: no autotuning, so
-    the rounding of every sum is the same on every run and every GPU."""
+    above d = 128 in fp16 / bf16 and above 64 in fp32, 16 x 32 above 128 in fp32. FBM x FBN, where given, are
+    the forward's tiles (measured faster; see below). Fixed: no autotuning, so the rounding of every sum is the
+    same on every run and every GPU."""
     if t.device.type != "cuda":
         return dict(BM=16, BN=32, warps=1, bwd_warps=1, stages=1)
     wide = 64 if t.dtype == torch.float32 else 128
     if d <= wide:
-        return dict(BM=32, BN=128, warps=4, bwd_warps=8, stages=2)
+        # the forward takes 64 x 64 (relative term 2x of Q K^T, but M = 64 tiles run on sm_90's warpgroup MMA):
+        # 1.13 ms against 2.10 ms at 32 x 128 on an H200 (B 4, H 8, L 4096, d 64, bf16, causal;
+        # benchmarks/gpu/tune_rel_attention.py). The backward measured best at 32 x 128 with 8 warps
+        # (fwd+bwd 11.1 ms; 64 x 64: 16.2, 32 x 64: 12.8). lse is per row, so the two need not share tiles.
+        return dict(BM=32, BN=128, FBM=64, FBN=64, warps=4, bwd_warps=8, stages=2)
     if t.dtype == torch.float32 and d > 128:
         return dict(BM=16, BN=32, warps=4, bwd_warps=4, stages=2)
     return dict(BM=16, BN=64, warps=4, bwd_warps=4, stages=2)
@@ -284,10 +289,11 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta
 # launchers
 
 
-def _consts(q, v, causal):
+def _consts(q, v, causal, fwd=False):
     d = q.shape[-1]
     c = _cfg(q, d)
-    return dict(CAUSAL=bool(causal), BM=c["BM"], BN=c["BN"], BD=pow2(d), BDV=pow2(v.shape[-1]),
+    BM, BN = (c.get("FBM", c["BM"]), c.get("FBN", c["BN"])) if fwd else (c["BM"], c["BN"])
+    return dict(CAUSAL=bool(causal), BM=BM, BN=BN, BD=pow2(d), BDV=pow2(v.shape[-1]),
                 UPCAST=upcast(q), IEEE=q.dtype == torch.float32), c
 
 
@@ -304,7 +310,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R: torch.Tensor, 
     lse = torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or Lk == 0:
         return out, lse
-    kw, c = _consts(q, v, causal)
+    kw, c = _consts(q, v, causal, fwd=True)
     with device_ctx(q):
         _fwd_kernel[(triton.cdiv(Lq, kw["BM"]), B * H)](
             q, k, v, R, S, u, out, lse, H, Lq, Lk, d, dv, P, d ** -0.5, int(q_offset), **kw,

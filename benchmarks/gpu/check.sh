@@ -107,7 +107,7 @@ print(\"embkern\", embkern.__file__, \"CUDA devices\", n, c.device_info(0))'"
 XDIST=""
 if "$PY" -c 'import xdist' >/dev/null 2>&1; then XDIST="-n ${TEST_WORKERS:-4}"; fi
 step tests "${TESTS_MAX_S:-180}" 90 env -u TRITON_INTERPRET bash -c \
-  "cd tests && $PY -m pytest -c ../pyproject.toml --rootdir=.. . -m 'cuda or triton' -q -p no:cacheprovider -rfEs $XDIST"
+  "cd tests && $PY -m pytest -c ../pyproject.toml --rootdir=.. . -m 'cuda or triton' -q -p no:cacheprovider -rfEs --tb=short $XDIST"
 
 # 4. Timings (do_bench) -> markdown; the budget left, minus a margin for writing the file.
 SLUG="$($PY -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-"))' 2>/dev/null || echo unknown-gpu)"
@@ -127,6 +127,15 @@ if [[ ! -s "$OUT_MD" ]]; then
 else
   # the timing step finished after timing.py copied the steps table: append its outcome
   tail -n 1 "$STEPS" | awk -F'\t' '{printf "\n_check.sh step %s: %s in %ss_\n", $1, $2, $3}' >> "$OUT_MD"
+fi
+
+# failing tests: their names and error lines go into the report itself, so the one file carries them
+if [[ -s "$LOGS/tests.log" ]] && grep -qE '^(FAILED|ERROR) ' "$LOGS/tests.log"; then
+  {
+    echo; echo "## Failing GPU tests (from build/gpu-check/tests.log, --tb=short)"; echo; echo '```'
+    grep -E '^(FAILED|ERROR) |^E   |^[^ ]+\.py:[0-9]+: ' "$LOGS/tests.log" | cut -c1-220 | head -n 150
+    echo '```'
+  } >> "$OUT_MD"
 fi
 
 echo

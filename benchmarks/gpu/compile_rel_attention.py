@@ -87,17 +87,20 @@ def main() -> int:
 
     from embkern.triton_kernels import rel_conv_attention as m
 
-    # (dtype, BM, BN, padded d): what _cfg picks on the GPU -- 32 x 128 up to d = 128 (16-bit) / 64 (fp32),
-    # else 16 x 64 (16 x 32 for fp32 above d = 128); the forward runs 4 warps, the backward 8 at 32 x 128, else 4
+    # (dtype, BM, BN, padded d): the backward tiles _cfg picks on the GPU -- 32 x 128 up to d = 128 (16-bit) /
+    # 64 (fp32), with a 64 x 64 forward; else 16 x 64 (16 x 32 for fp32 above d = 128) for both; the forward
+    # runs 4 warps, the backward 8 at 32 x 128, else 4
     configs = [("bf16", 32, 128, 64)]
     if args.all:
         configs += [("fp16", 32, 128, 128), ("bf16", 16, 64, 256), ("fp32", 32, 128, 64), ("fp32", 16, 64, 128),
                     ("fp32", 16, 32, 256)]
     attention = [("forward", m._fwd_kernel, 4), ("backward", m._bwd_kernel, None)]
     failed = 0
-    for dtype, BM, BN, bd in configs:
-        const = dict(CAUSAL=True, BM=BM, BN=BN, BD=bd, BDV=bd, UPCAST=False, IEEE=dtype == "fp32")
+    for dtype, bBM, bBN, bd in configs:
         for name, fn, warps in attention:
+            # where the backward takes 32 x 128, the forward takes 64 x 64 (_cfg's FBM / FBN)
+            BM, BN = (64, 64) if name == "forward" and bBN == 128 else (bBM, bBN)
+            const = dict(CAUSAL=True, BM=BM, BN=BN, BD=bd, BDV=bd, UPCAST=False, IEEE=dtype == "fp32")
             warps = warps or (8 if BN == 128 else 4)
             tag = f"sm_{args.arch} {dtype} {BM}x{BN} d<={bd} {name} ({warps} warps)"
             try:

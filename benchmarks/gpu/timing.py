@@ -119,8 +119,9 @@ def main() -> int:
         """[median, p20, p80] in ms: do_bench on the GPU; the bench's time_call (5 samples) in the CPU smoke run."""
         if do_bench is not None:
             return list(do_bench(fn, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8]))
-        ts = sorted(t * 1e3 for t in ek_timing.time_call(fn, device, repeat=5))
-        return [ts[2], ts[1], ts[3]]
+        ts = sorted(t * 1e3 for t in ek_timing.time_call(fn, device, repeat=5))  # a slow call may give fewer
+        n = len(ts)
+        return [ts[n // 2], ts[int(0.2 * (n - 1))], ts[int(round(0.8 * (n - 1)))]]
 
     peak = ek_timing.peak_meter(device) if cuda else None  # the bench's CUDA peak meter
 
@@ -133,10 +134,58 @@ def main() -> int:
     rows = Rows()
     failures: List[str] = []
 
+    state = {"fde_md": "(not run yet: the report is rewritten after every case)"}
+
+    def write_report(final: bool = False) -> str:
+        fde_md = state["fde_md"]
+        md = [f"# embkern GPU check: {dev_name}", "", *env_lines, ""]
+        if args.steps and os.path.exists(args.steps):
+            steps = []
+            with open(args.steps) as f:
+                for line in f:
+                    parts = line.rstrip("\n").split("\t")
+                    if len(parts) >= 3:
+                        steps.append((parts + [""])[:4])
+            if steps:
+                md += ["## Steps (check.sh)", "", table(["step", "status", "seconds", "note"], steps, markdown=True), ""]
+        body = []
+        for r in rows.rows:
+            if r["status"] != "ok":
+                body.append([r["section"], r["case"], r["impl"], r["status"], "", "", "", "", "", ""])
+                continue
+            body.append([r["section"], r["case"], r["impl"], _fmt(r["med"], ".3f"),
+                         f"{r['p20']:.3f}..{r['p80']:.3f}", _fmt(r["tflops"], ".2f"), _fmt(r["x_mm"], ".2f"),
+                         _fmt(r["vs_ref"], ".1f"), _fmt(r["peak"], ".1f"),
+                         _fmt(r["err"], ".1e") + (f" ({r['note']})" if r.get("note") else "")])
+        md += ["## hypercomplex (Triton) vs cuBLAS and the reference", "",
+               "x mm: time / torch.mm fp32 (TF32 off) of the same GEMM (fused target <= 1.3). vs ref: reference time / "
+               "time. peak: extra MiB allocated during one call. err: max |out - fp64 reference| (ranks: positions; "
+               "top-k: values).", "",
+               table(["section", "case", "impl", "median ms", "p20..p80 ms", "TFLOP/s", "x mm", "vs ref",
+                      "peak MiB", "max err"], body, markdown=True), ""]
+        md += ["Selective attention rows: x mm is time / SDPA (flash backend on CUDA) on the pre-scaled inputs, the "
+               "exact anchor; target: the Triton kernels at >= 90% of its TFLOP/s in bf16 (x mm <= 1.11).", ""]
+        md += ["Relative attention rows: x mm is time / SDPA (flash backend on CUDA) at the same shape without the "
+               "relative terms, the ceiling; TFLOP/s count plain attention's FLOPs; target: the Triton kernels at >= 60% "
+               "of SDPA's throughput in bf16 (x mm <= 1.67). peak: extra MiB of one call (O(L d) for the fused "
+               "kernels; the reference holds (B, H, L, 2L) relative scores).", ""]
+        md += ["## fde (CUDA)", "", fde_md, ""]
+        if failures:
+            md += ["## Failures", "", "```", *[f.rstrip() for f in failures], "```", ""]
+        md.append(f"_timing.py took {time.time() - t_start:.0f} s_" if final else
+                  f"_partial report after {time.time() - t_start:.0f} s_")
+        text = "\n".join(md) + "\n"
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "w") as f:
+            f.write(text)
+        return text
+
     def case(section, name, impl, fn, flops, mm_ms=None, ref_ms=None, err_fn=None, note=""):
         if time.time() > deadline:
             rows.add(section=section, case=name, impl=impl, status="not run (time budget spent)")
+            write_report()
             return None
+        print(f"[{time.time() - t_start:6.1f} s] {section} / {name} / {impl}", file=sys.stderr, flush=True)
         try:
             med, p20, p80 = timeit(fn)
             pk = peak_mib(fn)
@@ -147,11 +196,13 @@ def main() -> int:
                      tflops=flops / (med * 1e-3) / 1e12 if flops else None,
                      x_mm=(med / mm_ms) if mm_ms else None, vs_ref=(ref_ms / med) if ref_ms else None,
                      peak=pk, err=err, note=note)
+            write_report()
             return med
         except Exception as exc:
             msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
             rows.add(section=section, case=name, impl=impl, status=f"FAILED: {msg}")
             failures.append(f"{name} / {impl}: {traceback.format_exc(limit=3)}")
+            write_report()
             return None
 
     # ---------------------------------------------------------------- hypercomplex
@@ -441,47 +492,9 @@ def main() -> int:
     else:
         fde_md = "benchmarks/gpu/fde_cuda_bench.py is not present: no FDE timings."
 
-    # ---------------------------------------------------------------- markdown
-    md = [f"# embkern GPU check: {dev_name}", "", *env_lines, ""]
-    if args.steps and os.path.exists(args.steps):
-        steps = []
-        with open(args.steps) as f:
-            for line in f:
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) >= 3:
-                    steps.append((parts + [""])[:4])
-        if steps:
-            md += ["## Steps (check.sh)", "", table(["step", "status", "seconds", "note"], steps, markdown=True), ""]
-    body = []
-    for r in rows.rows:
-        if r["status"] != "ok":
-            body.append([r["section"], r["case"], r["impl"], r["status"], "", "", "", "", "", ""])
-            continue
-        body.append([r["section"], r["case"], r["impl"], _fmt(r["med"], ".3f"),
-                     f"{r['p20']:.3f}..{r['p80']:.3f}", _fmt(r["tflops"], ".2f"), _fmt(r["x_mm"], ".2f"),
-                     _fmt(r["vs_ref"], ".1f"), _fmt(r["peak"], ".1f"),
-                     _fmt(r["err"], ".1e") + (f" ({r['note']})" if r.get("note") else "")])
-    md += ["## hypercomplex (Triton) vs cuBLAS and the reference", "",
-           "x mm: time / torch.mm fp32 (TF32 off) of the same GEMM (fused target <= 1.3). vs ref: reference time / "
-           "time. peak: extra MiB allocated during one call. err: max |out - fp64 reference| (ranks: positions; "
-           "top-k: values).", "",
-           table(["section", "case", "impl", "median ms", "p20..p80 ms", "TFLOP/s", "x mm", "vs ref",
-                  "peak MiB", "max err"], body, markdown=True), ""]
-    md += ["Selective attention rows: x mm is time / SDPA (flash backend on CUDA) on the pre-scaled inputs, the "
-           "exact anchor; target: the Triton kernels at >= 90% of its TFLOP/s in bf16 (x mm <= 1.11).", ""]
-    md += ["Relative attention rows: x mm is time / SDPA (flash backend on CUDA) at the same shape without the "
-           "relative terms, the ceiling; TFLOP/s count plain attention's FLOPs; target: the Triton kernels at >= 60% "
-           "of SDPA's throughput in bf16 (x mm <= 1.67). peak: extra MiB of one call (O(L d) for the fused "
-           "kernels; the reference holds (B, H, L, 2L) relative scores).", ""]
-    md += ["## fde (CUDA)", "", fde_md, ""]
-    if failures:
-        md += ["## Failures", "", "```", *[f.rstrip() for f in failures], "```", ""]
-    md.append(f"_timing.py took {time.time() - t_start:.0f} s_")
-    text = "\n".join(md) + "\n"
+    state["fde_md"] = fde_md
+    text = write_report(final=True)
     print(text)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    with open(out_path, "w") as f:
-        f.write(text)
     print(f"wrote {out_path}", file=sys.stderr)
     return 1 if failures else 0
 
