@@ -38,8 +38,11 @@ def count(tokens: Tensor, doc_offsets: Tensor, mask: Tensor, wa: Tensor, ws, wpa
     dev = A.device
     index = dev.index if dev.index is not None else torch.cuda.current_device()
 
+    keep = []  # contiguous copies must outlive the launch: the kernels read them by raw pointer
+
     def view(t: Tensor):
         t = t.contiguous()
+        keep.append(t)
         name = {torch.int32: "int32", torch.int64: "int64", torch.float64: "float64",
                 torch.uint64: "uint64"}[t.dtype]
         return mod.ArrayView(t.data_ptr(), t.numel(), name)
@@ -56,3 +59,6 @@ def count(tokens: Tensor, doc_offsets: Tensor, mask: Tensor, wa: Tensor, ws, wpa
     workspace = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=dev)
     stream = torch.cuda.current_stream(index).cuda_stream
     mod.count(problem, workspace=workspace.data_ptr(), workspace_bytes=int(nbytes), device=index, stream=stream)
+    A_buf = keep[-1]  # view(A): A itself, or its contiguous copy that the kernel added into
+    if A_buf.data_ptr() != A.data_ptr():
+        A.copy_(A_buf)
