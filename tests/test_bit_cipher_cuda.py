@@ -1,14 +1,18 @@
 """CUDA bit-cipher counting (src/cuda/bit_cipher.cu) against the CPU kernel, bit for bit.
 
-Tests marked ``cuda`` need an NVIDIA GPU and skip without one. Two run on any
-machine: the code-mask packing the kernel reads, and the compiled boundary's
+Tests marked ``cuda`` need an NVIDIA GPU and skip without one. Three run on any
+machine: the code-mask packing the kernel reads, the compiled boundary's
 checks (where embkern._C_cuda is built; every call is rejected before a
-pointer is used).
+pointer is used), and the CUDA source run on host threads (emulation).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import shutil
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -133,3 +137,27 @@ def test_binding_rechecks():
             run(**change)
     with pytest.raises(ValueError, match="numel"):
         view(1, -1, "int32")
+
+
+@pytest.mark.slow
+def test_cuda_source_on_host_emulation(tmp_path):
+    """src/cuda/bit_cipher.cu's host code and kernels, on host threads with a host stand-in for CUB's sort,
+    equal the CPU kernel word for word (benchmarks/gpu/bit_cipher_cuda_emulate.py): the kernels' logic is
+    checked without a GPU; CUB, the device launch and the launcher's device buffers are not."""
+    root = Path(__file__).resolve().parents[1]
+    harness = root / "benchmarks" / "gpu" / "bit_cipher_cuda_emulate.py"
+    if not harness.exists() or not (root / "src" / "cuda" / "bit_cipher.cu").exists():
+        pytest.skip("needs the source tree (benchmarks/gpu/bit_cipher_cuda_emulate.py, src/cuda/bit_cipher.cu)")
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found")
+    spec = importlib.util.spec_from_file_location("bit_cipher_cuda_emulate", harness)
+    emu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emu)
+    try:
+        lib = emu.build(str(tmp_path))
+    except subprocess.CalledProcessError as exc:
+        pytest.skip(f"g++ cannot build the emulation (needs C++20 <barrier>): {exc}")
+    rng = np.random.default_rng(7)
+    for case in range(8):
+        ok, desc = emu.run_case(lib, rng, case)
+        assert ok, desc
