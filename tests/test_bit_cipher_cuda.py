@@ -161,3 +161,14 @@ def test_cuda_source_on_host_emulation(tmp_path):
     for case in range(8):
         ok, desc = emu.run_case(lib, rng, case)
         assert ok, desc
+
+
+def test_info_says_the_cuda_backend_is_unverified(monkeypatch):
+    """Until a GPU run passes the bit-for-bit tests, `embkern info` says so where the backend is active."""
+    from embkern.ops import bit_cipher as bc
+
+    ok = _backends.Availability(True, "")
+    monkeypatch.setattr(_backends, "check", lambda *a, **k: ok)
+    rep = _backends.report(bc.DESCRIPTOR)
+    assert rep["cuda"]["active"] == "yes" and "unverified" in rep["cuda"]["reason"]
+    assert rep["cpu"]["reason"] == ""

@@ -326,7 +326,8 @@ def report(desc: OpDescriptor) -> Dict[str, Any]:
         n_ok = sum(ok for ok, _ in ks.values())
         if n_ok == len(ks):
             active = "yes"
-            reason = "; ".join(sorted({r for _, r in ks.values() if r}))
+            reason = "; ".join(sorted({r for _, r in ks.values() if r} | ({desc.backends[be].note} - {""}
+                                                                         if be in desc.backends else set())))
         elif n_ok == 0:
             active = "no"
             reasons = list(dict.fromkeys(r for _, r in ks.values()))

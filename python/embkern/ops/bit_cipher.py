@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -38,6 +39,10 @@ from ..reference import bit_cipher as ref
 MODES = ref.MODES
 WEIGHTS = ref.WEIGHTS
 
+# Said by `embkern info` and warned once when the cuda backend counts (docs/ops/bit_cipher.md, "CUDA").
+CUDA_UNVERIFIED = ("unverified: its bit-for-bit tests against the cpu kernel failed on an H200 (2026-12-04); "
+                   "the cpu backend is exact")
+
 # dtype in the descriptor: that of the vectors (float32); every backend counts exactly in 128-bit integers.
 DESCRIPTOR = OpDescriptor(
     name="bit_cipher",
@@ -45,7 +50,8 @@ DESCRIPTOR = OpDescriptor(
     backends={
         "reference": BackendSupport(frozenset({torch.float32}), frozenset({"cpu"})),
         "cpu": BackendSupport(frozenset({torch.float32}), frozenset({"cpu"}), symbol="bit_cipher.{kernel}"),
-        "cuda": BackendSupport(frozenset({torch.float32}), frozenset({"cuda"}), symbol="bit_cipher.{kernel}"),
+        "cuda": BackendSupport(frozenset({torch.float32}), frozenset({"cuda"}), symbol="bit_cipher.{kernel}",
+                               note=CUDA_UNVERIFIED),
     },
     entry_points={"cooccurrence_vectors": ("count",), "CooccurrenceCounts": ("count",)},
 )
@@ -339,6 +345,8 @@ class CooccurrenceCounts:
         self._load = torch.from_numpy(c.counts)  # how the cpu kernel deals rows to threads
         if self.backend == "cuda":
             from . import _bit_cipher_cuda
+
+            warnings.warn(f"embkern bit_cipher cuda backend: {CUDA_UNVERIFIED}", RuntimeWarning, stacklevel=2)
 
             # the GPU tests bits in a (V, ceil(b / 64)) uint64 mask; it travels in the bit_offsets slot
             self._bit_offsets = torch.from_numpy(_bit_cipher_cuda.code_mask(c.codes).view(np.int64))
