@@ -1,7 +1,8 @@
 """The Triton relative-attention and causal-conv kernels (triton_kernels/rel_conv_attention.py) beyond what
 test_rel_conv_attention.py checks for every backend: shapes around the 16 x 32 interpreter tiles (so both window
 products, partial blocks and backward chunks walking several key blocks are all exercised), all six gradients in fp16 / bf16, table edges, queries that see
-no key, and bit-identical reruns (the dR / dS / du / dweight partials are reduced in a fixed order, no atomics).
+no key, and bit-identical reruns (the dR / dS / du / dweight partials are reduced in a fixed order, no atomics),
+each backward test under both schedules (fused and split).
 
 On a machine without a GPU these run through the Triton interpreter on CPU tensors (TRITON_INTERPRET=1)."""
 
@@ -15,6 +16,16 @@ from embkern.reference import rel_conv_attention as ref
 from helpers import device_of, require_backend
 
 pytestmark = pytest.mark.triton
+
+
+@pytest.fixture(params=["fused", "split"])
+def schedule(request, monkeypatch):
+    """Both backward schedules: the fused chunked kernel and the three-kernel split (its own tiling of the
+    table rows, so every case also checks the dR / dS row blocks, their edges and the batch sum)."""
+    from embkern.triton_kernels import rel_conv_attention as tk
+
+    monkeypatch.setattr(tk, "SCHEDULE", request.param)
+    return request.param
 
 DEV = device_of("triton")
 P = 96
@@ -58,7 +69,7 @@ def _id(c):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
-def test_values_and_all_six_gradients_fp32(case):
+def test_values_and_all_six_gradients_fp32(case, schedule):
     require_backend(ops.DESCRIPTOR, "backward", "triton", DEV, torch.float32)
     *dims, causal, qo = case
     p = max(P, dims[3])  # tables long enough for every key
@@ -71,7 +82,7 @@ def test_values_and_all_six_gradients_fp32(case):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_values_and_all_six_gradients_low_precision(dtype, causal):
+def test_values_and_all_six_gradients_low_precision(dtype, causal, schedule):
     require_backend(ops.DESCRIPTOR, "backward", "triton", DEV, dtype)
     fast, slow = _fns(causal, None)
     args = _inputs(2, 2, 17, 40, 32, 16, dtype, seed=1)
@@ -80,7 +91,7 @@ def test_values_and_all_six_gradients_low_precision(dtype, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_tables_used_up_to_their_edges(causal):
+def test_tables_used_up_to_their_edges(causal, schedule):
     # max_distance = Lk: the causal pairs read rows 1..P, the full ones rows 1..2P - 1 (the last table row),
     # so the windows of the corner tiles hang over both ends of the table
     require_backend(ops.DESCRIPTOR, "backward", "triton", DEV, torch.float32)
@@ -91,7 +102,7 @@ def test_tables_used_up_to_their_edges(causal):
     testing.assert_grad_parity(fast, slow, args)
 
 
-def test_rows_no_pair_reads_get_exactly_zero_table_gradients():
+def test_rows_no_pair_reads_get_exactly_zero_table_gradients(schedule):
     require_backend(ops.DESCRIPTOR, "backward", "triton", DEV, torch.float32)
     q, k, v, R, S, u = (testing.leaf(t) for t in _inputs(1, 2, 9, 21, 16, 16))
     out = embkern.relative_attention(q, k, v, R, S, u, max_distance=P, backend="triton")
@@ -111,7 +122,7 @@ def _run_all(args, causal, qo):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_two_runs_are_bit_identical(dtype):
+def test_two_runs_are_bit_identical(dtype, schedule):
     require_backend(ops.DESCRIPTOR, "backward", "triton", DEV, dtype)
     args = _inputs(2, 1, 37, 53, 16, 16, dtype, seed=3)
     for causal, qo in ((True, None), (False, 4)):
@@ -120,7 +131,7 @@ def test_two_runs_are_bit_identical(dtype):
             assert torch.equal(a, b), name
 
 
-def test_batch_elements_are_independent_and_table_gradients_add_up():
+def test_batch_elements_are_independent_and_table_gradients_add_up(schedule):
     # dR, dS and du sum over the batch; each batch element alone gives its own share
     require_backend(ops.DESCRIPTOR, "backward", "triton", DEV, torch.float32)
     q, k, v, R, S, u = _inputs(3, 2, 18, 18, 16, 16, seed=4)

@@ -18,11 +18,11 @@ Scores: ``s_ij = [(q_i + u).k_j + q_i.R[r] + S[r]] / sqrt(d)``, ``r = P + j - i 
 The relative term inside a flash tile. For query rows ``m0 + ii`` and keys
 ``n0 + jj`` (ii < BM, jj < BN) the table rows read are ``r0 + w`` with
 ``r0 = P + n0 - m0 - q_offset - (BM - 1)`` and ``w = jj - ii + BM - 1`` in
-``0 .. BM + BN - 2``: one window of BM + BN - 1 contiguous rows (padded to
-BW, a power of two; 2T for T x T tiles). The kernel multiplies the query tile
-by the window, ``QR = Q_tile Rw^T + S_w`` (BM x BW), and takes the diagonal
-band ``QR[ii, jj - ii + BM - 1]`` with ``tl.gather`` along the window axis
-(a register / shared-memory shuffle on the GPU, ``take_along_axis`` in the
+``0 .. BM + BN - 2``: one window of BM + BN - 1 contiguous rows, taken as two
+power-of-two pieces (BN rows, then BM). The kernel multiplies the query tile
+by each, ``Q R1^T + S1`` and ``Q R2^T + S2``, and takes the diagonal band
+``[ii, jj - ii + BM - 1]`` with ``tl.gather`` along the window axis (a
+register / shared-memory shuffle on the GPU, ``take_along_axis`` in the
 interpreter). ``u . k_j`` is one fp32 number per key. Rows of the window
 outside the table (only ever read by masked pairs) load as zeros.
 
@@ -30,27 +30,26 @@ outside the table (only ever read by masked pairs) load as zeros.
   with the online softmax in fp32; key blocks past the causal limit of the
   block's last row are never visited; a row that sees no key gives O = 0,
   lse = -inf (no NaN), as in the selective-attention kernel.
-* backward: ``D_i = sum_d dO_i O_i`` in torch, then three kernels, none with
-  atomics, P recomputed from lse in each:
+* backward: ``D_i = sum_d dO_i O_i`` in torch, then one of two schedules, none with atomics, P recomputed
+  from lse (``schedule``: ``_cfg``'s ``bwd``, "fused" everywhere for now; ``SCHEDULE`` overrides it):
 
-  - dk, dv per (key block, batch x head), looping over the query blocks that
-    see the keys; ``dk_j = scale * [sum_i dS_ij q_i + (sum_i dS_ij) u]`` and a
-    per-block partial of ``du = scale * sum_j (sum_i dS_ij) k_j``;
-  - dq per (query block, batch x head): ``dq = scale * (dS K + G Rw)``, with
-    ``G[ii, w] = dS[ii, w + ii - (BM - 1)]`` the band put back into window
-    coordinates (again a ``tl.gather``);
-  - dR, dS per (tile diagonal, batch x head): with square T x T tiles every
-    tile on one diagonal (key block - query block = const) reads the same
-    window, so one program walks the diagonal and keeps ``G^T Q`` (2T x d)
-    and ``sum_ii G`` (2T) in registers, then writes them as that diagonal's
-    partial. Window t starts T rows after window t - 1: the host adds the
-    overlapping halves and sums over the batch in a fixed order. Memory:
-    B H (nM + nN - 1) 2T (d + 1) floats, O(L d), never O(L^2).
+  - "fused": one kernel, a program per (chunk c, batch x head) walking key blocks c, c + nC, ... against
+    every query block that sees them; dk, dv and ``sum_i dS_ij`` stay in registers per key block, dq and
+    the window gradients ``G^T Q``, ``sum G`` are added into the program's own slice of (nC, B, H, ...)
+    partial buffers (read-modify-write behind a barrier), then summed in torch;
+  - "split": three kernels whose sums all stay in registers and are stored once -- dk, dv and the du
+    partial per (key block, batch x head); dq per (query block, batch x head), ``scale * (dS K + G Rw)``
+    with ``G[ii, w] = dS[ii, w + ii - (BM - 1)]`` the band put back into window coordinates; dR, dS per
+    (block of BT table rows, batch x head), where the pairs reading those rows are a diagonal band whose
+    relative term is the plain product ``Q R_blk^T`` and whose content term and dP are bands of products
+    against a span of BT + BM keys, so ``dR_blk = G^T Q`` needs no gather. It recomputes the scores three
+    times (15.25 units of BM BN d multiply-adds a tile at 32 x 128 against the fused kernel's 8.75) in
+    exchange for independent programs and no partial-buffer traffic.
 
-  The du partials (B, H, nN, d) are summed over batch and key blocks in torch.
-  Results are bit-identical from run to run (no float atomics; every sum has
-  a fixed order) and depend on the tile size T (fixed per device type and head
-  dim, no autotuning), not on the GPU model's SM count or the scheduling.
+  The du partials (B, H, nN, d) are summed over batch and key blocks in torch, the dR / dS partials over
+  chunks and batch. Results are bit-identical from run to run (no float atomics; every sum has a fixed
+  order) and depend on the schedule and the tiles (fixed per device type, dtype and head dim, no
+  autotuning), not on the GPU model's SM count or the scheduling of programs.
 * precision: every product goes through ``_tiles._dot`` (fp32 IEEE, no TF32;
   fp16 / bf16 on tensor cores with fp32 accumulation). P is rounded to the
   input dtype before P V and P^T dO, dS (and its window form G) before dS K,
@@ -208,6 +207,18 @@ def _add_to(ptr, offs, mask, x):
 
 
 @triton.jit
+def _tile_p_ds(q, do, lse, dlt, k, v, uk, R1, S1, R2, S2, rows, cols, Lq, Lk, q_offset, scale,
+               CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """P (BM, BN) recomputed from the saved row log-sum-exp, and dS = P (dP - D) * scale, both fp32."""
+    s = _scores(q, k, uk, R1, S1, R2, S2, scale, BM, BN, UPCAST, IEEE)
+    ok = _visible(rows, cols, Lq, Lk, q_offset, CAUSAL) & (lse != float("-inf"))[:, None]
+    lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+    p = tl.where(ok, tl.exp(s - lse_safe[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+    return p, p * (dp - dlt[:, None]) * scale
+
+
+@triton.jit
 def _bwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr,
                 dk_ptr, dv_ptr, dup_ptr, dqp_ptr, dRp_ptr, dSp_ptr,
                 H, Lq, Lk, d, dv, P, scale, q_offset, nN, nC, BHn, NR, rbase,
@@ -247,12 +258,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta
             r0 = P + n0 - m0 - q_offset - (BM - 1)
             R1, S1 = _window(R_ptr, S_ptr, r0, h, H, 2 * P, od, d, BN)
             R2, S2 = _window(R_ptr, S_ptr, r0 + BN, h, H, 2 * P, od, d, BM)
-            s = _scores(q, k, uk, R1, S1, R2, S2, scale, BM, BN, UPCAST, IEEE)
-            ok = _visible(rows, cols, Lq, Lk, q_offset, CAUSAL) & (lse != float("-inf"))[:, None]
-            lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
-            p = tl.where(ok, tl.exp(s - lse_safe[:, None]), 0.0)
-            dp = _dot(do, tl.trans(v), UPCAST, IEEE)
-            ds = p * (dp - dlt[:, None]) * scale
+            p, ds = _tile_p_ds(q, do, lse, dlt, k, v, uk, R1, S1, R2, S2, rows, cols, Lq, Lk, q_offset, scale,
+                               CAUSAL, BM, BN, UPCAST, IEEE)
             dva += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
             dsl = ds.to(q.dtype)
             dk += _dot(tl.trans(dsl), q, UPCAST, IEEE)
@@ -283,6 +290,177 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta
                  mask=cmask[:, None] & (odv < dv)[None, :])
         du = tl.sum(csum[:, None] * k.to(tl.float32), 0)
         tl.store(dup_ptr + (bh * nN + n) * d + od, du, mask=od < d)
+
+
+# The split backward: three kernels, each sum in registers and stored once (no read-modify-write of global
+# memory, no barrier, no atomics). Against the fused kernel it recomputes the scores three times
+# (5.25 + 5.5 + 4.5 = 15.25 units of BM x BN x d multiply-adds a tile at 32 x 128, against 8.75), but runs
+# nN x B H, nM x B H and nT x B H independent programs instead of chunks x B H programs that each walk a
+# chain of dependent tiles.
+
+
+@triton.jit
+def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dup_ptr,
+                   H, Lq, Lk, d, dv, P, scale, q_offset, nN,
+                   CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                   UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """dk, dv and the du partial of one key block (program (n, batch x head)), over the query blocks that see it:
+    ``dk_j = sum_i dS_ij q_i + (sum_i dS_ij) u``, ``du_n = sum_j (sum_i dS_ij) k_j`` (dS already scaled)."""
+    n = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
+    n0 = n * BN
+    cols = n0 + tl.arange(0, BN)
+    k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
+    v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
+    uk = _uk(k, u)
+    dk = tl.zeros([BN, BD], tl.float32)
+    dva = tl.zeros([BN, BDV], tl.float32)
+    csum = tl.zeros([BN], tl.float32)
+    lo = 0
+    if CAUSAL:  # the first query row that sees key n0 is n0 - q_offset
+        lo = tl.maximum(0, n0 - q_offset)
+        lo = (lo // BM) * BM
+    for m0 in range(lo, Lq, BM):
+        rows = m0 + tl.arange(0, BM)
+        q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
+        do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
+        lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+        dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
+        r0 = P + n0 - m0 - q_offset - (BM - 1)
+        R1, S1 = _window(R_ptr, S_ptr, r0, h, H, 2 * P, od, d, BN)
+        R2, S2 = _window(R_ptr, S_ptr, r0 + BN, h, H, 2 * P, od, d, BM)
+        p, ds = _tile_p_ds(q, do, lse, dlt, k, v, uk, R1, S1, R2, S2, rows, cols, Lq, Lk, q_offset, scale,
+                           CAUSAL, BM, BN, UPCAST, IEEE)
+        dva += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
+        csum += tl.sum(ds, 0)
+    dk += csum[:, None] * u[None, :]
+    cmask = cols < Lk
+    tl.store(dk_ptr + (bh * Lk + cols)[:, None] * d + od[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=cmask[:, None] & (od < d)[None, :])
+    tl.store(dv_ptr + (bh * Lk + cols)[:, None] * dv + odv[None, :], dva.to(dv_ptr.dtype.element_ty),
+             mask=cmask[:, None] & (odv < dv)[None, :])
+    du = tl.sum(csum[:, None] * k.to(tl.float32), 0)
+    tl.store(dup_ptr + (bh * nN + n) * d + od, du, mask=od < d)
+
+
+@triton.jit
+def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+                  H, Lq, Lk, d, dv, P, scale, q_offset,
+                  CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                  UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """dq of one query block (program (m, batch x head)) over the key blocks it sees:
+    ``dq_i = sum_j dS_ij k_j + sum_w G[i, w] Rw[w]``, G the tile's band in window coordinates."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    m0 = pid_m * BM
+    rows = m0 + tl.arange(0, BM)
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
+    q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
+    do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
+    lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+    dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
+    dq = tl.zeros([BM, BD], tl.float32)
+    hi = Lk
+    if CAUSAL:
+        hi = tl.minimum(Lk, m0 + BM + q_offset)
+    for n0 in range(0, hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
+        v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
+        r0 = P + n0 - m0 - q_offset - (BM - 1)
+        R1, S1 = _window(R_ptr, S_ptr, r0, h, H, 2 * P, od, d, BN)
+        R2, S2 = _window(R_ptr, S_ptr, r0 + BN, h, H, 2 * P, od, d, BM)
+        p, ds = _tile_p_ds(q, do, lse, dlt, k, v, _uk(k, u), R1, S1, R2, S2, rows, cols, Lq, Lk, q_offset,
+                           scale, CAUSAL, BM, BN, UPCAST, IEEE)
+        g1 = _band_to_window(ds, 0, BM, BN, BN).to(q.dtype)
+        g2 = _band_to_window(ds, BN, BM, BN, BM).to(q.dtype)
+        dq += _dot(ds.to(q.dtype), k, UPCAST, IEEE)
+        dq += _dot(g1, R1, UPCAST, IEEE)
+        dq += _dot(g2, R2, UPCAST, IEEE)
+    tl.store(dq_ptr + (bh * Lq + rows)[:, None] * d + od[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=(rows < Lq)[:, None] & (od < d)[None, :])
+
+
+@triton.jit
+def _load_span(ptr, base, idx, n_rows, o, width):
+    """Rows idx (any integers) of a (n_rows, width) slab at row offset base; rows outside 0..n_rows-1 are zero."""
+    return tl.load(ptr + (base + idx)[:, None] * width + o[None, :],
+                   mask=((idx >= 0) & (idx < n_rows))[:, None] & (o < width)[None, :], other=0.0)
+
+
+@triton.jit
+def _band_of(x1, x2, kk, BT: tl.constexpr):
+    """y[ii, w] = [x1 | x2][ii, kk[ii, w]]: the band of a (BM, BT + BM) tile held as two pieces."""
+    lo = tl.gather(x1, tl.minimum(kk, BT - 1), 1)
+    hi = tl.gather(x2, tl.maximum(kk - BT, 0), 1)
+    return tl.where(kk < BT, lo, hi)
+
+
+@triton.jit
+def _bwd_rel_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta_ptr, dRp_ptr, dSp_ptr,
+                    H, Lq, Lk, d, dv, P, scale, q_offset, rlo, NRT,
+                    CAUSAL: tl.constexpr, BM: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                    BDV: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """dR, dS of table rows rho0 .. rho0 + BT - 1 (program (t, batch x head), rho0 = rlo + t BT) over every query
+    block. In diagonal coordinates the pairs of query rows m0 + ii reading row rho0 + w are the keys
+    ``js + ii + w`` (js = rho0 - P + q_offset + m0), so the relative term is a plain product Q R_blk^T and
+    ``dR_blk = G^T Q`` with G[ii, w] = dS of that pair; the content term and dP become the band of a
+    (BM, BT + BM) product against the key span js .. js + BT + BM - 1."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    h = bh % H
+    rho0 = rlo + t * BT
+    od = tl.arange(0, BD)
+    odv = tl.arange(0, BDV)
+    w = tl.arange(0, BT)
+    ii = tl.arange(0, BM)
+    kk = ii[:, None] + w[None, :]  # the pair's key within the span
+    u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
+    Rb, Sb = _window(R_ptr, S_ptr, rho0, h, H, 2 * P, od, d, BT)
+    row_ok = (rho0 + w >= 0) & (rho0 + w < 2 * P)
+    if CAUSAL:
+        row_ok = row_ok & (rho0 + w <= P)  # j <= i + q_offset
+    jb = rho0 - P + q_offset  # the key of (query 0, w = 0)
+    m_lo = tl.maximum(0, -jb - (BT - 1))  # a query below it pairs only with keys < 0
+    m_lo = (m_lo // BM) * BM
+    m_hi = tl.minimum(Lq, Lk - jb)  # a query from here on pairs only with keys >= Lk
+    dR = tl.zeros([BT, BD], tl.float32)
+    dSa = tl.zeros([BT], tl.float32)
+    for m0 in range(m_lo, m_hi, BM):
+        rows = m0 + ii
+        q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
+        do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
+        lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+        dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
+        js = jb + m0
+        c1 = js + tl.arange(0, BT)
+        c2 = js + BT + tl.arange(0, BM)
+        k1 = _load_span(k_ptr, bh * Lk, c1, Lk, od, d)
+        k2 = _load_span(k_ptr, bh * Lk, c2, Lk, od, d)
+        x1 = _dot(q, tl.trans(k1), UPCAST, IEEE) + _uk(k1, u)[None, :]
+        x2 = _dot(q, tl.trans(k2), UPCAST, IEEE) + _uk(k2, u)[None, :]
+        s = (_band_of(x1, x2, kk, BT) + _dot(q, tl.trans(Rb), UPCAST, IEEE) + Sb[None, :]) * scale
+        cols = js + kk
+        ok = (rows < Lq)[:, None] & (cols >= 0) & (cols < Lk) & row_ok[None, :] & (lse != float("-inf"))[:, None]
+        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+        p = tl.where(ok, tl.exp(s - lse_safe[:, None]), 0.0)
+        v1 = _load_span(v_ptr, bh * Lk, c1, Lk, odv, dv)
+        v2 = _load_span(v_ptr, bh * Lk, c2, Lk, odv, dv)
+        dp = _band_of(_dot(do, tl.trans(v1), UPCAST, IEEE), _dot(do, tl.trans(v2), UPCAST, IEEE), kk, BT)
+        ds = p * (dp - dlt[:, None]) * scale
+        dR += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
+        dSa += tl.sum(ds, 0)
+    out = bh * NRT + t * BT + w
+    tl.store(dRp_ptr + out[:, None] * d + od[None, :], dR, mask=(od < d)[None, :])
+    tl.store(dSp_ptr + out, dSa)
 
 
 # ---------------------------------------------------------------------------
@@ -328,6 +506,53 @@ def chunks(n_key_blocks: int) -> int:
 MAX_CHUNKS = 4
 
 
+def schedule(q: torch.Tensor, d: int) -> str:
+    """The backward's schedule: ``SCHEDULE`` if set ("fused" or "split"), else ``_cfg``'s ``bwd`` ("fused")."""
+    return SCHEDULE or _cfg(q, d).get("bwd", "fused")
+
+
+SCHEDULE: Optional[str] = None  # tests and benchmarks/gpu/tune_rel_attention.py set it; the library never does
+
+
+def _backward_split(q, k, v, R, S, u, do, lse, delta, dk, dvv, causal: bool, q_offset: int):
+    """The three-kernel backward (dk dv du per key block, dq per query block, dR dS per block of table rows);
+    writes dk, dvv in place and returns dq, du, dR, dS. The dR / dS partials are (B H, NRT) rows, summed over
+    the batch in torch (a fixed order); O(L d) memory."""
+    B, H, Lq, d = q.shape
+    Lk, dv, P = k.shape[2], v.shape[-1], R.shape[0] // 2
+    kw, c = _consts(q, v, causal)
+    BM, BN = kw["BM"], kw["BN"]
+    nM, nN = triton.cdiv(Lq, BM), triton.cdiv(Lk, BN)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    args = (H, Lq, Lk, d, dv, P, d ** -0.5, q_offset)
+    opts = launch_opts(q, c["bwd_warps"], c["stages"])
+    dup = torch.empty(B, H, nN, d, **f32)
+    dq = torch.empty_like(q)
+    # the table rows visible pairs read: r = P + j - i - q_offset over i < Lq, j < Lk (j <= i + q_offset causal)
+    rlo = max(0, P - (Lq - 1) - q_offset)
+    rhi = min(2 * P, P + Lk - q_offset, P + 1 if causal else 2 * P)
+    BT = c.get("BT", BN)
+    nT = triton.cdiv(max(rhi - rlo, 0), BT)
+    NRT = nT * BT
+    dRp = torch.empty(B, H, NRT, d, **f32)
+    dSp = torch.empty(B, H, NRT, **f32)
+    with device_ctx(q):
+        _bwd_kv_kernel[(nN, B * H)](q, k, v, R, S, u, do, lse, delta, dk, dvv, dup, *args, nN, **kw, **opts)
+        _bwd_q_kernel[(nM, B * H)](q, k, v, R, S, u, do, lse, delta, dq, *args, **kw, **opts)
+        if nT:
+            rkw = dict(kw)
+            del rkw["BN"]
+            _bwd_rel_kernel[(nT, B * H)](q, k, v, R, S, u, do, lse, delta, dRp, dSp, *args, rlo, NRT, BT=BT,
+                                         **rkw, **opts)
+    dR = torch.zeros(R.shape, **f32)
+    dS = torch.zeros(S.shape, **f32)
+    hi = min(rlo + NRT, 2 * P)
+    if hi > rlo:  # rows of the last block past the table only ever saw masked pairs
+        dR[rlo:hi] = dRp.sum(0)[:, :hi - rlo].transpose(0, 1)
+        dS[rlo:hi] = dSp.sum(0)[:, :hi - rlo].T
+    return dq, dup.sum(dim=(0, 2)), dR, dS
+
+
 def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R: torch.Tensor,
              S: torch.Tensor, u: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, causal: bool, q_offset: int):
     B, H, Lq, d = q.shape
@@ -340,7 +565,9 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dR = torch.zeros(R.shape, dtype=torch.float32, device=q.device)
     dS = torch.zeros(S.shape, dtype=torch.float32, device=q.device)
     du = torch.zeros(u.shape, dtype=torch.float32, device=q.device)
-    if q.numel() and k.numel():
+    if q.numel() and k.numel() and schedule(q, d) == "split":
+        dq, du, dR, dS = _backward_split(q, k, v, R, S, u, do, lse, delta, dk, dvv, causal, int(q_offset))
+    elif q.numel() and k.numel():
         kw, c = _consts(q, v, causal)
         BM, BN = kw["BM"], kw["BN"]
         nM, nN = triton.cdiv(Lq, BM), triton.cdiv(Lk, BN)

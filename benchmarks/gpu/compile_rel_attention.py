@@ -94,13 +94,17 @@ def main() -> int:
     if args.all:
         configs += [("fp16", 32, 128, 128), ("bf16", 16, 64, 256), ("fp32", 32, 128, 64), ("fp32", 16, 64, 128),
                     ("fp32", 16, 32, 256)]
-    attention = [("forward", m._fwd_kernel, 4), ("backward", m._bwd_kernel, None)]
+    attention = [("forward", m._fwd_kernel, 4), ("backward", m._bwd_kernel, None),
+                 ("split kv", m._bwd_kv_kernel, None), ("split q", m._bwd_q_kernel, None),
+                 ("split rel", m._bwd_rel_kernel, None)]
     failed = 0
     for dtype, bBM, bBN, bd in configs:
         for name, fn, warps in attention:
             # where the backward takes 32 x 128, the forward takes 64 x 64 (_cfg's FBM / FBN)
             BM, BN = (64, 64) if name == "forward" and bBN == 128 else (bBM, bBN)
             const = dict(CAUSAL=True, BM=BM, BN=BN, BD=bd, BDV=bd, UPCAST=False, IEEE=dtype == "fp32")
+            if name == "split rel":  # table-row blocks of BT = BN rows (the launcher's default)
+                const["BT"] = const.pop("BN")
             warps = warps or (8 if BN == 128 else 4)
             tag = f"sm_{args.arch} {dtype} {BM}x{BN} d<={bd} {name} ({warps} warps)"
             try:

@@ -440,6 +440,8 @@ def main() -> int:
         def sdpa(q, k, v, R, S, u):  # the ceiling: the same attention without the relative terms
             return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
+        from embkern.triton_kernels import rel_conv_attention as rca_tk
+
         def rel(be):
             def f(q, k, v, R, S, u):
                 return embkern.relative_attention(q, k, v, R, S, u, max_distance=P_rel, backend=be)
@@ -455,20 +457,29 @@ def main() -> int:
                  note="x mm = time / sdpa")
         del o64
 
-        def fb(fn):
+        def fb(fn, schedule=None):
             leaves = [t.detach().clone().requires_grad_(True) for t in ins]
             go = torch.randn_like(qr)
 
             def f():
                 for t in leaves:
                     t.grad = None
-                fn(*leaves).backward(go)
+                rca_tk.SCHEDULE = schedule  # the Triton backward's schedule ("fused" / "split"; None: default)
+                try:
+                    fn(*leaves).backward(go)
+                finally:
+                    rca_tk.SCHEDULE = None
                 return tuple(t.grad for t in leaves[:3])
             return f
 
         base = case(sec, f"fwd+bwd {name}", "sdpa (no relative terms)", fb(sdpa), 3.5 * flops)
-        for label, fn in impls:
-            case(sec, f"fwd+bwd {name}", label, fb(fn), 3.5 * flops, mm_ms=base, note="x mm = time / sdpa")
+        # both backward schedules (the autograd backward runs inside fn's call: the schedule is read then)
+        default = rca_tk.schedule(qr, dr)
+        other = "split" if default == "fused" else "fused"
+        for label, fn, sched in ([(f"triton ({default} backward)", impls[0][1], None),
+                                  (f"triton ({other} backward)", impls[0][1], other)]
+                                 + [(lb, f, None) for lb, f in impls[1:]]):
+            case(sec, f"fwd+bwd {name}", label, fb(fn, sched), 3.5 * flops, mm_ms=base, note="x mm = time / sdpa")
         del qr, kr, vr, Rr, Sr, ur, ins
         if cuda:
             torch.cuda.empty_cache()

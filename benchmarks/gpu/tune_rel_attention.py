@@ -1,5 +1,9 @@
 #!/usr/bin/env python3
-"""Sweep the Triton relative-attention backward's chunk count and tile shapes on a GPU.
+"""Sweep the Triton relative-attention backward's schedule, chunk count and tile shapes on a GPU.
+
+Two schedules: "fused" (one kernel, chunks of key blocks, partial sums read-modify-written per tile) and
+"split" (three kernels: dk dv per key block, dq per query block, dR dS per block of table rows; every sum in
+registers, stored once).
 
 The fused backward runs one program per (chunk, batch x head); ``MAX_CHUNKS`` caps the chunks, so it trades
 parallelism (programs = chunks x B x H against the GPU's SMs) for partial-buffer memory (chunks x O(L d)).
@@ -10,7 +14,7 @@ and gradients against the float64 reference at a small shape, so a fast setting 
 
     python benchmarks/gpu/tune_rel_attention.py [--budget S] [--out PATH]
 
-Nothing here changes the library: it patches the module's MAX_CHUNKS / _cfg in this process only.
+Nothing here changes the library: it patches the module's SCHEDULE / MAX_CHUNKS / _cfg in this process only.
 Timings are reported, never asserted. ``--allow-cpu`` runs a tiny smoke test in the Triton interpreter.
 """
 
@@ -120,10 +124,12 @@ def main() -> int:
 
     tiles = [None] if not cuda else [None, (64, 64, 4, 8), (32, 64, 4, 4), (32, 128, 4, 4), (64, 128, 4, 8)]
     chunk_sweep = [1, 4, 8, 32] if not cuda else [4, 8, 16, 32]
-    settings = [(None, c) for c in chunk_sweep] + [(t, default_chunks) for t in tiles[1:]]
-    for tile, ch in settings:
+    settings = [(None, c, "fused") for c in chunk_sweep] + [(t, default_chunks, "fused") for t in tiles[1:]]
+    # the split backward (three kernels, no partial read-modify-write): default tiles first, then others
+    settings = [(None, default_chunks, "split")] + settings + [(t, default_chunks, "split") for t in tiles[1:]]
+    for tile, ch, sched in settings:
         if time.time() - t0 > args.budget:
-            rows.append([str(tile or "default"), str(ch), "-", "not run (budget)", "", "", "", ""])
+            rows.append([f"{tile or 'default'} {sched}", str(ch), "-", "not run (budget)", "", "", "", ""])
             continue
         if tile is None:
             tk._cfg = default_cfg
@@ -131,8 +137,9 @@ def main() -> int:
             BM, BN, w, bw = tile
             tk._cfg = lambda t, dd, BM=BM, BN=BN, w=w, bw=bw: dict(BM=BM, BN=BN, warps=w, bwd_warps=bw, stages=2)
         tk.MAX_CHUNKS = ch
+        tk.SCHEDULE = sched
         c = tk._cfg(big[0], d)
-        label = f"{c['BM']}x{c['BN']} fwd {c['warps']}w bwd {c['bwd_warps']}w"
+        label = f"{c['BM']}x{c['BN']} fwd {c['warps']}w bwd {c['bwd_warps']}w {sched}"
         try:
             s = time.time()
             fb = fwd_bwd(big, gbig, "triton")
@@ -143,7 +150,7 @@ def main() -> int:
             pk = peak_mib(fb)
             e = errors()
             err = ", ".join(f"{n} {v:.1e}" for n, v in e.items())
-            rows.append([label, str(tk.chunks(-(-L // c["BN"]))), f"{comp:.0f}", f"{t[0]:.3f}",
+            rows.append([label, str(tk.chunks(-(-L // c["BN"]))) if sched == "fused" else "-", f"{comp:.0f}", f"{t[0]:.3f}",
                          f"{t[1]:.3f}..{t[2]:.3f}", f"{t[0] / sd[0]:.2f}", f"{pk or 0:.0f}",
                          f"fwd {fo[0]:.3f} ms; {fl / (t[0] * 1e-3) / 1e12:.1f} TFLOP/s; {err}"])
         except Exception as exc:
@@ -153,6 +160,7 @@ def main() -> int:
         finally:
             tk._cfg = default_cfg
             tk.MAX_CHUNKS = default_chunks
+            tk.SCHEDULE = None
             if cuda:
                 torch.cuda.empty_cache()
 
