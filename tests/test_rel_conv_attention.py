@@ -354,6 +354,26 @@ def test_bench_workloads_run_and_agree_with_the_reference(monkeypatch):
             w.teardown()
 
 
+
+@pytest.mark.parametrize("Lq,Lk,causal,qo", [(17, 17, True, None), (5, 21, True, None), (6, 30, False, None),
+                                             (9, 9, True, 3)])
+def test_flex_attention_anchor_equals_the_reference(Lq, Lk, causal, qo):
+    # the GPU timing's FlexAttention anchor (precomputed q . R bias in score_mod, causal block mask): its
+    # forward, eager on the CPU in float64 (FlexAttention has no CPU backward), is the reference's
+    from embkern.bench import rel_conv_attention as rb
+
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    args = _inputs(2, 3, Lq, Lk, 16, 16, torch.float64)
+    with torch.no_grad():
+        got = rb.flex_relative_attention(*args, causal=causal, q_offset=qo, compiled=False)
+    torch.testing.assert_close(got, ref.attention(*args, causal=causal, q_offset=qo), rtol=1e-12, atol=1e-12)
+    q, k, v, R, S, u = args
+    bias = rb.relative_bias(q, R, S, Lk, qo)
+    off = Lk - Lq if qo is None else qo
+    for i, j in ((0, 0), (Lq - 1, Lk - 1), (Lq // 2, 1)):
+        r = P + j - i - off
+        torch.testing.assert_close(bias[1, 2, i, j], q[1, 2, i] @ R[r, 2] + S[r, 2], rtol=1e-12, atol=1e-12)
+
 def test_char_lm_trains_mha_rmha_rcmha_on_the_same_batches():
     from embkern.contrib import char_lm
     from helpers import oracle

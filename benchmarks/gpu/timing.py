@@ -451,6 +451,10 @@ def main() -> int:
         o64 = rca_ref.attention(*(t.double() for t in ins)) if Lr <= 2048 else None
         err = maxerr(o64) if o64 is not None else None
         impls = [("triton", rel("triton"))] + ([("reference (torch)", rel("reference"))] if Lr <= 1024 else [])
+        if cuda:  # the anchor: FlexAttention (compiled) with the (B, H, L, L) q . R + S bias precomputed
+            from embkern.bench.rel_conv_attention import flex_relative_attention
+
+            impls.append(("flexattention + precomputed q.R bias", flex_relative_attention))
         base = case(sec, f"forward {name}", "sdpa (no relative terms)", lambda: sdpa(*ins), flops)
         for label, fn in impls:
             case(sec, f"forward {name}", label, lambda: fn(*ins), flops, mm_ms=base, err_fn=err,

@@ -94,6 +94,55 @@ def _sdpa(q, k, v, *rest):
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
+def relative_bias(q, R, S, Lk: int, q_offset=None):
+    """The relative term as a dense tensor: (B, H, Lq, Lk) ``q_i . R[r_ij] + S[r_ij]`` (not yet scaled), with
+    ``r_ij = P + j - i - q_offset`` -- what a generic attention kernel needs precomputed to run Transformer-XL
+    attention. Built from ``q Rw^T`` over the Lq + Lk - 1 table rows the pairs read (B, H, Lq, Lq + Lk - 1) and
+    a gather: O(L^2) memory, differentiable in q, R and S. Rows outside the table (read only by pairs that a
+    valid call masks) are clamped into it."""
+    B, H, Lq, d = q.shape
+    P = R.shape[0] // 2
+    qo = Lk - Lq if q_offset is None else int(q_offset)
+    lo = P - qo - (Lq - 1)
+    rows = (lo + torch.arange(Lq + Lk - 1, device=q.device)).clamp(0, 2 * P - 1)
+    qr = torch.einsum("bhid,whd->bhiw", q, R[rows].to(q.dtype)) + S[rows].T.to(q.dtype)[None, :, None, :]
+    i = torch.arange(Lq, device=q.device)[:, None]
+    j = torch.arange(Lk, device=q.device)[None, :]
+    return torch.gather(qr, 3, (j - i + Lq - 1).expand(B, H, Lq, Lk))
+
+
+def flex_relative_attention(q, k, v, R, S, u, causal: bool = True, q_offset=None, compiled: bool = True):
+    """Relative attention through PyTorch's FlexAttention, the issue's GPU anchor: ``(q + u) . k`` as the
+    content score, the precomputed :func:`relative_bias` added in ``score_mod`` (its gradient flows back into
+    q, R, S through autograd), and the causal ``j <= i + q_offset`` as a block mask. q (B, H, Lq, d), k, v
+    (B, H, Lk, d); returns (B, H, Lq, dv). FlexAttention has no backward on the CPU (torch raises there)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, H, Lq, d = q.shape
+    Lk = k.shape[2]
+    qo = Lk - Lq if q_offset is None else int(q_offset)
+    scale = d ** -0.5
+    bias = relative_bias(q, R, S, Lk, qo)
+
+    def score_mod(score, b, h, i, j):
+        return score + bias[b, h, i, j] * scale
+
+    mask = None
+    if causal:
+        mask = create_block_mask(lambda b, h, i, j: j <= i + qo, B, H, Lq, Lk, device=q.device)
+    fn = _compiled_flex(flex_attention) if compiled else flex_attention
+    return fn(q + u.to(q.dtype)[None, :, None, :], k, v, score_mod=score_mod, block_mask=mask, scale=scale)
+
+
+_FLEX = {}
+
+
+def _compiled_flex(flex_attention):
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
+
+
 def _case(data: _Data, L: int, backward: bool) -> Workload:
     B, H, _, d = data.shape
     P = data.P
