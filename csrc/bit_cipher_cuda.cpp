@@ -97,6 +97,14 @@ bcc::Problem make_problem(const Problem& a) {
   return p;
 }
 
+// The size arguments of workspace_bytes / workspace_layout (before any CUDA call).
+void check_workspace_sizes(int64_t num_tokens, int64_t vocab_size) {
+  if (num_tokens < 0 || num_tokens > bcc::kMaxTokens)
+    value_error("num_tokens: expected 0 <= N < 2^31, got " + std::to_string(num_tokens));
+  if (vocab_size < 1 || vocab_size > 0x7fffffffLL)
+    value_error("vocab_size: expected 1 <= V < 2^31, got " + std::to_string(vocab_size));
+}
+
 }  // namespace
 
 void register_bit_cipher_cuda(py::module_& m) {
@@ -121,10 +129,7 @@ void register_bit_cipher_cuda(py::module_& m) {
   m.def(
       "workspace_bytes",
       [](int64_t num_tokens, int64_t vocab_size, int device) {
-        if (num_tokens < 0 || num_tokens > bcc::kMaxTokens)
-          value_error("num_tokens: expected 0 <= N < 2^31, got " + std::to_string(num_tokens));
-        if (vocab_size < 1 || vocab_size > 0x7fffffffLL)
-          value_error("vocab_size: expected 1 <= V < 2^31, got " + std::to_string(vocab_size));
+        check_workspace_sizes(num_tokens, vocab_size);
         std::string err;
         const int64_t n = bcc::workspace_bytes(num_tokens, vocab_size, device, &err);
         if (n < 0) throw std::runtime_error(err);
@@ -132,6 +137,29 @@ void register_bit_cipher_cuda(py::module_& m) {
       },
       py::arg("num_tokens"), py::arg("vocab_size"), py::arg("device"),
       "Bytes of device workspace count() needs for N tokens and V types");
+  m.def(
+      "workspace_layout",
+      [](int64_t num_tokens, int64_t vocab_size, int device) {
+        check_workspace_sizes(num_tokens, vocab_size);
+        bcc::WorkspaceLayout L;
+        std::string err;
+        if (!bcc::workspace_layout(num_tokens, vocab_size, device, &L, &err)) throw std::runtime_error(err);
+        py::dict d;
+        d["pos"] = L.pos;
+        d["keys"] = L.keys;
+        d["spos"] = L.spos;
+        d["doc_of"] = L.doc_of;
+        d["start"] = L.start;
+        d["end"] = L.end;
+        d["cub"] = L.cub;
+        d["cub_bytes"] = L.cub_bytes;
+        d["total"] = L.total;
+        return d;
+      },
+      py::arg("num_tokens"), py::arg("vocab_size"), py::arg("device"),
+      "Byte offsets in count()'s workspace for N tokens and V types: pos, keys, spos, doc_of (N int32 each), "
+      "start, end (V int32 each), cub (the sort's temporary storage, cub_bytes long), and total "
+      "(= workspace_bytes)");
   m.def(
       "count",
       [](const Problem& a, py::object workspace_ptr, int64_t workspace_bytes, int device, uintptr_t stream) {

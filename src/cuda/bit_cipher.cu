@@ -122,16 +122,23 @@ __global__ void __launch_bounds__(kThreads) count_kernel(Args a) {
   }
 }
 
-struct Layout {
-  int64_t pos, keys, spos, doc_of, start, end, cub, cub_bytes, total;
-};
+// The sort compares bits [0, end_bit) of the keys: the fewest that hold every
+// id in [0, V). The size query and the sort itself both use this range, as
+// CUB requires (the temporary storage it needs depends on the number of
+// digit passes).
+int end_bit_for(int64_t V) {
+  int b = 1;
+  while (b < 31 && (int64_t(1) << b) < V) ++b;
+  return b;
+}
 
-bool layout(int64_t n, int64_t V, Layout* L, std::string* error) {
+bool layout(int64_t n, int64_t V, WorkspaceLayout* L, std::string* error) {
   size_t cub_bytes = 0;
   cudaError_t st = cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, static_cast<const int32_t*>(nullptr),
                                                    static_cast<int32_t*>(nullptr),
                                                    static_cast<const int32_t*>(nullptr),
-                                                   static_cast<int32_t*>(nullptr), static_cast<int>(n));
+                                                   static_cast<int32_t*>(nullptr), static_cast<int>(n), 0,
+                                                   end_bit_for(V));
   if (st != cudaSuccess) {
     if (error) *error = std::string("embkern bit_cipher (CUDA): sort size query: ") + cudaGetErrorString(st);
     return false;
@@ -159,12 +166,6 @@ Status fail(cudaError_t st, const char* what, std::string* error) {
   return Status::CudaError;
 }
 
-int end_bit_for(int64_t V) {
-  int b = 1;
-  while (b < 31 && (int64_t(1) << b) < V) ++b;
-  return b;
-}
-
 }  // namespace
 
 int64_t workspace_bytes(int64_t num_tokens, int64_t vocab_size, int device, std::string* error) {
@@ -173,9 +174,19 @@ int64_t workspace_bytes(int64_t num_tokens, int64_t vocab_size, int device, std:
     fail(st, "cudaSetDevice", error);
     return -1;
   }
-  Layout L;
+  WorkspaceLayout L;
   if (!layout(num_tokens, vocab_size, &L, error)) return -1;
   return L.total;
+}
+
+bool workspace_layout(int64_t num_tokens, int64_t vocab_size, int device, WorkspaceLayout* out,
+                      std::string* error) {
+  cudaError_t st = cudaSetDevice(device);
+  if (st != cudaSuccess) {
+    fail(st, "cudaSetDevice", error);
+    return false;
+  }
+  return layout(num_tokens, vocab_size, out, error);
 }
 
 Status count(const Problem& p, void* workspace, int64_t workspace_bytes_given, int device, void* stream_ptr,
@@ -184,7 +195,7 @@ Status count(const Problem& p, void* workspace, int64_t workspace_bytes_given, i
   if (n == 0) return Status::Ok;
   cudaError_t st = cudaSetDevice(device);
   if (st != cudaSuccess) return fail(st, "cudaSetDevice", error);
-  Layout L;
+  WorkspaceLayout L;
   if (!layout(n, V, &L, error)) return Status::CudaError;
   if (workspace_bytes_given < L.total) {
     if (error) *error = "embkern bit_cipher (CUDA): workspace smaller than workspace_bytes()";

@@ -31,9 +31,16 @@ def code_mask(codes: np.ndarray) -> np.ndarray:
 
 
 def count(tokens: Tensor, doc_offsets: Tensor, mask: Tensor, wa: Tensor, ws, wpad: Tensor, deltas: Tensor,
-          A: Tensor, concat: bool) -> None:
+          A: Tensor, concat: bool, debug: dict | None = None) -> None:
     """Adds one chunk's exact sums into A (V, nb, b + 2, 2) int64 (unsigned 128-bit (lo, hi) words) on its
-    device; wa, ws (n_off, V) and wpad (n_off,) are int64 quanta of 2^-62 in [0, 2^62]."""
+    device; wa, ws (n_off, V) and wpad (n_off,) are int64 quanta of 2^-62 in [0, 2^62].
+
+    debug: a dict to hand back the call's intermediate arrays (for tests that check the stages on a GPU).
+    It gets "workspace" (the uint8 device workspace the kernels used, kept alive by the dict),
+    "layout" (``workspace_layout``'s byte offsets into it: pos, keys, spos, doc_of, start, end, cub,
+    cub_bytes, total), "tokens" and "doc_offsets" (the int32 / int64 device arrays the kernels read).
+    The kernels are asynchronous: synchronise the device before reading the workspace. None: nothing
+    is kept; the launch is the same either way."""
     mod = _mod()
     dev = A.device
     index = dev.index if dev.index is not None else torch.cuda.current_device()
@@ -55,10 +62,17 @@ def count(tokens: Tensor, doc_offsets: Tensor, mask: Tensor, wa: Tensor, ws, wpa
         code_mask=view(mask), wa=view(wa), ws=None if ws is None else view(ws), wpad=view(wpad),
         deltas=view(deltas), deltas_host=deltas.cpu().numpy(), concat=bool(concat), vocab_size=V, bits=E - 2,
         A=view(A))
-    nbytes = mod.workspace_bytes(tok.numel(), V, index)
-    workspace = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=dev)
-    stream = torch.cuda.current_stream(index).cuda_stream
-    mod.count(problem, workspace=workspace.data_ptr(), workspace_bytes=int(nbytes), device=index, stream=stream)
+    # the compiled code makes `index` the calling thread's current device (cudaSetDevice), which torch
+    # shares: the guard puts torch's previous device back afterwards
+    with torch.cuda.device(index):
+        nbytes = mod.workspace_bytes(tok.numel(), V, index)
+        workspace = torch.empty(max(int(nbytes), 1), dtype=torch.uint8, device=dev)
+        stream = torch.cuda.current_stream(index).cuda_stream
+        mod.count(problem, workspace=workspace.data_ptr(), workspace_bytes=int(nbytes), device=index,
+                  stream=stream)
+        if debug is not None:
+            debug.update(workspace=workspace, layout=dict(mod.workspace_layout(tok.numel(), V, index)),
+                         tokens=tok, doc_offsets=off)
     A_buf = keep[-1]  # view(A): A itself, or its contiguous copy that the kernel added into
     if A_buf.data_ptr() != A.data_ptr():
         A.copy_(A_buf)

@@ -54,6 +54,24 @@ enum class Status : int { Ok = 0, CudaError = 2 };
 // Bytes of device workspace count() needs (a host-side size query).
 int64_t workspace_bytes(int64_t num_tokens, int64_t vocab_size, int device, std::string* error);
 
+// Where count() keeps its intermediate arrays in the workspace: byte offsets
+// from the workspace's start, each a multiple of 256. pos, keys, spos and
+// doc_of hold N int32 each (the sort's input values, its output keys and
+// values, the document of each position), start and end V int32 each (the
+// [start, end) run of each type in keys; 0, 0 for an absent type), cub the
+// sort's temporary storage (cub_bytes). total is workspace_bytes(). Once a
+// count() has finished on its stream they hold that call's stages, which is
+// how a test reads them back.
+struct WorkspaceLayout {
+  int64_t pos = 0, keys = 0, spos = 0, doc_of = 0, start = 0, end = 0, cub = 0, cub_bytes = 0, total = 0;
+};
+
+// The layout count() uses for N tokens and V types on `device` (a host-side
+// query, as workspace_bytes). False, with cudaGetErrorString text in *error,
+// when the CUDA runtime fails.
+bool workspace_layout(int64_t num_tokens, int64_t vocab_size, int device, WorkspaceLayout* layout,
+                      std::string* error);
+
 // Enqueue the counting of one chunk on `stream` (cudaStream_t; 0 = legacy
 // default) of `device`. Asynchronous. Launch failures come back as
 // Status::CudaError with cudaGetErrorString text; nothing aborts.
