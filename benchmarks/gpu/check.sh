@@ -15,7 +15,8 @@
 # whole script), CUDA_ARCHS (default "native": only the GPU present, the
 # fastest build), RESULTS_DIR (default benchmarks/results), ONLY (steps to
 # run, default "env build import tests timing"; the others are recorded as
-# skipped), TESTS_MAX_S (default 180), TEST_WORKERS (default 4, with xdist).
+# skipped), TESTS_MAX_S (default 180), TEST_WORKERS (default 4, with xdist),
+# TIMING_ONLY (timing.py --only: e.g. "relative_attention,bit_cipher").
 #
 # Budget (450 s): build <= 200 s and leaves >= 200 s; tests <= 180 s and leave
 # >= 90 s for the timings; timing.py stops starting new cases 40 s before its
@@ -114,7 +115,7 @@ SLUG="$($PY -c 'import re, torch; print(re.sub(r"[^a-z0-9]+", "-", torch.cuda.ge
 OUT_MD="$RESULTS_DIR/$SLUG.md"
 TL=$(( $(left) - 15 ))
 step timing 300 10 env -u TRITON_INTERPRET "$PY" benchmarks/gpu/timing.py --out "$OUT_MD" --steps "$STEPS" \
-  --budget "$(( TL > 60 ? TL - 40 : 20 ))"
+  --budget "$(( TL > 60 ? TL - 40 : 20 ))" ${TIMING_ONLY:+--only "$TIMING_ONLY"}
 
 # timing.py writes the report (steps included); if it could not, write the steps alone.
 if [[ ! -s "$OUT_MD" ]]; then

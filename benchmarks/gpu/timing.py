@@ -73,6 +73,8 @@ def main() -> int:
     ap.add_argument("--out", default=None, help="markdown path (default benchmarks/results/<device>.md)")
     ap.add_argument("--steps", default=None, help="TSV of check.sh steps (name, status, seconds, note)")
     ap.add_argument("--budget", type=float, default=240.0, help="seconds for the hypercomplex cases + fde")
+    ap.add_argument("--only", default="", help="comma-separated sections to time (hypercomplex, "
+                    "selective_attention, bit_cipher, relative_attention, fde); default all")
     ap.add_argument("--allow-cpu", action="store_true",
                     help="smoke-test the script without a GPU (tiny sizes, perf_counter timing, no Triton)")
     args = ap.parse_args()
@@ -87,6 +89,11 @@ def main() -> int:
               file=sys.stderr)
         return 2
     device = torch.device("cuda" if cuda else "cpu")
+    only = [x.strip() for x in args.only.split(",") if x.strip()]
+
+    def selected(section: str) -> bool:
+        """Whether --only (empty: everything) names this section (a prefix of its name)."""
+        return not only or any(section.startswith(x) for x in only)
     dev_name = torch.cuda.get_device_name(0) if cuda else f"cpu-smoke-{platform.machine()}"
     out_path = args.out or os.path.join(ROOT, "benchmarks", "results", f"{slug(dev_name)}.md")
 
@@ -181,6 +188,9 @@ def main() -> int:
         return text
 
     def case(section, name, impl, fn, flops, mm_ms=None, ref_ms=None, err_fn=None, note=""):
+        if not selected(section):
+            rows.add(section=section, case=name, impl=impl, status="not run (not in --only)")
+            return None
         if time.time() > deadline:
             rows.add(section=section, case=name, impl=impl, status="not run (time budget spent)")
             write_report()
@@ -491,7 +501,7 @@ def main() -> int:
     # ---------------------------------------------------------------- fde (CUDA): fde_cuda_bench.py
     fde_md = ""
     fde_script = os.path.join(HERE, "fde_cuda_bench.py")
-    if os.path.exists(fde_script):
+    if os.path.exists(fde_script) and selected("fde"):
         left = max(10.0, deadline - time.time())
         try:
             # it prints one markdown table row; --header adds the header lines above it

@@ -128,13 +128,17 @@ def flex_relative_attention(q, k, v, R, S, u, causal: bool = True, q_offset=None
         return score + bias[b, h, i, j] * scale
 
     mask = None
-    if causal:
-        mask = create_block_mask(lambda b, h, i, j: j <= i + qo, B, H, Lq, Lk, device=q.device)
+    if causal:  # built once per shape (not per call; it is the same for every batch element and head)
+        key = (Lq, Lk, qo, str(q.device))
+        if key not in _MASKS:
+            _MASKS[key] = create_block_mask(lambda b, h, i, j: j <= i + qo, None, None, Lq, Lk, device=q.device)
+        mask = _MASKS[key]
     fn = _compiled_flex(flex_attention) if compiled else flex_attention
     return fn(q + u.to(q.dtype)[None, :, None, :], k, v, score_mod=score_mod, block_mask=mask, scale=scale)
 
 
 _FLEX = {}
+_MASKS = {}
 
 
 def _compiled_flex(flex_attention):
