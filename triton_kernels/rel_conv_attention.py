@@ -108,6 +108,25 @@ def _window(R_ptr, S_ptr, r0, h, H, P2, od, d, BW: tl.constexpr):
 
 
 @triton.jit
+def _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, Lq, od, d, odv, dv):
+    """q, dO, the saved lse (-inf past Lq) and D of query rows ``rows`` of batch x head bh."""
+    q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
+    do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
+    lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
+    dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
+    return q, do, lse, dlt
+
+
+@triton.jit
+def _tile_windows(R_ptr, S_ptr, P, n0, m0, q_offset, h, H, od, d, BM: tl.constexpr, BN: tl.constexpr):
+    """The (query block m0, key block n0) tile's window start r0 and its two pieces (BN rows, then BM)."""
+    r0 = P + n0 - m0 - q_offset - (BM - 1)
+    R1, S1 = _window(R_ptr, S_ptr, r0, h, H, 2 * P, od, d, BN)
+    R2, S2 = _window(R_ptr, S_ptr, r0 + BN, h, H, 2 * P, od, d, BM)
+    return r0, R1, S1, R2, S2
+
+
+@triton.jit
 def _scores(q, k, uk, R1, S1, R2, S2, scale, BM: tl.constexpr, BN: tl.constexpr, UPCAST: tl.constexpr,
             IEEE: tl.constexpr):
     """(BM, BN) fp32 unmasked scores of one tile: content, u . k, and the diagonal band of the two window
@@ -178,9 +197,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, o_ptr, lse_ptr,
         cols = n0 + tl.arange(0, BN)
         k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
         v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
-        r0 = P + n0 - m0 - q_offset - (BM - 1)
-        R1, S1 = _window(R_ptr, S_ptr, r0, h, H, 2 * P, od, d, BN)
-        R2, S2 = _window(R_ptr, S_ptr, r0 + BN, h, H, 2 * P, od, d, BM)
+        r0, R1, S1, R2, S2 = _tile_windows(R_ptr, S_ptr, P, n0, m0, q_offset, h, H, od, d, BM, BN)
         s = _scores(q, k, _uk(k, u), R1, S1, R2, S2, scale, BM, BN, UPCAST, IEEE)
         s = tl.where(_visible(rows, cols, Lq, Lk, q_offset, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -251,13 +268,8 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta
             lo = (lo // BM) * BM
         for m0 in range(lo, Lq, BM):
             rows = m0 + tl.arange(0, BM)
-            q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
-            do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
-            lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
-            dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
-            r0 = P + n0 - m0 - q_offset - (BM - 1)
-            R1, S1 = _window(R_ptr, S_ptr, r0, h, H, 2 * P, od, d, BN)
-            R2, S2 = _window(R_ptr, S_ptr, r0 + BN, h, H, 2 * P, od, d, BM)
+            q, do, lse, dlt = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, Lq, od, d, odv, dv)
+            r0, R1, S1, R2, S2 = _tile_windows(R_ptr, S_ptr, P, n0, m0, q_offset, h, H, od, d, BM, BN)
             p, ds = _tile_p_ds(q, do, lse, dlt, k, v, uk, R1, S1, R2, S2, rows, cols, Lq, Lk, q_offset, scale,
                                CAUSAL, BM, BN, UPCAST, IEEE)
             dva += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
@@ -326,13 +338,8 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, de
         lo = (lo // BM) * BM
     for m0 in range(lo, Lq, BM):
         rows = m0 + tl.arange(0, BM)
-        q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
-        do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
-        lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
-        dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
-        r0 = P + n0 - m0 - q_offset - (BM - 1)
-        R1, S1 = _window(R_ptr, S_ptr, r0, h, H, 2 * P, od, d, BN)
-        R2, S2 = _window(R_ptr, S_ptr, r0 + BN, h, H, 2 * P, od, d, BM)
+        q, do, lse, dlt = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, Lq, od, d, odv, dv)
+        r0, R1, S1, R2, S2 = _tile_windows(R_ptr, S_ptr, P, n0, m0, q_offset, h, H, od, d, BM, BN)
         p, ds = _tile_p_ds(q, do, lse, dlt, k, v, uk, R1, S1, R2, S2, rows, cols, Lq, Lk, q_offset, scale,
                            CAUSAL, BM, BN, UPCAST, IEEE)
         dva += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
@@ -363,10 +370,7 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, del
     od = tl.arange(0, BD)
     odv = tl.arange(0, BDV)
     u = tl.load(u_ptr + h * d + od, mask=od < d, other=0.0).to(tl.float32)
-    q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
-    do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
-    lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
-    dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
+    q, do, lse, dlt = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, Lq, od, d, odv, dv)
     dq = tl.zeros([BM, BD], tl.float32)
     hi = Lk
     if CAUSAL:
@@ -375,9 +379,7 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, del
         cols = n0 + tl.arange(0, BN)
         k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
         v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
-        r0 = P + n0 - m0 - q_offset - (BM - 1)
-        R1, S1 = _window(R_ptr, S_ptr, r0, h, H, 2 * P, od, d, BN)
-        R2, S2 = _window(R_ptr, S_ptr, r0 + BN, h, H, 2 * P, od, d, BM)
+        r0, R1, S1, R2, S2 = _tile_windows(R_ptr, S_ptr, P, n0, m0, q_offset, h, H, od, d, BM, BN)
         p, ds = _tile_p_ds(q, do, lse, dlt, k, v, _uk(k, u), R1, S1, R2, S2, rows, cols, Lq, Lk, q_offset,
                            scale, CAUSAL, BM, BN, UPCAST, IEEE)
         g1 = _band_to_window(ds, 0, BM, BN, BN).to(q.dtype)
@@ -436,10 +438,7 @@ def _bwd_rel_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, d
     dSa = tl.zeros([BT], tl.float32)
     for m0 in range(m_lo, m_hi, BM):
         rows = m0 + ii
-        q = _load_rows(q_ptr, bh * Lq, rows, Lq, od, d)
-        do = _load_rows(do_ptr, bh * Lq, rows, Lq, odv, dv)
-        lse = tl.load(lse_ptr + bh * Lq + rows, mask=rows < Lq, other=float("-inf"))
-        dlt = tl.load(delta_ptr + bh * Lq + rows, mask=rows < Lq, other=0.0)
+        q, do, lse, dlt = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, Lq, od, d, odv, dv)
         js = jb + m0
         c1 = js + tl.arange(0, BT)
         c2 = js + BT + tl.arange(0, BM)
