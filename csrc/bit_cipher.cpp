@@ -42,7 +42,7 @@ const uint64_t* words(const View<int64_t>& t) { return reinterpret_cast<const ui
 
 void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_, py::object bit_index_,
            py::object wa_, py::object ws_, py::object wpad_, py::object deltas_, py::object load_, py::object A_,
-           bool concat) {
+           py::object parts_, bool concat) {
   auto boff = req<int64_t>(bit_offsets_, "bit_offsets", 1);
   if (boff.size(0) < 1) value_error("bit_offsets: expected shape (V + 1,) with V >= 0, got (0,)");
   const int64_t V = boff.size(0) - 1;
@@ -61,6 +61,17 @@ void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_,
                   "] = " + std::to_string(deltas.data[o]));
   const int64_t nb = concat ? n_off : 1;
   expect_shape(A, "A", {V, nb, bits + 2, 2});
+  View<int64_t> parts;
+  int64_t n_parts = 0;
+  if (!parts_.is_none()) {
+    parts = req<int64_t>(parts_, "parts", 5, true);
+    expect_shape(parts, "parts", {-1, V, nb, bits + 2, 2});
+    n_parts = parts.size(0);
+    const int64_t words = V * nb * (bits + 2) * 2;
+    // every copy is written by other threads than A: the buffers must be distinct
+    if (n_parts > 0 && words > 0 && parts.data < A.data + words && A.data < parts.data + n_parts * words)
+      value_error("parts: expected a buffer apart from A's, got one that overlaps it");
+  }
   auto wa = req<int64_t>(wa_, "wa", 2);
   expect_shape(wa, "wa", {n_off, V});
   check_quanta(wa, "wa");
@@ -89,7 +100,21 @@ void count(py::object tokens_, py::object doc_offsets_, py::object bit_offsets_,
   run_nogil(0, "bit_cipher.count", [&] {
     bit_cipher::count(tok.data, N, doff.data, n_docs, boff.data, bidx.data, words(wa),
                       ws_.is_none() ? nullptr : words(ws), words(wpad), deltas.data, n_off, concat, V, bits,
-                      load.data, reinterpret_cast<uint64_t*>(A.data));
+                      load.data, reinterpret_cast<uint64_t*>(A.data),
+                      n_parts ? reinterpret_cast<uint64_t*>(parts.data) : nullptr, n_parts);
+  });
+}
+
+void fold(py::object A_, py::object parts_) {
+  auto A = req<int64_t>(A_, "A", 4, true);
+  expect_shape(A, "A", {-1, -1, -1, 2});
+  auto parts = req<int64_t>(parts_, "parts", 5, true);
+  expect_shape(parts, "parts", {-1, A.size(0), A.size(1), A.size(2), 2});
+  const int64_t n = A.size(0) * A.size(1) * A.size(2), n_parts = parts.size(0);
+  if (n_parts > 0 && n > 0 && parts.data < A.data + 2 * n && A.data < parts.data + 2 * n * n_parts)
+    value_error("parts: expected a buffer apart from A's, got one that overlaps it");
+  run_nogil(0, "bit_cipher.fold", [&] {
+    bit_cipher::fold(reinterpret_cast<uint64_t*>(A.data), reinterpret_cast<uint64_t*>(parts.data), n_parts, n);
   });
 }
 
@@ -112,7 +137,7 @@ void register_bit_cipher(py::module_& m) {
   using py::arg;
   register_bit_cipher_text(m);
   m.def("count", &count, arg("token_ids"), arg("doc_offsets"), arg("bit_offsets"), arg("bit_index"), arg("wa"),
-        arg("ws"), arg("wpad"), arg("deltas"), arg("load"), arg("A"), arg("concat"),
+        arg("ws"), arg("wpad"), arg("deltas"), arg("load"), arg("A"), arg("parts"), arg("concat"),
         "Adds one chunk's bit-cipher co-occurrence sums into A (V, nb, b + 2, 2) int64 in place: unsigned "
         "128-bit integers as (lo, hi) words, quanta of 2^-62, each block [pad, bit 0 .. bit b-1, q weight]. "
         "token_ids (N,) int32 in [0, V); doc_offsets (n_docs + 1,) int64 CSR over N; bit_offsets (V + 1,) int64 "
@@ -120,7 +145,12 @@ void register_bit_cipher(py::module_& m) {
         "weights of a context type at each offset, quantised to integers round(x * 2^62) in [0, 2^62] (ws None "
         "without noise); wpad (n_off,) the pad's "
         "weights; deltas (n_off,) int64 the offsets; load (V,) int64 the counts of the cipher (how rows are "
-        "dealt to threads; no effect on the result); concat: one block per offset.");
+        "dealt to threads; no effect on the result); parts: None or (K, V, nb, b + 2, 2) int64, K further "
+        "copies of A that groups of threads count contiguous ranges of the chunk into (the sums are A + the "
+        "parts; see fold); concat: one block per offset.");
+  m.def("fold", &fold, arg("A"), arg("parts"),
+        "A (V, nb, b + 2, 2) int64 += every copy in parts (K, V, nb, b + 2, 2) int64 (128-bit integer sums), "
+        "then parts is zeroed.");
   m.def("to_double", &to_double, arg("A"), arg("out"),
         "out (n,) float64 = A (n, 2) int64 (unsigned 128-bit integers as (lo, hi) words) * 2^-62, each rounded "
         "once to nearest (ties to even).");

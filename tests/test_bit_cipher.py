@@ -322,9 +322,11 @@ def test_opcheck():
     c = embkern.BitCipher.fit(ids, vocab_size=30)
     cc = embkern.CooccurrenceCounts(c, 2, "concat", "cos2", True, backend="reference")
     args = (torch.as_tensor(ids, dtype=torch.int32), torch.as_tensor(off), cc._bit_offsets, cc._bit_index, cc._wa,
-            cc._ws, cc._wpad, cc._deltas, cc._load, cc.A, True)
+            cc._ws, cc._wpad, cc._deltas, cc._load, cc.A)
     for be in ("reference", "cpu"):
-        torch.library.opcheck(torch.ops.embkern.bit_cipher_count.default, args + (be,))
+        for K in (0, 2):  # no thread copies, and two the cpu kernel counts into at 3 or more threads
+            parts = torch.zeros((K,) + tuple(cc.A.shape), dtype=torch.int64)
+            torch.library.opcheck(torch.ops.embkern.bit_cipher_count.default, args + (parts, True, be))
 
 
 def test_compiled_count_update():
@@ -334,14 +336,19 @@ def test_compiled_count_update():
     comp = embkern.CooccurrenceCounts(c, 2, backend="cpu")
     t, o = torch.as_tensor(ids, dtype=torch.int32), torch.as_tensor(off)
 
-    def step(cc, t, o):
+    def step(cc, t, o, A, parts):
         ops.bit_cipher_count(t, o, cc._bit_offsets, cc._bit_index, cc._wa, cc._ws, cc._wpad, cc._deltas,
-                             cc._load, cc.A, False, "cpu")
-        return cc.A.sum()
+                             cc._load, A, parts, False, "cpu")
+        return A.sum()
 
-    step(eager, t, o)
-    torch.compile(lambda t, o: step(comp, t, o), fullgraph=True)(t, o)
+    for cc in (eager, comp):  # one thread copy: counted into at 2 or more threads
+        cc._parts = torch.zeros((1,) + tuple(cc._A.shape), dtype=torch.int64)
+    step(eager, t, o, eager._A, eager._parts)
+    torch.compile(lambda t, o, A, p: step(comp, t, o, A, p), fullgraph=True)(t, o, comp._A, comp._parts)
+    for cc in (eager, comp):
+        cc._parts_dirty = True  # the direct op calls bypass update()'s bookkeeping
     assert torch.equal(eager.A, comp.A)
+    assert torch.equal(eager.A, embkern.CooccurrenceCounts(c, 2, backend="reference").update(ids, off).A)
 
 
 # --------------------------------------------------------------------------- tokenizer

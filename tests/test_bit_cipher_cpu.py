@@ -4,6 +4,7 @@ thread count and ISA level; the raw binding's checks."""
 
 import itertools
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -62,14 +63,46 @@ def test_thread_count_invariance(mode):
     before = C.get_num_threads()
     outs = []
     try:
-        for n in (1, 2, 3, 5):
+        # thread copies: None = one per thread; 1 = rows dealt only; 2 at 3 and 5 threads = groups of
+        # 2 + 1 and 3 + 2 threads, each group dealing its copy's rows
+        for n, copies in ((1, None), (2, None), (2, 1), (3, None), (3, 2), (5, 2), (5, None), (5, 1)):
             C.set_num_threads(n)
-            cc = embkern.CooccurrenceCounts(c, 5, mode, "cos2", backend="cpu").update(ids, off)
-            outs.append(cc.A.clone())
+            cc = embkern.CooccurrenceCounts(c, 5, mode, "cos2", backend="cpu", thread_copies=copies)
+            outs.append(cc.update(ids, off).A.clone())
+            assert cc._parts.shape[0] == min(n, copies or n) - 1
     finally:
         C.set_num_threads(before)
     for A in outs[1:]:
         assert torch.equal(A, outs[0])
+
+
+def test_thread_copies_persist_across_updates_and_reads():
+    """Chunks counted into the copies, reads between them (each folds the copies in), a change of thread
+    count, a pickle: the bits of one single-threaded pass."""
+    ids, off = zipf_corpus(400, 12_000, seed=13)
+    c = embkern.BitCipher.fit(ids, vocab_size=400)
+    one = embkern.CooccurrenceCounts(c, 3, "sum", "inv", backend="cpu", thread_copies=1)
+    before = C.get_num_threads()
+    try:
+        C.set_num_threads(1)
+        one.update(ids, off)
+        cc = embkern.CooccurrenceCounts(c, 3, "sum", "inv", backend="cpu")
+        cuts = [0, 40, 90, 150, len(off) - 1]
+        for k, T in enumerate((3, 2, 1, 4)):
+            C.set_num_threads(T)
+            lo, hi = cuts[k], cuts[k + 1]
+            cc.update(ids[off[lo]:off[hi]], off[lo:hi + 1] - off[lo])
+            if k == 1:
+                assert not torch.equal(cc.A, one.A)  # a read mid-stream: folds, counting goes on after
+        assert cc._parts_dirty
+        restored = pickle.loads(pickle.dumps(cc))
+        assert restored._parts.shape[0] == 0 and not cc._parts_dirty
+        assert torch.equal(cc.A, one.A) and torch.equal(restored.A, one.A)
+        assert torch.count_nonzero(cc._parts) == 0  # folded copies are zeroed and kept for the next chunk
+    finally:
+        C.set_num_threads(before)
+    with pytest.raises(ValueError, match="thread_copies: expected"):
+        embkern.CooccurrenceCounts(c, 3, thread_copies=0)
 
 
 @pytest.mark.skipif(len(LEVELS) < 2, reason="this CPU runs one ISA level")
@@ -100,7 +133,7 @@ def _raw_args(V=10, b=4, N=20, n_off=3, concat=False):
     return dict(token_ids=tok, doc_offsets=doff, bit_offsets=boff, bit_index=bidx,
                 wa=np.full((n_off, V), one), ws=np.full((n_off, V), one), wpad=np.full(n_off, one),
                 deltas=np.array([-1, 0, 1], dtype=np.int64), load=np.arange(V, dtype=np.int64),
-                A=np.zeros((V, nb, b + 2, 2), dtype=np.int64), concat=concat)
+                A=np.zeros((V, nb, b + 2, 2), dtype=np.int64), parts=None, concat=concat)
 
 
 def units(A):
@@ -141,6 +174,9 @@ def test_raw_binding_counts_and_checks():
         (dict(wpad=np.ones(4, dtype=np.int64)), ValueError, "wpad"),
         (dict(load=np.full(10, -1, dtype=np.int64)), ValueError, "load: expected per-type counts"),
         (dict(load=np.ones(9, dtype=np.int64)), ValueError, "load: expected shape"),
+        (dict(parts=np.zeros((1, 10, 1, 5, 2), dtype=np.int64)), ValueError, "parts: expected shape"),
+        (dict(parts=np.zeros((10, 1, 6, 2), dtype=np.int64)), ValueError, "parts: expected 5-d"),
+        (dict(parts=np.zeros((1, 10, 1, 6, 2), dtype=np.int32)), TypeError, "parts: expected dtype int64"),
     ]
     for change, exc, msg in bad:
         args = _raw_args()
@@ -151,6 +187,26 @@ def test_raw_binding_counts_and_checks():
     ro["A"].setflags(write=False)
     with pytest.raises(ValueError, match="A: expected a writable buffer"):
         BC.count(**ro)
+    ov = _raw_args()
+    ov["parts"] = ov["A"][None]  # the copy is A itself: two threads would add to one element
+    with pytest.raises(ValueError, match="parts: expected a buffer apart from A's"):
+        BC.count(**ov)
+    with pytest.raises(ValueError, match="parts: expected a buffer apart from A's"):
+        BC.fold(ov["A"], ov["parts"])
+    with pytest.raises(ValueError, match="parts: expected shape"):
+        BC.fold(ov["A"], np.zeros((1, 10, 1, 5, 2), dtype=np.int64))
+    # two copies at 3 threads: each thread a third of the positions; A + the copies after fold == the sums
+    before = C.get_num_threads()
+    try:
+        C.set_num_threads(3)
+        cp = _raw_args()
+        cp["parts"] = np.zeros((2,) + cp["A"].shape, dtype=np.int64)
+        BC.count(**cp)
+        assert np.count_nonzero(cp["parts"]) > 0
+        BC.fold(cp["A"], cp["parts"])
+    finally:
+        C.set_num_threads(before)
+    assert np.count_nonzero(cp["parts"]) == 0 and np.array_equal(cp["A"], a["A"])
     a = _raw_args()
     a.update(ws=None)
     BC.count(**a)  # no noise: the q weights stay 0
@@ -226,7 +282,9 @@ def test_raw_binding_random_inputs_never_crash():
                     ws=arr((n_off, V), np.int64, 0, 1 << 62) if rng.random() < 0.5 else None,
                     wpad=arr((n_off,), np.int64, -1 if rng.random() < 0.1 else 0, 1 << 62),
                     deltas=arr((n_off,), np.int64, -20, 20), load=arr((V,), np.int64, 0, 9),
-                    A=np.zeros((V, nb, b + 2, 2), dtype=np.int64), concat=bool(nb > 1 or rng.random() < 0.3))
+                    A=np.zeros((V, nb, b + 2, 2), dtype=np.int64), concat=bool(nb > 1 or rng.random() < 0.3),
+                    parts=None if rng.random() < 0.5 else arr((int(rng.integers(0, 3)), V, nb, b + 2, 2), np.int64,
+                                                             0, 1))
         try:
             BC.count(**args)
             ok += 1

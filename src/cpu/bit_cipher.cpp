@@ -1,10 +1,12 @@
 // CPU kernel of bit-cipher co-occurrence counting (docs/ops/bit_cipher.md,
 // "Kernel view").
 //
-// Work split: row t of S and Q belongs to one thread (deal() below). Every thread walks
-// the whole chunk (reading 4 bytes a token, ~1% of the work of a token it
-// owns) and does the scatter-adds of the positions whose target it owns. So
-// no element is written by two threads. The sums are unsigned 128-bit
+// Work split (run() below): the threads form groups, each counting a
+// contiguous range of the chunk's positions into its own copy of A (A itself
+// or one of the caller's `parts`, summed by fold()); within a group, row t of
+// the copy belongs to one thread (deal() below), which walks the group's range
+// and does the scatter-adds of the positions whose target it owns. So no
+// element is written by two threads. The sums are unsigned 128-bit
 // integers of quanta 2^-62 (the tables are quantised once in Python): integer
 // addition is associative, so every thread count, ISA level, chunking and
 // merge order gives the same bits. Rows are dealt by the cipher's counts (longest
@@ -201,111 +203,143 @@ void deal(const int64_t* load, int64_t V, int64_t g, int T, std::vector<uint16_t
   for (int64_t t = 0; t < V; ++t) owner[t] = gowner[t / g];
 }
 
+// The positions [p0, p1) of the chunk whose target this thread counts: all of
+// them (own == nullptr), or those whose row `own` deals to thread `me` of the
+// group. Into A (rows of nb blocks).
+template <bool kNoise, bool kConcat>
+void walk(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_delta, int64_t hi_delta, int64_t p0,
+          int64_t p1, const uint16_t* own, int me, uint64_t* A) {
+  const int64_t nb = kConcat ? c.n_off : 1;  // rows are nb * E accumulators of two words
+  // Positions this thread owns, gathered branch-free a block at a time: a
+  // test-and-skip per token mispredicts about half the time with 2 threads
+  // (~15 cycles of the ~100 a position costs). kBlock positions (32 KB) keep
+  // the scratch independent of the chunk length.
+  constexpr int64_t kBlock = 4096;
+  int64_t mine[kBlock];
+  // the document holding p0: the last d with doc_offsets[d] <= p0
+  int64_t d = std::upper_bound(doc_offsets, doc_offsets + n_docs + 1, p0) - doc_offsets - 1;
+  for (d = std::max<int64_t>(d, 0); d < n_docs && doc_offsets[d] < p1; ++d) {
+    const int64_t lo = doc_offsets[d], hi = doc_offsets[d + 1];
+    // interior: lo <= i + lo_delta and i + hi_delta < hi
+    const int64_t in_lo = std::min(hi, lo - lo_delta), in_hi = std::max(in_lo, hi - hi_delta);
+    const int64_t s0 = std::max(lo, p0), s1 = std::min(hi, p1);
+    for (int64_t b0 = s0; b0 < s1; b0 += kBlock) {
+      const int64_t b1 = std::min(s1, b0 + kBlock);
+      int64_t n = 0;
+      if (!own) {
+        for (int64_t i = b0; i < b1; ++i) mine[n++] = i;
+      } else {
+        for (int64_t i = b0; i < b1; ++i) {
+          mine[n] = i;
+          n += own[c.tok[i]] == me;
+        }
+      }
+      for (int64_t k = 0; k < n; ++k) {
+        const int64_t i = mine[k];
+        if (c.prefetch_row && k + kPrefetch < n) {
+          const uint64_t* ahead = A + 2 * int64_t(c.tok[mine[k + kPrefetch]]) * nb * c.E;
+          // Four lines an iteration: the one-line loop (17 trips at b = 64)
+          // was 13% of all instructions. Paired runs, same bits, b = 64 sum:
+          // one thread V = 2000 +24%, V = 50k +10%; 2 threads V = 50k +10%.
+          const int64_t words = 2 * nb * c.E;
+          int64_t e = 0;
+          for (; e + 32 <= words; e += 32) {
+            __builtin_prefetch(ahead + e, 1, 3);
+            __builtin_prefetch(ahead + e + 8, 1, 3);
+            __builtin_prefetch(ahead + e + 16, 1, 3);
+            __builtin_prefetch(ahead + e + 24, 1, 3);
+          }
+          for (; e < words; e += 8) __builtin_prefetch(ahead + e, 1, 3);
+        }
+        if (k + kRecAhead < n) {
+          // The record of the word that enters the window kRecAhead owned
+          // positions ahead: it is the one record a position reads that the
+          // position before did not (V = 50k: 9.6 MB of records, a miss to
+          // L3 or memory). Zipf(1.1) over 50k types, b = 64 sum: 9.1 ->
+          // 10.8M positions/s at 1 thread, 17.0 -> 19.2M at 2; concat
+          // +10-15%. Prefetching every word that enters between two owned
+          // positions (about 2 at 2 threads) measured no better.
+          const int64_t j = std::min(hi - 1, mine[k + kRecAhead] + hi_delta);
+          const uint64_t* r = c.rec + int64_t(c.tok[j]) * c.R;
+          for (int64_t e = 0; e < c.R; e += 8) __builtin_prefetch(r + e, 0, 3);
+        }
+        if (!c.prefetch_row && k + kPrefetch < n) {
+          // Where the whole row is too many lines to prefetch (concat: 11
+          // blocks, 182 lines at b = 64; sum at b = 768: 193 lines), fetch
+          // the ~n_off (popcount + 1) entries the position kPrefetch owned
+          // positions ahead adds to: per offset the context word's bits (its
+          // record was prefetched kRecAhead - kPrefetch positions earlier)
+          // and the q weight, or the pad entry outside the document. Paired,
+          // 2 threads, same bits: head500 concat b = 64 49 -> 31 ms, sum
+          // b = 768 40 -> 29 ms, concat b = 768 65 -> 36 ms; Zipf V = 50k
+          // concat b = 64 104 -> 103 ms (1 thread 194 -> 178), sum b = 768
+          // 73-92 -> 68-71 ms. For sum at b = 64 the whole row (17 lines) is
+          // better: this costs 1.7x there.
+          const int64_t ia = mine[k + kPrefetch];
+          uint64_t* ra = A + 2 * int64_t(c.tok[ia]) * nb * c.E;
+          for (int64_t o = 0; o < c.n_off; ++o) {
+            uint64_t* blk = kConcat ? ra + 2 * o * c.E : ra;
+            const int64_t j = ia + c.deltas[o];
+            if (j < lo || j >= hi) {
+              __builtin_prefetch(blk, 1, 3);
+              continue;
+            }
+            const uint64_t* r = c.rec + int64_t(c.tok[j]) * c.R;
+            for (uint32_t q = 1, m = half(r, 0); q <= m; ++q) __builtin_prefetch(blk + half(r, q), 1, 3);
+            if (kNoise) __builtin_prefetch(blk + 2 * (c.E - 1), 1, 3);
+          }
+        }
+        uint64_t* row = A + 2 * int64_t(c.tok[i]) * nb * c.E;
+        if (i >= in_lo && i < in_hi)
+          position<true, kNoise, kConcat>(c, i, lo, hi, row);
+        else
+          position<false, kNoise, kConcat>(c, i, lo, hi, row);
+      }
+    }
+  }
+}
+
+// Threads and copies (P = min(n_parts + 1, T) groups): group g is threads
+// [ceil(g T / P), ceil((g + 1) T / P)); it counts the positions
+// [N g / P, N (g + 1) / P) of the chunk into copy g (A, then the parts), its
+// threads dealing that copy's rows among themselves (deal()). P = 1 is the
+// row split alone, P = T the position split alone. Why copies: with the rows
+// dealt, every thread still gathers the whole chunk and its positions are
+// scattered through it; counting half of the positions of a 2M-token chunk
+// (V = 50k, b = 64, sum) that way takes 217 ms against 370 ms for all of
+// them on one thread (1.71x), a contiguous half 187 ms (1.97x). The copies
+// are summed by fold() when the counts are read; which copy a position went
+// to changes no bit (integer sums).
 template <bool kNoise, bool kConcat>
 void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_delta, int64_t hi_delta,
          const int64_t* load, const int64_t* boff, const int32_t* bidx, const uint64_t* wa, const uint64_t* ws,
-         uint64_t* rec, uint64_t* A) {
-  const int64_t nb = kConcat ? c.n_off : 1;  // rows are nb * E accumulators of two words
-  std::vector<uint16_t> owner;
+         uint64_t* rec, uint64_t* A, uint64_t* parts, int64_t n_parts) {
+  const int64_t nb = kConcat ? c.n_off : 1;
+  const int64_t words = 2 * c.V * nb * c.E;  // of one copy
+  const int64_t p_begin = doc_offsets[0], N = doc_offsets[n_docs] - p_begin;
+  std::vector<uint16_t> owner[2];  // for groups of T / P and T / P + 1 threads
   const int max_threads = std::min(omp_get_max_threads(), 65535);
 #pragma omp parallel num_threads(max_threads)
   {
     const int me = omp_get_thread_num(), T = omp_get_num_threads();
+    const int P = static_cast<int>(std::min<int64_t>(n_parts + 1, T));
+    const int g = static_cast<int>(int64_t(me) * P / T);
+    const int first = static_cast<int>((int64_t(g) * T + P - 1) / P);
+    const int size = static_cast<int>(((int64_t(g) + 1) * T + P - 1) / P) - first;
     if (me == 0) {
-      int64_t g = 1;  // rows a group: 16 nb E bytes a row, groups of whole 64-byte lines
-      while ((g * 16 * nb * c.E) % 64 != 0) ++g;
-      deal(load, c.V, g, T, owner);
+      int64_t rows = 1;  // rows a group: 16 nb E bytes a row, groups of whole 64-byte lines
+      while ((rows * 16 * nb * c.E) % 64 != 0) ++rows;
+      for (int k = 0; k < 2; ++k)
+        if (T / P + k > 1) deal(load, c.V, rows, T / P + k, owner[k]);
     }
     build_records(boff, bidx, wa, ws, c.n_off, c.V, c.nbw, c.R, c.V * me / T, c.V * (me + 1) / T, rec);
 #pragma omp barrier
     // (thread 0 and a barrier rather than `omp single`: _C forwards only the
     // OpenMP entry points listed in csrc/omp_runtime.cpp)
-    const bool all = omp_get_num_threads() == 1;
-    const uint16_t* own = owner.data();
-    // Positions this thread owns, gathered branch-free a block at a time: a
-    // test-and-skip per token mispredicts about half the time with 2 threads
-    // (~15 cycles of the ~100 a position costs). kBlock positions (32 KB) keep
-    // the scratch independent of the chunk length.
-    constexpr int64_t kBlock = 4096;
-    int64_t mine[kBlock];
-    for (int64_t d = 0; d < n_docs; ++d) {
-      const int64_t lo = doc_offsets[d], hi = doc_offsets[d + 1];
-      // interior: lo <= i + lo_delta and i + hi_delta < hi
-      const int64_t in_lo = std::min(hi, lo - lo_delta), in_hi = std::max(in_lo, hi - hi_delta);
-      for (int64_t b0 = lo; b0 < hi; b0 += kBlock) {
-        const int64_t b1 = std::min(hi, b0 + kBlock);
-        int64_t n = 0;
-        if (all) {
-          for (int64_t i = b0; i < b1; ++i) mine[n++] = i;
-        } else {
-          for (int64_t i = b0; i < b1; ++i) {
-            mine[n] = i;
-            n += own[c.tok[i]] == me;
-          }
-        }
-        for (int64_t k = 0; k < n; ++k) {
-          const int64_t i = mine[k];
-          if (c.prefetch_row && k + kPrefetch < n) {
-            const uint64_t* ahead = A + 2 * int64_t(c.tok[mine[k + kPrefetch]]) * nb * c.E;
-            // Four lines an iteration: the one-line loop (17 trips at b = 64)
-            // was 13% of all instructions. Paired runs, same bits, b = 64 sum:
-            // one thread V = 2000 +24%, V = 50k +10%; 2 threads V = 50k +10%.
-            const int64_t words = 2 * nb * c.E;
-            int64_t e = 0;
-            for (; e + 32 <= words; e += 32) {
-              __builtin_prefetch(ahead + e, 1, 3);
-              __builtin_prefetch(ahead + e + 8, 1, 3);
-              __builtin_prefetch(ahead + e + 16, 1, 3);
-              __builtin_prefetch(ahead + e + 24, 1, 3);
-            }
-            for (; e < words; e += 8) __builtin_prefetch(ahead + e, 1, 3);
-          }
-          if (k + kRecAhead < n) {
-            // The record of the word that enters the window kRecAhead owned
-            // positions ahead: it is the one record a position reads that the
-            // position before did not (V = 50k: 9.6 MB of records, a miss to
-            // L3 or memory). Zipf(1.1) over 50k types, b = 64 sum: 9.1 ->
-            // 10.8M positions/s at 1 thread, 17.0 -> 19.2M at 2; concat
-            // +10-15%. Prefetching every word that enters between two owned
-            // positions (about 2 at 2 threads) measured no better.
-            const int64_t j = std::min(hi - 1, mine[k + kRecAhead] + hi_delta);
-            const uint64_t* r = c.rec + int64_t(c.tok[j]) * c.R;
-            for (int64_t e = 0; e < c.R; e += 8) __builtin_prefetch(r + e, 0, 3);
-          }
-          if (!c.prefetch_row && k + kPrefetch < n) {
-            // Where the whole row is too many lines to prefetch (concat: 11
-            // blocks, 182 lines at b = 64; sum at b = 768: 193 lines), fetch
-            // the ~n_off (popcount + 1) entries the position kPrefetch owned
-            // positions ahead adds to: per offset the context word's bits (its
-            // record was prefetched kRecAhead - kPrefetch positions earlier)
-            // and the q weight, or the pad entry outside the document. Paired,
-            // 2 threads, same bits: head500 concat b = 64 49 -> 31 ms, sum
-            // b = 768 40 -> 29 ms, concat b = 768 65 -> 36 ms; Zipf V = 50k
-            // concat b = 64 104 -> 103 ms (1 thread 194 -> 178), sum b = 768
-            // 73-92 -> 68-71 ms. For sum at b = 64 the whole row (17 lines) is
-            // better: this costs 1.7x there.
-            const int64_t ia = mine[k + kPrefetch];
-            uint64_t* ra = A + 2 * int64_t(c.tok[ia]) * nb * c.E;
-            for (int64_t o = 0; o < c.n_off; ++o) {
-              uint64_t* blk = kConcat ? ra + 2 * o * c.E : ra;
-              const int64_t j = ia + c.deltas[o];
-              if (j < lo || j >= hi) {
-                __builtin_prefetch(blk, 1, 3);
-                continue;
-              }
-              const uint64_t* r = c.rec + int64_t(c.tok[j]) * c.R;
-              for (uint32_t q = 1, m = half(r, 0); q <= m; ++q) __builtin_prefetch(blk + half(r, q), 1, 3);
-              if (kNoise) __builtin_prefetch(blk + 2 * (c.E - 1), 1, 3);
-            }
-          }
-          uint64_t* row = A + 2 * int64_t(c.tok[i]) * nb * c.E;
-          if (i >= in_lo && i < in_hi)
-            position<true, kNoise, kConcat>(c, i, lo, hi, row);
-          else
-            position<false, kNoise, kConcat>(c, i, lo, hi, row);
-        }
-      }
-    }
+    const uint16_t* own = size > 1 ? owner[size - T / P].data() : nullptr;
+    uint64_t* copy = g == 0 ? A : parts + (g - 1) * words;
+    walk<kNoise, kConcat>(c, doc_offsets, n_docs, lo_delta, hi_delta, p_begin + N * g / P,
+                          p_begin + N * (g + 1) / P, own, me - first, copy);
   }
 }
 
@@ -314,7 +348,7 @@ void run(const Ctx& c, const int64_t* doc_offsets, int64_t n_docs, int64_t lo_de
 void count(const int32_t* tokens, int64_t n_tokens, const int64_t* doc_offsets, int64_t n_docs,
            const int64_t* bit_offsets, const int32_t* bit_index, const uint64_t* wa, const uint64_t* ws,
            const uint64_t* wpad, const int64_t* deltas, int64_t n_off, bool concat, int64_t V, int64_t bits,
-           const int64_t* load, uint64_t* A) {
+           const int64_t* load, uint64_t* A, uint64_t* parts, int64_t n_parts) {
   if (n_tokens == 0 || n_off == 0) return;
   int64_t max_pc = 0;
   for (int64_t w = 0; w < V; ++w) max_pc = std::max(max_pc, bit_offsets[w + 1] - bit_offsets[w]);
@@ -336,13 +370,32 @@ void count(const int32_t* tokens, int64_t n_tokens, const int64_t* doc_offsets, 
   }
   const bool noise = ws != nullptr;
   if (noise && concat)
-    run<true, true>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, bit_offsets, bit_index, wa, ws, rec.get(), A);
+    run<true, true>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, bit_offsets, bit_index, wa, ws, rec.get(), A, parts, n_parts);
   else if (noise)
-    run<true, false>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, bit_offsets, bit_index, wa, ws, rec.get(), A);
+    run<true, false>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, bit_offsets, bit_index, wa, ws, rec.get(), A, parts, n_parts);
   else if (concat)
-    run<false, true>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, bit_offsets, bit_index, wa, ws, rec.get(), A);
+    run<false, true>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, bit_offsets, bit_index, wa, ws, rec.get(), A, parts, n_parts);
   else
-    run<false, false>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, bit_offsets, bit_index, wa, ws, rec.get(), A);
+    run<false, false>(c, doc_offsets, n_docs, lo_delta, hi_delta, load, bit_offsets, bit_index, wa, ws, rec.get(), A, parts, n_parts);
+}
+
+void fold(uint64_t* A, uint64_t* parts, int64_t n_parts, int64_t n) {
+  if (n_parts <= 0 || n <= 0) return;
+  // Memory-bound (52.8 MB a copy at V = 50k, b = 64, sum); each thread its
+  // own range of entries. Integer sums: the order of the copies changes nothing.
+  const int max_threads = std::min(omp_get_max_threads(), 65535);
+#pragma omp parallel num_threads(max_threads)
+  {
+    const int me = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t e0 = n * me / T, e1 = n * (me + 1) / T;
+    for (int64_t k = 0; k < n_parts; ++k) {
+      uint64_t* p = parts + 2 * n * k;
+      for (int64_t e = e0; e < e1; ++e) {
+        add(A + 2 * e, (static_cast<unsigned __int128>(p[2 * e + 1]) << 64) | p[2 * e]);
+        p[2 * e] = p[2 * e + 1] = 0;
+      }
+    }
+  }
 }
 
 void to_double(const uint64_t* A, int64_t n, double* out) {

@@ -62,44 +62,46 @@ KERNELS = DESCRIPTOR.kernels
 # Kernels of embkern::bit_cipher_count
 
 
-def _ref_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, concat):
+def _ref_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, parts, concat):
     V, _, E, _ = A.shape
     codes = torch.zeros(V, E - 2, dtype=torch.int64)
     codes[torch.repeat_interleave(torch.arange(V), bit_offsets[1:] - bit_offsets[:-1]), bit_index.to(torch.int64)] = 1
     ref.count_into(tokens, doc_offsets, codes, wa, ws, wpad, deltas.tolist(), concat, A.numpy().view(np.uint64))
 
 
-def _cpu_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, concat):
+def _cpu_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, parts, concat):
     _backends.cpu_module().bit_cipher.count(
         tokens.numpy(), doc_offsets.numpy(), bit_offsets.numpy(), bit_index.numpy(), wa.numpy(),
         None if ws is None else ws.numpy(), wpad.numpy(), deltas.numpy(), load.numpy(), A.numpy(),
-        bool(concat))
+        parts.numpy() if parts.shape[0] else None, bool(concat))
 
 
-def _cuda_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, concat):
+def _cuda_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, parts, concat):
     from . import _bit_cipher_cuda
 
     # bit_offsets carries the code mask on this backend (see CooccurrenceCounts)
     _bit_cipher_cuda.count(tokens, doc_offsets, bit_offsets, wa, ws, wpad, deltas, A, concat)
 
 
-@torch.library.custom_op("embkern::bit_cipher_count", mutates_args=("A",))
+@torch.library.custom_op("embkern::bit_cipher_count", mutates_args=("A", "parts"))
 def bit_cipher_count(tokens: Tensor, doc_offsets: Tensor, bit_offsets: Tensor, bit_index: Tensor, wa: Tensor,
-                     ws: Optional[Tensor], wpad: Tensor, deltas: Tensor, load: Tensor, A: Tensor, concat: bool,
-                     backend: str) -> None:
-    """Adds the exact sums of one chunk into A (V, nb, b + 2, 2) int64 in place.
+                     ws: Optional[Tensor], wpad: Tensor, deltas: Tensor, load: Tensor, A: Tensor, parts: Tensor,
+                     concat: bool, backend: str) -> None:
+    """Adds the exact sums of one chunk into A (V, nb, b + 2, 2) int64 and parts in place.
 
     A holds unsigned 128-bit integers as (lo, hi) words, quanta of 2^-62, blocks
     [pad, bits, q weight]; wa, ws (n_off, V) and wpad (n_off,) are int64 quanta
-    in [0, 2^62] (``reference.bit_cipher.tables``)."""
-    _ref_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, concat)
+    in [0, 2^62] (``reference.bit_cipher.tables``). parts (K, V, nb, b + 2, 2)
+    int64: K further copies the cpu kernel may count some positions into (K = 0:
+    none; the other backends count into A only); the sums are A + the parts."""
+    _ref_count(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, parts, concat)
 
 
 _backends.route(bit_cipher_count, {"reference": _ref_count, "cpu": _cpu_count, "cuda": _cuda_count})
 
 
 @bit_cipher_count.register_fake
-def _(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, concat, backend):
+def _(tokens, doc_offsets, bit_offsets, bit_index, wa, ws, wpad, deltas, load, A, parts, concat, backend):
     return None
 
 
@@ -308,12 +310,26 @@ class CooccurrenceCounts:
     counted one after the other, and shards merged in any grouping give the same
     bits, at any thread count, ISA level and backend. :meth:`totals` rounds each
     sum once to float64. Picklable and deep-copyable (plain attributes).
+
+    Threads (cpu backend): with T threads the kernel counts into up to T copies
+    of ``A``, one per contiguous range of each chunk's positions, the threads of
+    a copy dealing its rows among themselves (``docs/ops/bit_cipher.md``,
+    "Threads"). The copies are added into ``A`` (exactly) whenever the counts are
+    read: ``A``, ``S``, ``Q``, ``totals``, ``vectors``, ``merge``, pickling.
+    ``thread_copies`` caps them: None takes as many as threads while the extra
+    copies need at most 256 MiB (V = 50k, b = 64, sum: 52.8 MB a copy); 1 keeps
+    one copy (threads split the rows only). The bits do not depend on it.
     """
 
+    # the auto rule's cap on the memory of the extra copies (class attribute: tests and benches may change it)
+    copies_budget_bytes = 256 << 20
+
     def __init__(self, cipher: BitCipher, window: int = 5, mode: str = "sum", weight: str = "cos2",
-                 include_center: bool = True, backend: Optional[str] = None):
+                 include_center: bool = True, backend: Optional[str] = None,
+                 thread_copies: Optional[int] = None):
         if not isinstance(cipher, BitCipher):
             raise TypeError(f"cipher: expected an embkern.BitCipher, got {type(cipher).__name__}")
+        self.thread_copies = None if thread_copies is None else _nonneg_int(thread_copies, "thread_copies", 1)
         self.window = _nonneg_int(window, "window", 1)
         _checks.choice(mode, "mode", MODES)
         _checks.choice(weight, "weight", WEIGHTS)
@@ -330,7 +346,9 @@ class CooccurrenceCounts:
         E = b + 2
         _checks.fits(V * self.n_blocks * E * 16, "cpu", f"bit-cipher counts (V {V}, blocks {self.n_blocks}, "
                      f"b + 2 = {E}, 128-bit integers)")
-        self.A = torch.zeros(V, self.n_blocks, E, 2, dtype=torch.int64)
+        self._A = torch.zeros(V, self.n_blocks, E, 2, dtype=torch.int64)
+        self._parts = self._no_parts()  # the thread copies: see "Threads" above
+        self._parts_dirty = False  # some count went to the parts since the last fold
         self.n_tokens = 0
         self.n_docs = 0
         # tables of the kernels: int64 quanta of 2^-62, rounded once here
@@ -356,7 +374,52 @@ class CooccurrenceCounts:
                 if t is not None:
                     setattr(self, name, t.to(dev))
             self._bit_offsets = self._bit_offsets.view(torch.uint64)
-            self.A = self.A.to(dev)
+            self._A = self._A.to(dev)
+            self._parts = self._no_parts()
+
+    @property
+    def A(self) -> Tensor:
+        """(V, nb, b + 2, 2) int64: the sums (every thread copy added in first)."""
+        self._fold()
+        return self._A
+
+    def _fold(self) -> None:
+        if self._parts_dirty:
+            _backends.cpu_module().bit_cipher.fold(self._A.numpy(), self._parts.numpy())  # zeroes the parts
+            self._parts_dirty = False
+
+    def _copies(self) -> Tensor:
+        """The extra copies the next cpu count may use (K, V, nb, b + 2, 2), allocated as needed."""
+        if self.backend != "cpu":
+            return self._parts
+        T = int(_backends.cpu_module().get_num_threads())
+        one = self._A.numel() * 8
+        want = self.thread_copies if self.thread_copies is not None else 1 + self.copies_budget_bytes // max(one, 1)
+        K = max(0, min(want, T) - 1)
+        if K > self._parts.shape[0]:
+            self._fold()
+            self._parts = self._no_parts()  # the old copies' memory goes first
+            _checks.fits(K * one, "cpu", f"{K} thread copies of the bit-cipher counts ({one} bytes each)")
+            self._parts = torch.zeros((K,) + tuple(self._A.shape), dtype=torch.int64)
+        return self._parts
+
+    def __getstate__(self):
+        self._fold()
+        state = dict(self.__dict__)
+        state["_parts"] = self._no_parts()  # zeros: not worth their bytes in a pickle or a copy
+        return state
+
+    def __setstate__(self, state):
+        if "A" in state:  # pickled before the thread copies
+            state["_A"] = state.pop("A")
+        state.setdefault("thread_copies", None)
+        state.setdefault("_parts_dirty", False)
+        self.__dict__.update(state)
+        if "_parts" not in state:
+            self._parts = self._no_parts()
+
+    def _no_parts(self) -> Tensor:
+        return torch.zeros((0,) + tuple(self._A.shape), dtype=torch.int64, device=self._A.device)
 
     def update(self, token_ids, doc_offsets=None) -> "CooccurrenceCounts":
         """Add a chunk: token_ids (N,) ids in [0, V), doc_offsets (n_docs + 1,) CSR offsets of whole
@@ -368,8 +431,10 @@ class CooccurrenceCounts:
         t32 = t.to(torch.int32).contiguous()
         if self.device.type == "cuda":
             t32, off = t32.to(self.device), off.to(self.device)
+        parts = self._copies()
         bit_cipher_count(t32, off, self._bit_offsets, self._bit_index, self._wa, self._ws, self._wpad,
-                         self._deltas, self._load, self.A, self.mode == "concat", self.backend)
+                         self._deltas, self._load, self._A, parts, self.mode == "concat", self.backend)
+        self._parts_dirty |= N > 0 and parts.shape[0] > 0
         self.n_tokens += N
         self.n_docs += off.numel() - 1
         return self

@@ -25,8 +25,8 @@
 // Determinism: the sums are exact integers (2^66 addends of <= 2^62 fit in
 // 128 bits), so they are the same bits for any thread count, ISA level,
 // split of the corpus into chunks, and grouping of merged shards. Each
-// element of A is still owned by one thread (rows are dealt to threads by
-// `load`): no atomics.
+// element of A and of each further copy (`parts`) is still written by one
+// thread (the threads of a copy deal its rows by `load`): no atomics.
 #pragma once
 #include <cstdint>
 
