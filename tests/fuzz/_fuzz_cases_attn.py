@@ -140,7 +140,17 @@ def raw_rca(spec):
     return "ok"
 
 
-BC_ARGS = ("token_ids", "doc_offsets", "bit_offsets", "bit_index", "wa", "ws", "wpad", "deltas", "load", "A")
+BC_ARGS = ("token_ids", "doc_offsets", "bit_offsets", "bit_index", "wa", "ws", "wpad", "deltas", "load", "A",
+           "parts")
+
+
+def _folded(A, parts):
+    """A + every copy in parts as (lo, hi) uint64 words mod 2^128, in NumPy (not the kernel's fold)."""
+    out = np.array(A, np.int64).view(np.uint64).copy()
+    if parts is not None:
+        for p in np.asarray(parts).view(np.uint64):
+            rbc.add128_(out, p[..., 0], p[..., 1])
+    return out.view(np.int64)
 
 
 def raw_bit_cipher(spec):
@@ -162,7 +172,10 @@ def raw_bit_cipher(spec):
         wide = np.zeros((vals["wa"].shape[0], 2 * vals["wa"].shape[1]), np.int64)
         wide[:, ::2] = vals["wa"]
         vals["wa"] = wide[:, ::2]
+    if "parts overlap" in spec["faults"]:
+        vals["parts"] = vals["A"][None]
     before = vals["A"].copy() if isinstance(vals["A"], np.ndarray) else None
+    parts_before = vals["parts"].copy() if isinstance(vals["parts"], np.ndarray) else None
     _set_env(spec, BC_ARGS)
     names = BC_ARGS + ("len(token_ids)", "len(bit_index)", "concat")
     kind, res = attempt(lambda: C.bit_cipher.count(*[vals[n] for n in BC_ARGS], concat), names)
@@ -170,13 +183,20 @@ def raw_bit_cipher(spec):
         if before is not None and vals["A"].flags.writeable:
             # a refused call leaves the counts as they were
             bits_equal(torch.from_numpy(vals["A"]), torch.from_numpy(before), "A after a refused call")
+        if parts_before is not None and "parts overlap" not in spec["faults"]:
+            bits_equal(torch.from_numpy(vals["parts"]), torch.from_numpy(parts_before), "parts after a refused call")
         return kind
     assert res is None, f"count: returned {res!r}, expected None (A is added to in place)"
-    want = torch.from_numpy(before.copy())
-    t = {n: _t(vals[n]) for n in BC_ARGS if n != "A"}
+    want = torch.from_numpy(_folded(before, parts_before))
+    t = {n: _t(vals[n]) for n in BC_ARGS if n not in ("A", "parts")}
     obc._ref_count(t["token_ids"], t["doc_offsets"], t["bit_offsets"], t["bit_index"], t["wa"], t["ws"], t["wpad"],
-                   t["deltas"], t["load"], want, concat)
-    bits_equal(torch.from_numpy(vals["A"]), want, "A")
+                   t["deltas"], t["load"], want, None, concat)
+    bits_equal(torch.from_numpy(_folded(vals["A"], vals["parts"])), want, "A + parts")
+    if vals["parts"] is not None:
+        # fold: A += the parts, the parts zeroed; the sums it leaves are the same
+        C.bit_cipher.fold(vals["A"], vals["parts"])
+        bits_equal(torch.from_numpy(vals["A"]), want, "A after fold")
+        assert not vals["parts"].any(), "fold left a nonzero word in parts"
     return "ok"
 
 

@@ -254,13 +254,19 @@ def raw_bit_cipher_case(draw):
     A0 = np.array(draw(st.lists(st.sampled_from((0, 1, 2**63, 2**64 - 1, 2**64 - 2**62)) | st.integers(0, 2**64 - 1),
                                 min_size=V * nb * (bits + 2) * 2, max_size=V * nb * (bits + 2) * 2)),
                   np.uint64).view(np.int64).reshape(V, nb, bits + 2, 2)
+    # parts: None or K further copies the kernel may count positions into (any starting words; the sums are
+    # A + the parts, compared after a fold in NumPy)
+    K = draw(st.sampled_from((None, 0, 1, 2, 3)))
+    P0 = None if K is None else np.array(
+        draw(st.lists(st.integers(0, 2**64 - 1), min_size=K * A0.size, max_size=K * A0.size)),
+        np.uint64).view(np.int64).reshape((K,) + A0.shape)
     a = {"token_ids": tok, "doc_offsets": doff, "bit_offsets": boff, "bit_index": bidx, "wa": wa, "ws": ws,
-         "wpad": wpad, "deltas": np.array(deltas, np.int64), "load": load, "A": A0}
+         "wpad": wpad, "deltas": np.array(deltas, np.int64), "load": load, "A": A0, "parts": P0}
     kind = draw(st.sampled_from(("none",) * 8 + (
         "id_hi", "id_neg", "doff_nonmono", "doff_end", "doff_start", "doff_empty", "boff_nonmono", "boff_end",
         "bidx_range", "boff_empty", "quanta_hi", "quanta_neg", "wpad_shape", "ws_shape", "delta_big", "load_neg",
         "A_shape", "A_bits", "A_readonly", "tok_dtype", "off_dtype", "bidx_dtype", "A_dtype", "noncontig", "list",
-        "none_arg", "A_width")))
+        "none_arg", "A_width", "parts_shape", "parts_dtype", "parts_overlap")))
     bad = None
     if kind == "id_hi" and N:
         tok = tok.copy()
@@ -318,10 +324,18 @@ def raw_bit_cipher_case(draw):
         a["A"], bad = np.zeros((V + 1, nb, bits + 2, 2), np.int64), "A rows"
     elif kind == "A_bits":  # one bit fewer: a fault when some code uses the last bit (or none are left)
         a["A"] = np.zeros((V, nb, bits + 1, 2), np.int64)
+        if K is not None:  # the copies keep A's shape
+            a["parts"] = np.zeros((K, V, nb, bits + 1, 2), np.int64)
         if bits == 1 or bool((bidx == bits - 1).any()):
             bad = "A bits"
     elif kind == "A_width":
         a["A"], bad = np.zeros((V, nb + 1, bits + 2, 2), np.int64), "A blocks"
+    elif kind == "parts_shape":
+        a["parts"], bad = np.zeros((1, V + 1, nb, bits + 2, 2), np.int64), "parts shape"
+    elif kind == "parts_dtype":
+        a["parts"], bad = np.zeros((1, V, nb, bits + 2, 2), np.uint64), "parts dtype"
+    elif kind == "parts_overlap" and A0.size:  # the executor passes a view of A (pickling would copy it)
+        bad = "parts overlap"
     elif kind == "A_readonly":  # the executor marks A read-only (pickling drops the flag)
         bad = "A read-only"
     elif kind == "tok_dtype":
