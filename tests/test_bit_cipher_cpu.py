@@ -214,6 +214,45 @@ def test_raw_binding_counts_and_checks():
     assert u[..., :-1].sum() == 60 and u[..., -1].sum() == 0
 
 
+@pytest.mark.parametrize("concat", [False, True])
+def test_popcount_slots_any_load_same_sums(concat):
+    """The kernel adds the first F entry slots of a context word branch-free (masked adds of 0 past its
+    popcount) and loops over the rest, F chosen from `load` (the counts). Codes of popcount 0..8, loads
+    that put F at 1, in between and at the largest popcount, and all-zero loads: the same sums as the
+    reference every time, also at 2 threads."""
+    from embkern.ops import bit_cipher as obc
+
+    rng = np.random.default_rng(5)
+    V, b, N, n_off = 40, 8, 3000, 5
+    pcs = np.arange(V) % 9  # popcounts 0..8: word 0 has no bits (its slots add 0 to the pad entry)
+    codes = [np.sort(rng.choice(b, size=k, replace=False)) for k in pcs]
+    boff = np.concatenate([[0], np.cumsum(pcs)]).astype(np.int64)
+    bidx = np.concatenate(codes).astype(np.int32)
+    tok = rng.integers(0, V, N).astype(np.int32)
+    doff = np.array([0, 1, 1, 700, N], dtype=np.int64)
+    q62 = 1 << 62
+    wa = rng.integers(q62 // 2, q62 + 1, (n_off, V)).astype(np.int64)  # near 1: the low words wrap
+    ws = rng.integers(0, q62 + 1, (n_off, V)).astype(np.int64)
+    wpad = rng.integers(0, q62 + 1, n_off).astype(np.int64)
+    deltas = np.array([-2, -1, 0, 1, 3], dtype=np.int64)
+    nb = n_off if concat else 1
+    want = torch.zeros(V, nb, b + 2, 2, dtype=torch.int64)
+    t = lambda x: torch.from_numpy(x)  # noqa: E731
+    obc._ref_count(t(tok), t(doff), t(boff), t(bidx), t(wa), t(ws), t(wpad), t(deltas), None, want, None, concat)
+    loads = {"popcount 1 only": np.where(pcs == 1, 100, 0), "uniform": np.ones(V), "popcount 8 only":
+             np.where(pcs == 8, 100, 0), "skewed": 1000 // (1 + np.arange(V)), "zero": np.zeros(V)}
+    before = C.get_num_threads()
+    try:
+        for T in (1, 2):
+            C.set_num_threads(T)
+            for name, load in loads.items():
+                A = np.zeros((V, nb, b + 2, 2), dtype=np.int64)
+                BC.count(tok, doff, boff, bidx, wa, ws, wpad, deltas, load.astype(np.int64), A, None, concat)
+                assert torch.equal(torch.from_numpy(A), want), f"load {name}, {T} threads"
+    finally:
+        C.set_num_threads(before)
+
+
 def test_sums_carry_into_the_high_word():
     """Addends of 2^62 quanta: four of them pass 2^64, so the high word must take the carries."""
     a = _raw_args(N=20)
