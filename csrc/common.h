@@ -19,6 +19,8 @@
 #include <string>
 #include <vector>
 
+#include "embkern/saturating.h"
+
 namespace embkern {
 namespace py = pybind11;
 
@@ -32,12 +34,7 @@ namespace py = pybind11;
 
 // ---- sizes up front ----------------------------------------------------------
 
-// a * b for sizes and byte counts: INT64_MAX ("too big") when it overflows or
-// either is negative.
-inline int64_t sat_mul(int64_t a, int64_t b) {
-  int64_t r;
-  return (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) ? INT64_MAX : r;
-}
+// sat_mul / sat_add / sat_sum for sizes and byte counts: embkern/saturating.h.
 
 // "12.3 GB" (10^9 bytes), for the messages.
 inline std::string gb(int64_t bytes) {

@@ -18,6 +18,8 @@
 #include <memory>
 #include <vector>
 
+#include "embkern/saturating.h"
+
 #ifdef __linux__
 #include <sys/mman.h>
 #endif
@@ -424,15 +426,7 @@ struct Scratch {
 constexpr int64_t kDenseRatio = 4;
 inline bool dense_buckets(int64_t NP, int64_t n) { return NP <= kDenseRatio * n; }
 
-// Saturating size arithmetic for the byte counts (INT64_MAX = "too big").
-inline int64_t sat_mul(int64_t a, int64_t b) {
-  int64_t r;
-  return (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) ? INT64_MAX : r;
-}
-inline int64_t sat_add(int64_t a, int64_t b) {
-  int64_t r;
-  return __builtin_add_overflow(a, b, &r) ? INT64_MAX : r;
-}
+// Byte counts: the saturating sat_mul / sat_add of embkern/saturating.h (INT64_MAX = "too big").
 
 // Elements of each Scratch vector for documents of up to n points (bytes() /
 // reserve() below agree on them, so the size check and the reservation do).

@@ -2,7 +2,7 @@
 // (src/cpu/selective_attention.cpp, src/cpu/rel_conv_attention.cpp): the
 // vector descriptor Vec<T>, the fixed exp polynomial vexp, the register-tiled
 // micro-kernel tile() / gemm(), and pack_transposed (with its in-register
-// square transposes Tr<T>). Included by a kernel
+// square transposes Tr<T>), and worth_threads (when an OpenMP team pays). Included by a kernel
 // object compiled once per ISA level: everything lives in the per-level
 // namespace embkern::flash::<level> (an anonymous namespace inside it, so
 // each object keeps its own copy at its own -march).
@@ -404,6 +404,9 @@ void pack_transposed(const T* X, int64_t rows, int64_t rows_pad, int64_t w, cons
     for (int64_t r = rows; r < rows_pad; ++r) o[r] = T(0);
   }
 }
+
+// Below ~256 K multiply-adds an OpenMP team costs more than it saves.
+inline bool worth_threads(int64_t tasks, int64_t work) { return tasks > 1 && work > (int64_t(1) << 18); }
 
 }  // namespace
 EMBKERN_ISA_END

@@ -42,6 +42,7 @@
 #include <vector>
 
 #include "gemm_kernel.h"
+#include "embkern/saturating.h"
 
 namespace embkern {
 namespace hc {
@@ -807,19 +808,6 @@ void ce_backward(const T* grad_loss, const T* q, const T* E, const T* bias_h, co
   Scorer<T> sc(q, E, bias_h, bias_t, B, N, K, score);
   ce_backward_impl(sc, grad_loss, targets, lse, grad_q, grad_E, grad_bias_h, grad_bias_t);
 }
-
-namespace {
-inline int64_t sat_mul(int64_t a, int64_t b) {
-  int64_t r;
-  return (a < 0 || b < 0 || __builtin_mul_overflow(a, b, &r)) ? INT64_MAX : r;
-}
-inline int64_t sat_sum(std::initializer_list<int64_t> v) {
-  int64_t s = 0;
-  for (int64_t x : v)
-    if (__builtin_add_overflow(s, x, &s)) return INT64_MAX;
-  return s;
-}
-}  // namespace
 
 int64_t scratch_bytes(Kernel kernel, int64_t B, int64_t N, int64_t K, int64_t k, int64_t nnz, int elem_size) {
   const int64_t es = elem_size, nt = omp_get_max_threads();

@@ -52,6 +52,7 @@
 #include <vector>
 
 #include "flash_tiles.h"
+#include "embkern/saturating.h"
 
 namespace embkern {
 namespace ssa {
@@ -435,15 +436,6 @@ void backward_query_block(const Problem<T>& P, const T* go, const T* q, const T*
     dtq[ii] = P.scale * acc;
   }
 }
-
-inline int64_t sat_mul(int64_t a, int64_t b) {
-  if (a <= 0 || b <= 0) return 0;
-  return a > INT64_MAX / b ? INT64_MAX : a * b;
-}
-inline int64_t sat_add(int64_t a, int64_t b) { return a > INT64_MAX - b ? INT64_MAX : a + b; }
-
-// Below ~256 K multiply-adds an OpenMP team costs more than it saves.
-inline bool worth_threads(int64_t tasks, int64_t work) { return tasks > 1 && work > (int64_t(1) << 18); }
 
 }  // namespace
 
