@@ -1,6 +1,6 @@
 // Private blocked-GEMM building blocks for the CPU kernels (fp32 / fp64).
 //
-// Two register-tile routines, both AVX2+FMA (tile_nt also AVX-512) with a
+// Two register-tile routines, AVX2+FMA and AVX-512 (zmm tiles at the avx512 level) with a
 // portable scalar fallback, written once as templates over a vector
 // descriptor (detail::Vec<T, bits>):
 //
@@ -119,19 +119,6 @@ inline T dot_chain(const T* a, const T* b, int64_t K) {
   return acc;
 }
 
-// Sum of squares with a fixed lane structure (same result at every call site).
-template <typename T>
-inline T sqnorm(const T* x, int64_t K) {
-  constexpr int L = 8;
-  T lane[L] = {};
-  int64_t k = 0;
-  for (; k + L <= K; k += L)
-    for (int l = 0; l < L; ++l) lane[l] = mac(x[k + l], x[k + l], lane[l]);
-  T tail = T(0);
-  for (; k < K; ++k) tail = mac(x[k], x[k], tail);
-  return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7])) + tail;
-}
-
 // Plain sum with the same fixed lane structure: vectorisable (the lanes are
 // explicit, no reassociation needed) and identical at every call site. A
 // one-accumulator loop is a latency-bound add chain: 4 cycles per element.
@@ -200,6 +187,7 @@ struct Vec<float, 512> {
   static constexpr int kLanes = 16;
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_load_ps(p); }  // 64-byte aligned
+  static V loadu(const float* p) { return _mm512_loadu_ps(p); }
   static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
   static V bcast(const float* p) { return _mm512_set1_ps(*p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
@@ -210,6 +198,7 @@ struct Vec<double, 512> {
   static constexpr int kLanes = 8;
   static V zero() { return _mm512_setzero_pd(); }
   static V load(const double* p) { return _mm512_load_pd(p); }
+  static V loadu(const double* p) { return _mm512_loadu_pd(p); }
   static void storeu(double* p, V v) { _mm512_storeu_pd(p, v); }
   static V bcast(const double* p) { return _mm512_set1_pd(*p); }
   static V fma(V a, V b, V c) { return _mm512_fmadd_pd(a, b, c); }
@@ -217,6 +206,39 @@ struct Vec<double, 512> {
 #endif
 
 }  // namespace detail
+
+// Sum of squares with a fixed lane structure (same result at every call site
+// and ISA level): lane l is one FMA chain over x[l], x[l + 8], ..., the tail
+// past the last whole group of 8 a separate chain, then a fixed tree. The
+// vector levels hold the 8 lanes in registers (1 or 2 ymm): GCC 12 did not
+// vectorise the scalar loop under -ffp-contract=off, and the |E|^2 pass of a
+// distance score ran at one scalar FMA per element, 12% of a B = 128
+// FB15k-237 score_all on an AVX-512 Xeon.
+template <typename T>
+inline T sqnorm(const T* x, int64_t K) {
+  constexpr int L = 8;
+  alignas(64) T lane[L] = {};
+  int64_t k = 0;
+#ifdef EMBKERN_GEMM_AVX2
+  using D = detail::Vec<T, 256>;
+  using V = typename D::V;
+  constexpr int NV = L / D::kLanes;  // 1 (fp32) or 2 (fp64)
+  V acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = D::zero();
+  for (; k + L <= K; k += L)
+    for (int v = 0; v < NV; ++v) {
+      const V t = D::loadu(x + k + v * D::kLanes);
+      acc[v] = D::fma(t, t, acc[v]);
+    }
+  for (int v = 0; v < NV; ++v) D::storeu(lane + v * D::kLanes, acc[v]);
+#else
+  for (; k + L <= K; k += L)
+    for (int l = 0; l < L; ++l) lane[l] = mac(x[k + l], x[k + l], lane[l]);
+#endif
+  T tail = T(0);
+  for (; k < K; ++k) tail = mac(x[k], x[k], tail);
+  return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7])) + tail;
+}
 
 // ---------------------------------------------------------------------------
 // tile_nt: C[i*ldc + j] = sum_k A[i*lda + k] * Bp[k*NR + j], i < rows (<= MR), j < NR.
@@ -319,7 +341,17 @@ inline void tile_nt(int rows, int64_t K, const T* A, int64_t lda, const T* Bp, T
 namespace detail {
 // Rows >= `rows` re-read row 0 and are not stored (as the 256-bit tile).
 // The accumulator array is fully unrolled, so it lives in registers.
-template <typename T, int NP>
+//
+// PF: at each new cache line of the six rows, prefetch the same line of the
+// six rows below (rows 6..11 from A; the caller's next tile). The tile
+// reads its rows as six strided streams, which the hardware prefetchers
+// follow poorly: on an AVX-512 Xeon, 1 thread, B = 128 FB15k-237 inner
+// score_all went from 14.6 ms to 10.8 ms (best of 4 alternated runs of 40
+// calls) and the same as a separate read pass over each block before its
+// tiles (12.5 ms). A prefetch never faults, so the last tile of a table
+// prefetching past its end is harmless. Only this 512-bit level has it: a
+// software prefetch was measured not to pay on the AVX2 (AMD EPYC) host.
+template <typename T, int NP, bool PF = false>
 inline void tile_nt_zmm(int rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc) {
   using Z = Vec<T, 512>;
   using V = typename Z::V;
@@ -333,6 +365,10 @@ inline void tile_nt_zmm(int rows, int64_t K, const T* A, int64_t lda, const T* B
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) c[i][p] = Z::zero();
   for (int64_t k = 0; k < K; ++k) {
+    if (PF && (k & (64 / sizeof(T) - 1)) == 0) {
+#pragma GCC unroll 6
+      for (int i = 0; i < 6; ++i) __builtin_prefetch(a[i] + 6 * lda + k, 0, 3);
+    }
     V b[NP];
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) b[p] = Z::load(Bp + p * NR * K + NR * k);
@@ -355,12 +391,30 @@ inline void tile_nt_panels(int rows, int64_t K, const T* A, int64_t lda, const T
                            int64_t ldc) {
   constexpr int NR = Tile<T>::NR;
 #if defined(__AVX512F__)
+  // Only the first group of a full 6-row tile prefetches the next six rows
+  // (the following groups read the same rows again).
+  const bool pf = rows == 6;
   int64_t p = 0;
-  for (; p + 4 <= np; p += 4) detail::tile_nt_zmm<T, 4>(rows, K, A, lda, Bp + p * NR * K, C + p * NR, ldc);
+  for (; p + 4 <= np; p += 4) {
+    if (pf && p == 0) detail::tile_nt_zmm<T, 4, true>(rows, K, A, lda, Bp, C, ldc);
+    else detail::tile_nt_zmm<T, 4>(rows, K, A, lda, Bp + p * NR * K, C + p * NR, ldc);
+  }
+  const bool pf_tail = pf && p == 0;
+  const T* Bt = Bp + p * NR * K;
+  T* Ct = C + p * NR;
   switch (np - p) {
-    case 3: detail::tile_nt_zmm<T, 3>(rows, K, A, lda, Bp + p * NR * K, C + p * NR, ldc); break;
-    case 2: detail::tile_nt_zmm<T, 2>(rows, K, A, lda, Bp + p * NR * K, C + p * NR, ldc); break;
-    case 1: detail::tile_nt_zmm<T, 1>(rows, K, A, lda, Bp + p * NR * K, C + p * NR, ldc); break;
+    case 3:
+      if (pf_tail) detail::tile_nt_zmm<T, 3, true>(rows, K, A, lda, Bt, Ct, ldc);
+      else detail::tile_nt_zmm<T, 3>(rows, K, A, lda, Bt, Ct, ldc);
+      break;
+    case 2:
+      if (pf_tail) detail::tile_nt_zmm<T, 2, true>(rows, K, A, lda, Bt, Ct, ldc);
+      else detail::tile_nt_zmm<T, 2>(rows, K, A, lda, Bt, Ct, ldc);
+      break;
+    case 1:
+      if (pf_tail) detail::tile_nt_zmm<T, 1, true>(rows, K, A, lda, Bt, Ct, ldc);
+      else detail::tile_nt_zmm<T, 1>(rows, K, A, lda, Bt, Ct, ldc);
+      break;
     default: break;
   }
 #else
@@ -494,6 +548,64 @@ inline void tile_ax_avx2(int M, int64_t R, int64_t K, const T* A, int64_t sm, in
     }
   }
 }
+
+#if defined(__AVX512F__)
+// One column strip [k0, k0 + NV * 16 fp32 / 8 fp64) of the six rows in zmm
+// registers: 6 x NV accumulators (24 at NV = 4, plus 4 loads and a
+// broadcast: 29 of the 32 zmm). Rows >= M alias row 0 and are not stored.
+// Each element is still one FMA chain over r continuing from O, as in the
+// 256-bit strips, so the bits do not depend on the width.
+template <typename T, int NV>
+__attribute__((always_inline)) inline void ax_strip_zmm(int M, int64_t R, int64_t k0, const AxRows<T>& rw,
+                                                        int64_t sr, const T* X, int64_t ldx) {
+  using Z = Vec<T, 512>;
+  using V = typename Z::V;
+  constexpr int64_t W = Z::kLanes;
+  V c[6][NV];
+#pragma GCC unroll 6
+  for (int i = 0; i < 6; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) c[i][v] = Z::loadu(rw.o[i] + k0 + v * W);
+  for (int64_t r = 0; r < R; ++r) {
+    const T* x = X + r * ldx + k0;
+    V xv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) xv[v] = Z::loadu(x + v * W);
+    const int64_t ar = r * sr;
+#pragma GCC unroll 6
+    for (int i = 0; i < 6; ++i) {
+      const V t = Z::bcast(rw.a[i] + ar);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) c[i][v] = Z::fma(t, xv[v], c[i][v]);
+    }
+  }
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NV; ++v) Z::storeu(rw.o[i] + k0 + v * W, c[i][v]);
+}
+
+// Strips of four zmm, then two, then one; the last < 16 (fp32) / 8 (fp64)
+// columns through the 256-bit path. The 256-bit strips alone ran the two
+// backward products of one_to_n_loss at about half of torch.mm's rate on
+// an AVX-512 Xeon (54-58 ms against torch autograd's 29-36 ms, B = 128
+// FB15k-237, 1 thread).
+template <typename T>
+inline void tile_ax_avx512(int M, int64_t R, int64_t K, const T* A, int64_t sm, int64_t sr, const T* X,
+                           int64_t ldx, T* O, int64_t ldo) {
+  constexpr int64_t W = Vec<T, 512>::kLanes;
+  const AxRows<T> rw(M, A, sm, O, ldo);
+  int64_t k0 = 0;
+  for (; k0 + 4 * W <= K; k0 += 4 * W) ax_strip_zmm<T, 4>(M, R, k0, rw, sr, X, ldx);
+  if (k0 + 2 * W <= K) {
+    ax_strip_zmm<T, 2>(M, R, k0, rw, sr, X, ldx);
+    k0 += 2 * W;
+  }
+  if (k0 + W <= K) {
+    ax_strip_zmm<T, 1>(M, R, k0, rw, sr, X, ldx);
+    k0 += W;
+  }
+  if (k0 < K) tile_ax_avx2(M, R, K - k0, A, sm, sr, X + k0, ldx, O + k0, ldo);
+}
+#endif
 #endif
 
 }  // namespace detail
@@ -502,7 +614,9 @@ inline void tile_ax_avx2(int M, int64_t R, int64_t K, const T* A, int64_t sm, in
 template <typename T>
 inline void tile_ax(int M, int64_t R, int64_t K, const T* A, int64_t sm, int64_t sr, const T* X, int64_t ldx, T* O,
                     int64_t ldo) {
-#ifdef EMBKERN_GEMM_AVX2
+#if defined(__AVX512F__) && defined(EMBKERN_GEMM_AVX2)
+  detail::tile_ax_avx512(M, R, K, A, sm, sr, X, ldx, O, ldo);
+#elif defined(EMBKERN_GEMM_AVX2)
   detail::tile_ax_avx2(M, R, K, A, sm, sr, X, ldx, O, ldo);
 #else
   switch (M) {

@@ -195,7 +195,8 @@ struct Scorer {
   int64_t B, N, K, Bpad;
   bool dist;
   Buffer<T> qp;          // ceil(B/NR) panels of NR x K, k-major
-  std::vector<T> qn, en;  // |q_b|^2 (padded to Bpad), |E_n|^2 (distance only)
+  std::vector<T> qn;          // |q_b|^2 (padded to Bpad), distance only
+  mutable std::vector<T> en;  // |E_n|^2, distance only: filled by sweep(jb) for its own block
 
   Scorer(const T* q_, const T* E_, const T* bh_, const T* bt_, int64_t B_, int64_t N_, int64_t K_, Score s)
       : q(q_), E(E_), bh(bh_), bt(bt_), B(B_), N(N_), K(K_), dist(s == Score::Distance) {
@@ -216,8 +217,6 @@ struct Scorer {
       if (dist) {
 #pragma omp for schedule(static) nowait
         for (int64_t b = 0; b < B; ++b) qn[b] = gemm::sqnorm(q + b * K, K);
-#pragma omp for schedule(static) nowait
-        for (int64_t n = 0; n < N; ++n) en[n] = gemm::sqnorm(E + n * K, K);
       }
     }
   }
@@ -227,13 +226,14 @@ struct Scorer {
   // scalar evaluation round identically.
   inline T epi(T dot, int64_t b, int64_t n) const {
     if (!dist) return dot;
-    T s = T(2) * dot - qn[b] - en[n];
+    T s = T(2) * dot - qn[b] - gemm::sqnorm(E + n * K, K);
     if (bh) s += bh[b];
     if (bt) s += bt[n];
     return s;
   }
 
-  // S[b, n] alone, bit-identical to the tile's value.
+  // S[b, n] alone, bit-identical to the tile's value (|E_n|^2 recomputed by
+  // the same function: O(K) per call, the callers make B of them).
   inline T one(int64_t b, int64_t n) const { return epi(gemm::dot_chain(q + b * K, E + n * K, K), b, n); }
 
 
@@ -274,6 +274,12 @@ struct Scorer {
   void sweep(int64_t jb, T* C, Tile&& tile) const {
     const int64_t n0 = jb * kNB, nb = std::min(kNB, N - n0);
     const int64_t mbl = mblocks();
+    // |E_n|^2 of this block only, by the thread that owns it, just before
+    // its tiles read the same rows (then in L2). Before, it was a separate
+    // pass over all N rows ahead of the sweep: the 23 MB FB15k-237 table read
+    // once more.
+    if (dist)
+      for (int64_t n = n0; n < n0 + nb; ++n) en[n] = gemm::sqnorm(E + n * K, K);
     for (int64_t ib = 0; ib < mbl; ++ib) {
       const int64_t b0 = ib * kMB, mb = std::min(kMB, B - b0);
       block(b0, mb, n0, nb, C);
