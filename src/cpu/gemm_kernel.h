@@ -382,6 +382,13 @@ inline void tile_nt_zmm(int rows, int64_t K, const T* A, int64_t lda, const T* B
   for (int i = 0; i < rows; ++i)
     for (int p = 0; p < NP; ++p) Z::storeu(C + i * ldc + p * NR, c[i][p]);
 }
+
+// One group of NP panels, with or without the next-row prefetch.
+template <typename T, int NP>
+inline void zmm_group(bool pf, int rows, int64_t K, const T* A, int64_t lda, const T* Bp, T* C, int64_t ldc) {
+  if (pf) tile_nt_zmm<T, NP, true>(rows, K, A, lda, Bp, C, ldc);
+  else tile_nt_zmm<T, NP>(rows, K, A, lda, Bp, C, ldc);
+}
 }  // namespace detail
 #endif
 
@@ -393,28 +400,17 @@ inline void tile_nt_panels(int rows, int64_t K, const T* A, int64_t lda, const T
 #if defined(__AVX512F__)
   // Only the first group of a full 6-row tile prefetches the next six rows
   // (the following groups read the same rows again).
-  const bool pf = rows == 6;
+  const bool pf6 = rows == 6;
   int64_t p = 0;
-  for (; p + 4 <= np; p += 4) {
-    if (pf && p == 0) detail::tile_nt_zmm<T, 4, true>(rows, K, A, lda, Bp, C, ldc);
-    else detail::tile_nt_zmm<T, 4>(rows, K, A, lda, Bp + p * NR * K, C + p * NR, ldc);
-  }
-  const bool pf_tail = pf && p == 0;
+  for (; p + 4 <= np; p += 4)
+    detail::zmm_group<T, 4>(pf6 && p == 0, rows, K, A, lda, Bp + p * NR * K, C + p * NR, ldc);
+  const bool pf = pf6 && p == 0;
   const T* Bt = Bp + p * NR * K;
   T* Ct = C + p * NR;
   switch (np - p) {
-    case 3:
-      if (pf_tail) detail::tile_nt_zmm<T, 3, true>(rows, K, A, lda, Bt, Ct, ldc);
-      else detail::tile_nt_zmm<T, 3>(rows, K, A, lda, Bt, Ct, ldc);
-      break;
-    case 2:
-      if (pf_tail) detail::tile_nt_zmm<T, 2, true>(rows, K, A, lda, Bt, Ct, ldc);
-      else detail::tile_nt_zmm<T, 2>(rows, K, A, lda, Bt, Ct, ldc);
-      break;
-    case 1:
-      if (pf_tail) detail::tile_nt_zmm<T, 1, true>(rows, K, A, lda, Bt, Ct, ldc);
-      else detail::tile_nt_zmm<T, 1>(rows, K, A, lda, Bt, Ct, ldc);
-      break;
+    case 3: detail::zmm_group<T, 3>(pf, rows, K, A, lda, Bt, Ct, ldc); break;
+    case 2: detail::zmm_group<T, 2>(pf, rows, K, A, lda, Bt, Ct, ldc); break;
+    case 1: detail::zmm_group<T, 1>(pf, rows, K, A, lda, Bt, Ct, ldc); break;
     default: break;
   }
 #else

@@ -195,8 +195,7 @@ struct Scorer {
   int64_t B, N, K, Bpad;
   bool dist;
   Buffer<T> qp;          // ceil(B/NR) panels of NR x K, k-major
-  std::vector<T> qn;          // |q_b|^2 (padded to Bpad), distance only
-  mutable std::vector<T> en;  // |E_n|^2, distance only: filled by sweep(jb) for its own block
+  std::vector<T> qn;  // |q_b|^2 (padded to Bpad), distance only
 
   Scorer(const T* q_, const T* E_, const T* bh_, const T* bt_, int64_t B_, int64_t N_, int64_t K_, Score s)
       : q(q_), E(E_), bh(bh_), bt(bt_), B(B_), N(N_), K(K_), dist(s == Score::Distance) {
@@ -206,7 +205,6 @@ struct Scorer {
     qp.resize(static_cast<size_t>(std::max<int64_t>(1, Bpad * K)));
     if (dist) {
       qn.assign(static_cast<size_t>(Bpad), T(0));
-      en.assign(static_cast<size_t>(N), T(0));
     }
     const bool par = worth_threads((B + N) * K);
 #pragma omp parallel if (par)
@@ -239,8 +237,9 @@ struct Scorer {
 
   // Scores of queries [b0, b0+mb) (b0 a multiple of NR) x entities [n0, n0+nb)
   // into C[n*MB + b] (entity-major). Query lanes up to the panel end are
-  // written too (padding, finite); entity rows beyond nb are not.
-  void block(int64_t b0, int64_t mb, int64_t n0, int64_t nb, T* C) const {
+  // written too (padding, finite); entity rows beyond nb are not. e2[n] is
+  // |E_{n0+n}|^2 (distance only), filled by sweep() for this block.
+  void block(int64_t b0, int64_t mb, int64_t n0, int64_t nb, const T* e2, T* C) const {
     const int64_t p0 = b0 / NR, np = (mb + NR - 1) / NR;
     for (int64_t e = 0; e < nb; e += MR) {
       const int rows = static_cast<int>(std::min<int64_t>(MR, nb - e));
@@ -252,8 +251,8 @@ struct Scorer {
       const T* qnb = qn.data() + b0;
       for (int64_t n = 0; n < nb; ++n) {
         T* c = C + n * kMB;
-        const T e2 = en[n0 + n];
-        for (int64_t b = 0; b < lanes; ++b) c[b] = T(2) * c[b] - qnb[b] - e2;
+        const T en = e2[n];
+        for (int64_t b = 0; b < lanes; ++b) c[b] = T(2) * c[b] - qnb[b] - en;
         if (bh) {
           const int64_t m = std::min<int64_t>(lanes, B - b0);
           for (int64_t b = 0; b < m; ++b) c[b] += bh[b0 + b];
@@ -278,11 +277,14 @@ struct Scorer {
     // its tiles read the same rows (then in L2). Before, it was a separate
     // pass over all N rows ahead of the sweep: the 23 MB FB15k-237 table read
     // once more.
+    // A local array: the block's norms are read only by this thread's
+    // block() calls below (kNB = 96 values, 768 B in fp64).
+    T e2[kNB];
     if (dist)
-      for (int64_t n = n0; n < n0 + nb; ++n) en[n] = gemm::sqnorm(E + n * K, K);
+      for (int64_t n = 0; n < nb; ++n) e2[n] = gemm::sqnorm(E + (n0 + n) * K, K);
     for (int64_t ib = 0; ib < mbl; ++ib) {
       const int64_t b0 = ib * kMB, mb = std::min(kMB, B - b0);
-      block(b0, mb, n0, nb, C);
+      block(b0, mb, n0, nb, e2, C);
       tile(b0, mb, n0, nb);
     }
   }
