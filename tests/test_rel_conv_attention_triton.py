@@ -18,14 +18,22 @@ from helpers import device_of, require_backend
 pytestmark = pytest.mark.triton
 
 
-@pytest.fixture(params=["fused", "split"])
+@pytest.fixture(params=["fused", "split", "split-mixed"])
 def schedule(request, monkeypatch):
     """Both backward schedules: the fused chunked kernel and the three-kernel split (its own tiling of the
-    table rows, so every case also checks the dR / dS row blocks, their edges and the batch sum)."""
+    table rows, so every case also checks the dR / dS row blocks, their edges and the batch sum); and the
+    split with a different tile per kernel, as ``_cfg``'s ``split`` entry gives them on the GPU (here the
+    key-block kernel 16 x 32, the query-block kernel 32 x 16 -- more rows than keys, the window's second
+    piece the larger -- and table-row blocks of 16 against 32 query rows)."""
     from embkern.triton_kernels import rel_conv_attention as tk
 
-    monkeypatch.setattr(tk, "SCHEDULE", request.param)
-    return request.param
+    sched = request.param
+    monkeypatch.setattr(tk, "SCHEDULE", sched.split("-")[0])
+    if sched == "split-mixed":
+        base = tk._cfg
+        monkeypatch.setattr(tk, "_cfg", lambda t, d: dict(base(t, d), split=dict(kv=(16, 32, 1), q=(32, 16, 1),
+                                                                                  rel=(32, 16, 1))))
+    return sched
 
 DEV = device_of("triton")
 P = 96

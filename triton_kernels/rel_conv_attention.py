@@ -42,9 +42,13 @@ outside the table (only ever read by masked pairs) load as zeros.
     with ``G[ii, w] = dS[ii, w + ii - (BM - 1)]`` the band put back into window coordinates; dR, dS per
     (block of BT table rows, batch x head), where the pairs reading those rows are a diagonal band whose
     relative term is the plain product ``Q R_blk^T`` and whose content term and dP are bands of products
-    against a span of BT + BM keys, so ``dR_blk = G^T Q`` needs no gather. It recomputes the scores three
-    times (15.25 units of BM BN d multiply-adds a tile at 32 x 128 against the fused kernel's 8.75) in
-    exchange for independent programs and no partial-buffer traffic.
+    against a span of BT + BM keys, so ``dR_blk = G^T Q`` needs no gather. The key-block kernel holds its
+    tile transposed (keys x queries, as flash-attention 2's Triton backward does), so that its products have
+    the 128 keys as M. Each kernel has its own tiles (``_cfg``'s ``split``: kv 32 x 128, q and rel 64 x 64 on
+    sm_90-class GPUs, M = 64 / 128 in every product of size, the shapes the warpgroup MMA takes). It
+    recomputes the scores three times: per pair, 5.25 + 7 + 6 = 18.25 units of d multiply-adds at those
+    tiles (15.25 with all three at 32 x 128) against the fused kernel's 8.75, in exchange for independent
+    programs, no partial-buffer traffic and tensor-core-sized products.
 
   The du partials (B, H, nN, d) are summed over batch and key blocks in torch, the dR / dS partials over
   chunks and batch. Results are bit-identical from run to run (no float atomics; every sum has a fixed
@@ -87,7 +91,11 @@ def _cfg(t: torch.Tensor, d: int) -> dict:
         # 1.13 ms against 2.10 ms at 32 x 128 on an H200 (B 4, H 8, L 4096, d 64, bf16, causal;
         # benchmarks/gpu/tune_rel_attention.py). The backward measured best at 32 x 128 with 8 warps
         # (fwd+bwd 11.1 ms; 64 x 64: 16.2, 32 x 64: 12.8). lse is per row, so the two need not share tiles.
-        return dict(BM=32, BN=128, FBM=64, FBN=64, warps=4, bwd_warps=8, stages=2)
+        # split: each of the three kernels its own (rows, columns, warps), picked so that every product of size
+        # has M = 64 or 128 and compiles to sm_90's warpgroup MMA (ptxas' PTX: the kv kernel at 32 x 128 with
+        # keys as M, q and rel at 64 x 64); unmeasured on a GPU, so not the default schedule
+        return dict(BM=32, BN=128, FBM=64, FBN=64, warps=4, bwd_warps=8, stages=2,
+                    split=dict(kv=(32, 128, 8), q=(64, 64, 4), rel=(64, 64, 4)))
     if t.dtype == torch.float32 and d > 128:
         return dict(BM=16, BN=32, warps=4, bwd_warps=4, stages=2)
     return dict(BM=16, BN=64, warps=4, bwd_warps=4, stages=2)
@@ -317,7 +325,13 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, de
                    CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                    UPCAST: tl.constexpr, IEEE: tl.constexpr):
     """dk, dv and the du partial of one key block (program (n, batch x head)), over the query blocks that see it:
-    ``dk_j = sum_i dS_ij q_i + (sum_i dS_ij) u``, ``du_n = sum_j (sum_i dS_ij) k_j`` (dS already scaled)."""
+    ``dk_j = sum_i dS_ij q_i + (sum_i dS_ij) u``, ``du_n = sum_j (sum_i dS_ij) k_j`` (dS already scaled).
+
+    The tile is held transposed, (BN keys, BM queries), as flash-attention 2's Triton backward holds it: every
+    product then has the key block as its M dimension (K Q^T, R1 Q^T, V dO^T, P^T dO, dS^T Q: M = BN = 128 at
+    32 x 128), which sm_90 runs on the warpgroup MMA (M a multiple of 64); the (BM, BN) form puts 32 rows in
+    M and compiles those products to mma.sync (52 of 56 products at 32 x 128 by ptxas' PTX). The relative term
+    transposed: ``rel^T[jj, ii] = (Rw Q^T)[jj - ii + BM - 1, ii]``, the band gathered along axis 0."""
     n = tl.program_id(0)
     bh = tl.program_id(1)
     h = bh % H
@@ -332,6 +346,8 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, de
     dk = tl.zeros([BN, BD], tl.float32)
     dva = tl.zeros([BN, BDV], tl.float32)
     csum = tl.zeros([BN], tl.float32)
+    # window offset of (key jj, query ii): jj - ii + BM - 1, in 0 .. BN + BM - 2
+    band = tl.arange(0, BN)[:, None] - tl.arange(0, BM)[None, :] + (BM - 1)
     lo = 0
     if CAUSAL:  # the first query row that sees key n0 is n0 - q_offset
         lo = tl.maximum(0, n0 - q_offset)
@@ -340,11 +356,22 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, de
         rows = m0 + tl.arange(0, BM)
         q, do, lse, dlt = _query_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, bh, rows, Lq, od, d, odv, dv)
         r0, R1, S1, R2, S2 = _tile_windows(R_ptr, S_ptr, P, n0, m0, q_offset, h, H, od, d, BM, BN)
-        p, ds = _tile_p_ds(q, do, lse, dlt, k, v, uk, R1, S1, R2, S2, rows, cols, Lq, Lk, q_offset, scale,
-                           CAUSAL, BM, BN, UPCAST, IEEE)
-        dva += _dot(tl.trans(p.to(do.dtype)), do, UPCAST, IEEE)
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, UPCAST, IEEE)
-        csum += tl.sum(ds, 0)
+        qt = tl.trans(q)
+        kq = _dot(k, qt, UPCAST, IEEE)
+        x1 = _dot(R1, qt, UPCAST, IEEE) + S1[:, None]
+        x2 = _dot(R2, qt, UPCAST, IEEE) + S2[:, None]
+        rel = tl.where(band < BN, tl.gather(x1, tl.minimum(band, BN - 1), 0), tl.gather(x2, tl.maximum(band - BN, 0), 0))
+        st = (kq + uk[:, None] + rel) * scale
+        ok = (cols < Lk)[:, None] & (rows < Lq)[None, :] & (lse != float("-inf"))[None, :]
+        if CAUSAL:
+            ok = ok & (cols[:, None] <= rows[None, :] + q_offset)
+        lse_safe = tl.where(lse == float("-inf"), 0.0, lse)
+        pt = tl.where(ok, tl.exp(st - lse_safe[None, :]), 0.0)
+        dva += _dot(pt.to(do.dtype), do, UPCAST, IEEE)
+        dpt = _dot(v, tl.trans(do), UPCAST, IEEE)
+        dst = pt * (dpt - dlt[None, :]) * scale
+        dk += _dot(dst.to(q.dtype), q, UPCAST, IEEE)
+        csum += tl.sum(dst, 1)
     dk += csum[:, None] * u[None, :]
     cmask = cols < Lk
     tl.store(dk_ptr + (bh * Lk + cols)[:, None] * d + od[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -520,29 +547,34 @@ def _backward_split(q, k, v, R, S, u, do, lse, delta, dk, dvv, causal: bool, q_o
     B, H, Lq, d = q.shape
     Lk, dv, P = k.shape[2], v.shape[-1], R.shape[0] // 2
     kw, c = _consts(q, v, causal)
-    BM, BN = kw["BM"], kw["BN"]
-    nM, nN = triton.cdiv(Lq, BM), triton.cdiv(Lk, BN)
+    # each kernel's (rows, columns, warps): _cfg's "split" entry, else the backward's tiles for all three
+    tiles = dict(kv=(kw["BM"], kw["BN"], c["bwd_warps"]), q=(kw["BM"], kw["BN"], c["bwd_warps"]),
+                 rel=(kw["BM"], c.get("BT", kw["BN"]), c["bwd_warps"]))
+    tiles.update(c.get("split") or {})
+    base = {n: x for n, x in kw.items() if n not in ("BM", "BN")}
     f32 = dict(dtype=torch.float32, device=q.device)
     args = (H, Lq, Lk, d, dv, P, d ** -0.5, q_offset)
-    opts = launch_opts(q, c["bwd_warps"], c["stages"])
+    kvM, kvN, kvW = tiles["kv"]
+    qM, qN, qW = tiles["q"]
+    rM, BT, rW = tiles["rel"]
+    nN = triton.cdiv(Lk, kvN)
     dup = torch.empty(B, H, nN, d, **f32)
     dq = torch.empty_like(q)
     # the table rows visible pairs read: r = P + j - i - q_offset over i < Lq, j < Lk (j <= i + q_offset causal)
     rlo = max(0, P - (Lq - 1) - q_offset)
     rhi = min(2 * P, P + Lk - q_offset, P + 1 if causal else 2 * P)
-    BT = c.get("BT", BN)
     nT = triton.cdiv(max(rhi - rlo, 0), BT)
     NRT = nT * BT
     dRp = torch.empty(B, H, NRT, d, **f32)
     dSp = torch.empty(B, H, NRT, **f32)
     with device_ctx(q):
-        _bwd_kv_kernel[(nN, B * H)](q, k, v, R, S, u, do, lse, delta, dk, dvv, dup, *args, nN, **kw, **opts)
-        _bwd_q_kernel[(nM, B * H)](q, k, v, R, S, u, do, lse, delta, dq, *args, **kw, **opts)
+        _bwd_kv_kernel[(nN, B * H)](q, k, v, R, S, u, do, lse, delta, dk, dvv, dup, *args, nN, BM=kvM, BN=kvN,
+                                    **base, **launch_opts(q, kvW, c["stages"]))
+        _bwd_q_kernel[(triton.cdiv(Lq, qM), B * H)](q, k, v, R, S, u, do, lse, delta, dq, *args, BM=qM, BN=qN,
+                                                     **base, **launch_opts(q, qW, c["stages"]))
         if nT:
-            rkw = dict(kw)
-            del rkw["BN"]
-            _bwd_rel_kernel[(nT, B * H)](q, k, v, R, S, u, do, lse, delta, dRp, dSp, *args, rlo, NRT, BT=BT,
-                                         **rkw, **opts)
+            _bwd_rel_kernel[(nT, B * H)](q, k, v, R, S, u, do, lse, delta, dRp, dSp, *args, rlo, NRT, BM=rM, BT=BT,
+                                         **base, **launch_opts(q, rW, c["stages"]))
     dR = torch.zeros(R.shape, **f32)
     dS = torch.zeros(S.shape, **f32)
     hi = min(rlo + NRT, 2 * P)

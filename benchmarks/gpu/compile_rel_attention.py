@@ -97,11 +97,21 @@ def main() -> int:
     attention = [("forward", m._fwd_kernel, 4), ("backward", m._bwd_kernel, None),
                  ("split kv", m._bwd_kv_kernel, None), ("split q", m._bwd_q_kernel, None),
                  ("split rel", m._bwd_rel_kernel, None)]
+    import types
+
+    import torch
+
+    torch_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
+    split_key = {"split kv": "kv", "split q": "q", "split rel": "rel"}
     failed = 0
     for dtype, bBM, bBN, bd in configs:
+        # the tiles _cfg gives a CUDA tensor of this dtype and head dim (it reads only .device.type and .dtype)
+        cfg = m._cfg(types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=torch_dtype[dtype]), bd)
         for name, fn, warps in attention:
             # where the backward takes 32 x 128, the forward takes 64 x 64 (_cfg's FBM / FBN)
             BM, BN = (64, 64) if name == "forward" and bBN == 128 else (bBM, bBN)
+            if name in split_key and cfg.get("split") and (bBM, bBN) == (cfg["BM"], cfg["BN"]):
+                BM, BN, warps = cfg["split"][split_key[name]]  # the split kernels' own tiles
             const = dict(CAUSAL=True, BM=BM, BN=BN, BD=bd, BDV=bd, UPCAST=False, IEEE=dtype == "fp32")
             if name == "split rel":  # table-row blocks of BT = BN rows (the launcher's default)
                 const["BT"] = const.pop("BN")
@@ -109,8 +119,11 @@ def main() -> int:
             tag = f"sm_{args.arch} {dtype} {BM}x{BN} d<={bd} {name} ({warps} warps)"
             try:
                 k = compile_kernel(fn, dtype, const, args.arch, warps, 2)
+                ptx = k.asm["ptx"]
+                # which tensor-core instructions the products became: the warpgroup MMA takes M = 64 / 128
+                mma = f"wgmma {ptx.count('wgmma.mma_async')}, mma.sync {ptx.count('mma.sync')}"
                 print(f"{tag}: cubin {len(k.asm['cubin'])} bytes, shared memory {k.metadata.shared / 1024:.1f} KiB, "
-                      f"{_usage(k, args.arch)}", flush=True)
+                      f"{_usage(k, args.arch)}; {mma}", flush=True)
                 if args.ttgir:
                     with open(f"{fn.fn.__name__}-{dtype}-{BM}x{BN}-d{bd}.ttgir", "w") as f:
                         f.write(k.asm["ttgir"])

@@ -124,9 +124,12 @@ def main() -> int:
 
     tiles = [None] if not cuda else [None, (64, 64, 4, 8), (32, 64, 4, 4), (32, 128, 4, 4), (64, 128, 4, 8)]
     chunk_sweep = [1, 4, 8, 32] if not cuda else [4, 8, 16, 32]
-    settings = [(None, c, "fused") for c in chunk_sweep] + [(t, default_chunks, "fused") for t in tiles[1:]]
-    # the split backward (three kernels, no partial read-modify-write): default tiles first, then others
-    settings = [(None, default_chunks, "split")] + settings + [(t, default_chunks, "split") for t in tiles[1:]]
+    # the split backward first (three kernels, no partial read-modify-write; never measured on a GPU yet): its
+    # own per-kernel tiles (_cfg's "split"), then one tile for all three kernels; then the fused kernel, whose
+    # default was measured (2026-12-04, H200), then its other chunks and tiles -- so a short budget still
+    # compares the two schedules
+    settings = ([(None, default_chunks, "split")] + [(t, default_chunks, "split") for t in tiles[1:]]
+                + [(None, c, "fused") for c in chunk_sweep] + [(t, default_chunks, "fused") for t in tiles[1:]])
     for tile, ch, sched in settings:
         if time.time() - t0 > args.budget:
             rows.append([f"{tile or 'default'} {sched}", str(ch), "-", "not run (budget)", "", "", "", ""])
@@ -140,6 +143,9 @@ def main() -> int:
         tk.SCHEDULE = sched
         c = tk._cfg(big[0], d)
         label = f"{c['BM']}x{c['BN']} fwd {c['warps']}w bwd {c['bwd_warps']}w {sched}"
+        if sched == "split" and c.get("split"):  # the three kernels' own tiles
+            label = f"{c.get('FBM', c['BM'])}x{c.get('FBN', c['BN'])} fwd {c['warps']}w; split " + ", ".join(
+                f"{n} {a}x{b} {w}w" for n, (a, b, w) in c["split"].items())
         try:
             s = time.time()
             fb = fwd_bwd(big, gbig, "triton")
