@@ -74,6 +74,45 @@ def _single_process(docs, config=CONFIG):
     return embkern.FDEEncoder(config).encode_corpus([docs], progress=False)
 
 
+def _gate_workers(client, module, name, key, released, release_file):
+    """Make ``module.name`` in every worker process wait for ``release_file`` unless
+    ``key(*args)`` is in ``released``. The kill tests use it so that the kill always lands
+    while work is left: without it a fast machine finished all 16 FDE shards between two
+    polls of the output folder and the test failed. The task functions look the loader up
+    by name when they run, so patching the module attribute reaches them; a worker the
+    nanny restarts runs the plain loader."""
+
+    def install(dask_worker=None):
+        import importlib
+        import os as _os
+        import time as _time
+
+        mod = importlib.import_module(module)
+        plain = getattr(mod, "_ungated_" + name, None) or getattr(mod, name)
+
+        def gated(*args, **kwargs):
+            if key(*args) not in released:
+                t_end = _time.monotonic() + JOB_TIMEOUT_S
+                while not _os.path.exists(release_file) and _time.monotonic() < t_end:
+                    _time.sleep(0.01)
+            return plain(*args, **kwargs)
+
+        setattr(mod, "_ungated_" + name, plain)
+        setattr(mod, name, gated)
+
+    def remove(dask_worker=None):
+        import importlib
+
+        mod = importlib.import_module(module)
+        plain = getattr(mod, "_ungated_" + name, None)
+        if plain is not None:
+            setattr(mod, name, plain)
+            delattr(mod, "_ungated_" + name)
+
+    client.run(install)
+    return remove
+
+
 def test_shard_files_equal_one_process(client, tmp_path):
     paths, docs = _write_shards(tmp_path, 5, 37, padded_every=3)
     out = encode_corpus(paths, CONFIG, tmp_path / "out", client=client, progress=False)
@@ -120,11 +159,15 @@ def test_tables_built_once_per_worker(client, tmp_path):
 
 
 def test_killed_worker_is_retried_and_exact(client, tmp_path):
-    # enough work per shard that the job is still running when a worker dies
-    paths, docs = _write_shards(tmp_path, 16, 1500)
+    paths, docs = _write_shards(tmp_path, 16, 300)
     want = _single_process(docs)
     pids = client.run(os.getpid)
     victim = sorted(pids)[0]
+    release = str(tmp_path / "release")
+    # shards 0 and 1 load at once, the other 14 wait for the release file: at the kill
+    # both workers are busy (encoding or waiting to load) and at most 2 shards are done
+    ungate = _gate_workers(client, "embkern.distributed._fde", "_load_shard", os.path.basename,
+                           {os.path.basename(p) for p in paths[:2]}, release)
     result = {}
 
     def job():
@@ -135,22 +178,27 @@ def test_killed_worker_is_retried_and_exact(client, tmp_path):
 
     t = threading.Thread(target=job)
     t.start()
-    out_dir = tmp_path / "out"
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline and not (out_dir.exists() and any(p.suffix == ".npy"
-                                                                         for p in out_dir.iterdir())):
-        time.sleep(0.05)
-    done_at_kill = sum(1 for p in out_dir.iterdir() if p.name.startswith("part-")) if out_dir.exists() else 0
-    os.kill(pids[victim], signal.SIGKILL)  # mid-job: its running task is lost
+    try:
+        out_dir = tmp_path / "out"
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline and not (out_dir.exists() and any(p.name.startswith("part-")
+                                                                             for p in out_dir.iterdir())):
+            time.sleep(0.02)
+        done_at_kill = sum(1 for p in out_dir.iterdir() if p.name.startswith("part-") and p.suffix == ".npy"
+                           and ".tmp" not in p.name) if out_dir.exists() else 0
+        os.kill(pids[victim], signal.SIGKILL)  # mid-job: its running task is lost
+    finally:
+        open(release, "w").close()
     t.join(JOB_TIMEOUT_S)
     assert not t.is_alive(), "encode_corpus did not finish after a worker was killed"
     assert "error" not in result, result.get("error")
     got = read_encodings(result["out"])
     assert np.array_equal(got, want)
-    assert done_at_kill < len(paths), "the job had finished before the worker was killed"
+    assert done_at_kill <= 2, f"{done_at_kill} shards were done before the gate opened"
     print("shards done when the worker was killed:", done_at_kill, "of", len(paths))
     client.wait_for_workers(2, timeout=120)  # the nanny restarts the killed worker for the next tests
     assert pids[victim] not in client.run(os.getpid).values()  # it really died and was replaced
+    client.run(ungate)  # the surviving worker still holds the gate
 
 
 def test_bad_input_fails_fast(client, tmp_path):
@@ -264,6 +312,13 @@ def test_cipher_counts_survive_a_killed_worker(client, tmp_path):
     assert vocab == want_vocab
     pids = client.run(os.getpid)
     victim = pids[sorted(pids)[0]]
+    blocks = dist._cipher._blocks([os.path.abspath(p) for p in paths], 4096, False)
+    release = str(tmp_path / "release")
+    # the first 3 blocks are read at once, the rest wait for the release file: at the kill
+    # both workers are busy and at most 3 blocks are counted
+    ungate = _gate_workers(client, "embkern.distributed._cipher", "_block_bytes",
+                           lambda path, start, end: (os.path.basename(path), start),
+                           {(os.path.basename(p), a) for p, a, _ in blocks[:3]}, release)
     result = {}
 
     def job():
@@ -278,19 +333,22 @@ def test_cipher_counts_survive_a_killed_worker(client, tmp_path):
 
     t = threading.Thread(target=job)
     t.start()
-    deadline = time.monotonic() + JOB_TIMEOUT_S
-    while time.monotonic() < deadline and client.run_on_scheduler(done_tasks) < 3:
-        time.sleep(0.02)
-    at_kill = client.run_on_scheduler(done_tasks)
-    os.kill(victim, signal.SIGKILL)  # its block results in memory and its running task are lost and recomputed
+    try:
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        while time.monotonic() < deadline and client.run_on_scheduler(done_tasks) < 1:
+            time.sleep(0.02)
+        at_kill = client.run_on_scheduler(done_tasks)
+        os.kill(victim, signal.SIGKILL)  # its block results in memory and its running task are lost and recomputed
+    finally:
+        open(release, "w").close()
     t.join(JOB_TIMEOUT_S)
     assert not t.is_alive(), "cooccurrence_vectors did not finish after a worker was killed"
     assert "error" not in result, result.get("error")
     assert torch.equal(result["v"], want)
-    n_blocks = len(dist._cipher._blocks([os.path.abspath(p) for p in paths], 4096, False))
-    assert at_kill < n_blocks, "the job had finished before the worker was killed"
-    print("blocks counted when the worker was killed:", at_kill, "of", n_blocks)
+    assert len(blocks) > 3 and at_kill <= 3, f"{at_kill} of {len(blocks)} blocks were counted before the gate opened"
+    print("blocks counted when the worker was killed:", at_kill, "of", len(blocks))
     client.wait_for_workers(2, timeout=120)
+    client.run(ungate)
 
 
 def test_dashboard_note(capsys):
