@@ -88,6 +88,44 @@ def test_values_and_all_six_gradients_fp32(case, schedule):
     assert len(reports) == 6  # q, k, v, R, S, u
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[4], CASES[6]], ids=_id)
+@pytest.mark.parametrize("sched", ["fused", "split"])
+def test_square_tiles_as_fp32_takes_on_the_gpu(case, sched, monkeypatch):
+    """BM = BN (16 x 16, what _cfg gives fp32 above d = 64 on the GPU): the window's two pieces are the
+    same size; split with the fp32 d <= 64 entry's shapes (kv 32 x 64, q 16 x 32, table rows 16 x 16)."""
+    from embkern.triton_kernels import rel_conv_attention as tk
+
+    require_backend(ops.DESCRIPTOR, "backward", "triton", DEV, torch.float32)
+    monkeypatch.setattr(tk, "SCHEDULE", sched)
+    monkeypatch.setattr(tk, "_cfg", lambda t, d: dict(BM=16, BN=16, warps=1, bwd_warps=1, stages=1, split=dict(
+        kv=(32, 64, 1), q=(16, 32, 1), rel=(16, 16, 1))))
+    *dims, causal, qo = case
+    p = max(P, dims[3])
+    fast, slow = _fns(causal, qo, P=p)
+    args = _inputs(*dims, P=p)
+    testing.assert_parity(fast, slow, args)
+    assert len(testing.assert_grad_parity(fast, slow, args)) == 6
+
+
+def test_gpu_tiles_keep_the_window_layout():
+    """Every tile _cfg gives a CUDA tensor: powers of two from 16, BM <= BN for the forward and the fused
+    backward (the window is BN rows then BM), warps 4 or 8, and the split entry's three shapes likewise."""
+    import types
+
+    from embkern.triton_kernels import rel_conv_attention as tk
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for d in (8, 16, 32, 64, 65, 128, 129, 256):
+            c = tk._cfg(types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=dtype), d)
+            shapes = [(c.get("FBM", c["BM"]), c.get("FBN", c["BN"])), (c["BM"], c["BN"])]
+            for BM, BN in shapes:
+                assert BM <= BN, (dtype, d, c)
+            shapes += [(a, b) for a, b, _ in (c.get("split") or {}).values()]
+            for BM, BN in shapes:
+                assert BM >= 16 and BN >= 16 and BM & (BM - 1) == 0 and BN & (BN - 1) == 0, (dtype, d, c)
+            assert {c["warps"], c["bwd_warps"]} <= {4, 8}, (dtype, d, c)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_values_and_all_six_gradients_low_precision(dtype, causal, schedule):

@@ -92,6 +92,7 @@ SHAPES = [  # B, Hq, Hkv, Lq, Lk, d, dv, causal, q_offset
     (1, 2, 2, 129, 129, 16, 32, False, None),
     (2, 2, 1, 5, 12, 128, 64, True, 3),
     (1, 3, 3, 7, 7, 16, 16, True, -2),
+    (1, 2, 1, 5, 40, 256, 256, True, None),  # head dim 256: the GPU's smallest tile class
 ]
 
 
@@ -117,7 +118,20 @@ def test_parity_low_precision(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4], SHAPES[5]], ids=["gqa", "offset", "negative-offset"])
+@pytest.mark.parametrize("d", [64, 256])
+def test_gradients_low_precision(backend, d):
+    """bf16 gradients at head dims 64 and 256 (on the GPU the two tile classes of 16-bit inputs; at 256 the
+    key-block kernel takes 64 x 64, the 128 x 32 it had needed 290 KiB of shared memory)."""
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "backward", backend, dev, torch.bfloat16)
+    q, k, v, tq, tv = _inputs(1, 2, 1, 20, 37, d, d, torch.bfloat16, device=dev)
+    testing.assert_grad_parity(lambda *a: embkern.selective_attention(*a, backend=backend),
+                               lambda *a: ref.attention(*a), (q, k, v, tq, tv))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[4], SHAPES[5], SHAPES[6]],
+                         ids=["gqa", "offset", "negative-offset", "head-256"])
 def test_gradients(backend, shape):
     *dims, causal, qo = shape
     dev = device_of(backend)
@@ -126,6 +140,43 @@ def test_gradients(backend, shape):
     testing.assert_grad_parity(
         lambda *a: embkern.selective_attention(*a, causal=causal, q_offset=qo, backend=backend),
         lambda *a: ref.attention(*a, causal=causal, q_offset=qo), (q, k, v, tq, tv))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shape", [SHAPES[1], SHAPES[3], SHAPES[4], SHAPES[5]],
+                         ids=["gqa", "full-129", "offset", "negative-offset"])
+def test_triton_kernels_take_their_own_tiles(shape, monkeypatch):
+    """The forward, the key-block and the query-block kernel each take their own (BM, BN, warps) from
+    ``_cfg``, as fp32 does on the GPU: here 32 x 16, 16 x 32 and 32 x 32 (rows ending mid-tile, key blocks
+    the query blocks do not line up with)."""
+    from embkern.triton_kernels import selective_attention as tk
+
+    *dims, causal, qo = shape
+    dev = device_of("triton")
+    require_backend(ops.DESCRIPTOR, "backward", "triton", dev, torch.float32)
+    monkeypatch.setattr(tk, "_cfg", lambda t, d: dict(fwd=(32, 16, 1), kv=(16, 32, 1), q=(32, 32, 1), stages=1))
+    q, k, v, tq, tv = _inputs(*dims, device=dev)
+    fast = lambda *a: embkern.selective_attention(*a, causal=causal, q_offset=qo, backend="triton")  # noqa: E731
+    slow = lambda *a: ref.attention(*a, causal=causal, q_offset=qo)  # noqa: E731
+    testing.assert_parity(fast, slow, (q, k, v, tq, tv))
+    testing.assert_grad_parity(fast, slow, (q, k, v, tq, tv))
+
+
+def test_triton_gpu_tiles():
+    """The tiles _cfg gives a CUDA tensor: each kernel a (BM, BN, warps) of powers of two from 16 (the
+    tl.dot minimum) and 4 or 8 warps, for every dtype and head-dim class."""
+    import types
+
+    pytest.importorskip("triton")
+    from embkern.triton_kernels import selective_attention as tk
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for d in (8, 64, 65, 128, 129, 256):
+            c = tk._cfg(types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=dtype), d)
+            for name in ("fwd", "kv", "q"):
+                BM, BN, warps = c[name]
+                assert BM >= 16 and BN >= 16 and BM & (BM - 1) == 0 and BN & (BN - 1) == 0, (dtype, d, c)
+                assert warps in (4, 8), (dtype, d, c)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -75,18 +75,28 @@ from ._tiles import _dot, device_ctx, launch_opts, pow2, upcast
 
 
 def _cfg(t: torch.Tensor, d: int) -> dict:
-    """Tiles of BM query rows by BN keys, BM < BN: a tile reads BM + BN - 1 window rows, taken as two
+    """Tiles of BM query rows by BN keys, BM <= BN: a tile reads BM + BN - 1 window rows, taken as two
     power-of-two products (BN rows, then BM), so the relative term costs (BN + BM) / BN of ``Q K^T``:
     1.25x at 32 x 128 on the GPU (64 x 64 would cost 2x), 1.5x at 16 x 32 in the interpreter (16 is the
-    tl.dot minimum; every program runs in Python there). Wider heads take smaller tiles to stay inside sm_90's
-    227 KiB of shared memory (benchmarks/gpu/compile_rel_attention.py --all prints what each needs): 16 x 64
-    above d = 128 in fp16 / bf16 and above 64 in fp32, 16 x 32 above 128 in fp32. FBM x FBN, where given, are
-    the forward's tiles (measured faster; see below). Fixed: no autotuning, so the rounding of every sum is the
-    same on every run and every GPU."""
+    tl.dot minimum; every program runs in Python there). fp16 / bf16 heads above d = 128 take 16 x 64 to stay
+    inside sm_90's 227 KiB of shared memory; fp32 takes 16 x 32 or 16 x 16 to stay inside ptxas' register
+    budget (below; benchmarks/gpu/compile_rel_attention.py --all prints what each needs). FBM x FBN, where
+    given, are the forward's tiles (measured faster; see below). Fixed: no autotuning, so the rounding of every
+    sum is the same on every run and every GPU."""
     if t.device.type != "cuda":
         return dict(BM=16, BN=32, warps=1, bwd_warps=1, stages=1)
-    wide = 64 if t.dtype == torch.float32 else 128
-    if d <= wide:
+    if t.dtype == torch.float32:
+        # IEEE fp32 products are FMA loops; past ptxas' 255-register budget the kernel compiles to 32
+        # registers a thread and 10-50 KB of spills (sm_90, ptxas 12.9 and 13.x): the bf16 tiles did
+        # (64 x 64 forward 33 KB of spill stores, 32 x 128 backward 34 KB), and whether a tile tips over is not
+        # monotone in its size (16 x 32 at d = 128: 3.9 KB with 4 warps, the fallback with 8). These are the
+        # tiles tried that stay under it, spill stores fwd / bwd: 88 / 544 B at d = 64, 632 / 712 B at 128,
+        # 652 / 480 B at 256 (benchmarks/gpu/compile_rel_attention.py --all). Not yet timed on a GPU.
+        if d <= 64:
+            return dict(BM=16, BN=32, warps=4, bwd_warps=8, stages=2,
+                        split=dict(kv=(32, 64, 8), q=(16, 32, 4), rel=(16, 16, 4)))  # 404 / 164 / 736 B
+        return dict(BM=16, BN=16, warps=4 if d <= 128 else 8, bwd_warps=4 if d <= 128 else 8, stages=2)
+    if d <= 128:
         # the forward takes 64 x 64 (relative term 2x of Q K^T, but M = 64 tiles run on sm_90's warpgroup MMA):
         # 1.13 ms against 2.10 ms at 32 x 128 on an H200 (B 4, H 8, L 4096, d 64, bf16, causal;
         # benchmarks/gpu/tune_rel_attention.py). The backward measured best at 32 x 128 with 8 warps
@@ -96,8 +106,6 @@ def _cfg(t: torch.Tensor, d: int) -> dict:
         # keys as M, q and rel at 64 x 64); unmeasured on a GPU, so not the default schedule
         return dict(BM=32, BN=128, FBM=64, FBN=64, warps=4, bwd_warps=8, stages=2,
                     split=dict(kv=(32, 128, 8), q=(64, 64, 4), rel=(64, 64, 4)))
-    if t.dtype == torch.float32 and d > 128:
-        return dict(BM=16, BN=32, warps=4, bwd_warps=4, stages=2)
     return dict(BM=16, BN=64, warps=4, bwd_warps=4, stages=2)
 
 

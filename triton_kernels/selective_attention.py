@@ -43,19 +43,35 @@ from ._tiles import _dot, device_ctx as _device_ctx, launch_opts, pow2 as _pow2,
 
 
 def _cfg(t: torch.Tensor, d: int) -> dict:
-    """Tile shapes: 16 x 16 in the interpreter (the tl.dot minimum; every program runs in Python);
-    on the GPU 64 x 64 with 4 warps (fp32) or 128 x 64 with 8 warps (fp16/bf16), 32-wide key tiles
-    for head dims above 128 to bound registers."""
+    """Each kernel's (BM query rows, BN keys, warps): ``fwd``, ``kv`` (dk / dv per key block) and ``q``
+    (dq per query block), plus the pipeline ``stages``. The three need not agree: lse and D are per row.
+
+    Interpreter: 16 x 16 (the tl.dot minimum; every program runs in Python). GPU, fp16 / bf16: 128 x 64
+    with 8 warps for all three up to d = 128; smaller above, for shared memory (below). GPU, fp32: IEEE
+    products are FMA loops, and once a tile's demand is well past ptxas' 255-register budget, ptxas (12.9
+    and 13.x, sm_90) compiles the kernel to 32 registers a thread and spills 10-40 KB: 64 x 64 with 4 warps
+    did (fwd 13 KB, kv 38 KB, q 24 KB of spill stores). The fp32 tiles below are the largest tried that
+    compile under the budget (spill stores at d = 64 / 128 / 256: fwd 0 / 184 / 0 B, kv 44 / 944 / 960 B,
+    q 32 / 388 / 360 B). ``python benchmarks/gpu/compile_selective_attention.py --all`` prints every
+    kernel's shared memory, registers and spills. Not yet timed on a GPU."""
     if t.device.type != "cuda":
-        return dict(BM=16, BN=16, warps=1, stages=1)
-    bn = 32 if d > 128 else 64
+        one = (16, 16, 1)
+        return dict(fwd=one, kv=one, q=one, stages=1)
     if t.dtype == torch.float32:
-        return dict(BM=64, BN=bn, warps=4, stages=2)
-    return dict(BM=128, BN=bn, warps=8, stages=2)
+        if d <= 64:
+            return dict(fwd=(64, 32, 8), kv=(32, 32, 8), q=(32, 32, 8), stages=2)
+        if d <= 128:
+            return dict(fwd=(32, 32, 8), kv=(16, 32, 8), q=(16, 32, 8), stages=2)
+        return dict(fwd=(16, 32, 8), kv=(16, 16, 8), q=(16, 16, 8), stages=2)
+    if d <= 128:
+        return dict(fwd=(128, 64, 8), kv=(128, 64, 8), q=(128, 64, 8), stages=2)
+    # 128 x 32 for all three needed 290 KiB of shared memory in the key-block kernel (sm_90 has 227):
+    # kv 64 x 64 takes 137 KiB with every product on wgmma, q 64 x 32 96 KiB (2.7 KB of spills at 128 x 32)
+    return dict(fwd=(128, 32, 8), kv=(64, 64, 8), q=(64, 32, 8), stages=2)
 
 
-def _opts(t: torch.Tensor, c: dict) -> dict:
-    return launch_opts(t, c["warps"], c["stages"])
+def _opts(t: torch.Tensor, c: dict, kernel: str) -> dict:
+    return launch_opts(t, c[kernel][2], c["stages"])
 
 
 @triton.jit
@@ -233,10 +249,16 @@ def _prep(q, k, v, tau_q, tau_v):
 
 
 def _consts(q, k, v, tau_v, causal):
+    """The constexprs every kernel shares (its own BM / BN come from ``_cfg``) and the config."""
     B, Hq, Lq, d = q.shape
     c = _cfg(q, d)
-    return dict(HAS_TV=tau_v is not None, CAUSAL=bool(causal), BM=c["BM"], BN=c["BN"], BD=_pow2(d),
-                BDV=_pow2(v.shape[-1]), UPCAST=_upcast(q), IEEE=q.dtype == torch.float32), c
+    return dict(HAS_TV=tau_v is not None, CAUSAL=bool(causal), BD=_pow2(d), BDV=_pow2(v.shape[-1]),
+                UPCAST=_upcast(q), IEEE=q.dtype == torch.float32), c
+
+
+def _tile(c: dict, kernel: str) -> dict:
+    BM, BN, _ = c[kernel]
+    return dict(BM=BM, BN=BN)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau_q: torch.Tensor, tau_v: Optional[torch.Tensor],
@@ -249,10 +271,11 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau_q: torch.Tens
     if out.numel() == 0 or Lk == 0:
         return out, lse
     kw, c = _consts(q, k, v, tau_v, causal)
+    t = _tile(c, "fwd")
     with _device_ctx(q):
-        _fwd_kernel[(triton.cdiv(Lq, kw["BM"]), B * Hq)](
-            q, k, v, tq, tv, out, lse, Hq, Hq // Hkv, Lq, Lk, d, dv, float(scale), int(q_offset), **kw,
-            **_opts(q, c))
+        _fwd_kernel[(triton.cdiv(Lq, t["BM"]), B * Hq)](
+            q, k, v, tq, tv, out, lse, Hq, Hq // Hkv, Lq, Lk, d, dv, float(scale), int(q_offset), **kw, **t,
+            **_opts(q, c, "fwd"))
     return out, lse
 
 
@@ -272,13 +295,14 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dtv = torch.zeros(B, Hkv, Lk, dtype=torch.float32, device=q.device)
     if q.numel() and k.numel():
         kw, c = _consts(q, k, v, tau_v, causal)
+        tkv, tq_ = _tile(c, "kv"), _tile(c, "q")
         with _device_ctx(q):
-            _bwd_kv_kernel[(triton.cdiv(Lk, kw["BN"]), B * Hkv)](
+            _bwd_kv_kernel[(triton.cdiv(Lk, tkv["BN"]), B * Hkv)](
                 q, k, v, tq, tv, do, lse, delta, dk, dvv, dtv, Hkv, Hq // Hkv, Lq, Lk, d, dv, float(scale),
-                int(q_offset), **kw, **_opts(q, c))
-            _bwd_q_kernel[(triton.cdiv(Lq, kw["BM"]), B * Hq)](
+                int(q_offset), **kw, **tkv, **_opts(q, c, "kv"))
+            _bwd_q_kernel[(triton.cdiv(Lq, tq_["BM"]), B * Hq)](
                 q, k, v, tq, tv, do, lse, delta, dq, dtq, Hq, Hq // Hkv, Lq, Lk, d, dv, float(scale),
-                int(q_offset), **kw, **_opts(q, c))
+                int(q_offset), **kw, **tq_, **_opts(q, c, "q"))
     dtau_q = dtq.to(tau_q.dtype)
     dtau_v = dtv.to(tau_v.dtype) if tau_v is not None else tau_q.new_empty(0)
     return dq, dk, dvv, dtau_q, dtau_v

@@ -4,10 +4,12 @@
 Triton's ahead-of-time path (``triton.compile`` with a ``GPUTarget``) runs the
 whole pipeline down to a cubin with the ptxas shipped in the triton wheel, so
 a machine with no device can still check that the kernels lower for the GPU
-(the tests there run them through the interpreter only). It prints the shared
-memory each kernel needs; the limit is 227 KiB per block on sm_90.
+(the tests there run them through the interpreter only). For each kernel at the
+tiles the launcher's ``_cfg`` gives it, it prints the shared memory (the limit is
+227 KiB per block on sm_90), the registers and spills a thread (ptxas -v) and
+the tensor-core instructions the products became (wgmma / mma.sync).
 
-    python benchmarks/gpu/compile_rel_attention.py              # bf16, 32 x 128 tiles, d = 64
+    python benchmarks/gpu/compile_rel_attention.py              # bf16, d = 64
     python benchmarks/gpu/compile_rel_attention.py --all        # every dtype / tile / head-dim class _cfg picks
 
 Compiling is CPU-bound, tens of seconds per kernel; it starts no GPU work.
@@ -22,13 +24,13 @@ import sys
 FP32_BUFFERS = ("lse", "delta", "dup", "dqp", "dRp", "dSp", "dwp")
 
 
-def _signature(fn, dtype: str, const: dict) -> dict:
+def _signature(fn, dtype: str, const: dict, fp32_buffers=FP32_BUFFERS) -> dict:
     sig = {}
     for n in inspect.signature(fn.fn).parameters:
         if n in const:
             sig[n] = "constexpr"
         elif n.endswith("_ptr"):
-            sig[n] = "*fp32" if n[:-4] in FP32_BUFFERS else f"*{dtype}"
+            sig[n] = "*fp32" if n[:-4] in fp32_buffers else f"*{dtype}"
         elif n == "scale":
             sig[n] = "fp32"
         else:
@@ -36,13 +38,15 @@ def _signature(fn, dtype: str, const: dict) -> dict:
     return sig
 
 
-def compile_kernel(fn, dtype: str, const: dict, arch: int, warps: int, stages: int):
+def compile_kernel(fn, dtype: str, const: dict, arch: int, warps: int, stages: int, fp32_buffers=FP32_BUFFERS):
+    """The kernel compiled for sm_<arch>; pointer arguments are ``*dtype`` except those named in
+    fp32_buffers (``<name>_ptr``), which the launcher always passes as fp32."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = list(inspect.signature(fn.fn).parameters)
-    src = ASTSource(fn, _signature(fn, dtype, const), constexprs={(names.index(k),): v for k, v in const.items()})
+    src = ASTSource(fn, _signature(fn, dtype, const, fp32_buffers), constexprs={(names.index(k),): v for k, v in const.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
 
 
@@ -87,16 +91,14 @@ def main() -> int:
 
     from embkern.triton_kernels import rel_conv_attention as m
 
-    # (dtype, BM, BN, padded d): the backward tiles _cfg picks on the GPU -- 32 x 128 up to d = 128 (16-bit) /
-    # 64 (fp32), with a 64 x 64 forward; else 16 x 64 (16 x 32 for fp32 above d = 128) for both; the forward
-    # runs 4 warps, the backward 8 at 32 x 128, else 4
-    configs = [("bf16", 32, 128, 64)]
+    # (dtype, padded d): one case of each tile class of the launcher's _cfg; every kernel takes the tiles and
+    # warps _cfg gives it (forward FBM x FBN with `warps`, fused backward BM x BN with `bwd_warps`, the split
+    # kernels their `split` entry or else the backward's)
+    configs = [("bf16", 64)]
     if args.all:
-        configs += [("fp16", 32, 128, 128), ("bf16", 16, 64, 256), ("fp32", 32, 128, 64), ("fp32", 16, 64, 128),
-                    ("fp32", 16, 32, 256)]
-    attention = [("forward", m._fwd_kernel, 4), ("backward", m._bwd_kernel, None),
-                 ("split kv", m._bwd_kv_kernel, None), ("split q", m._bwd_q_kernel, None),
-                 ("split rel", m._bwd_rel_kernel, None)]
+        configs += [("fp16", 128), ("bf16", 256), ("fp32", 64), ("fp32", 128), ("fp32", 256)]
+    attention = [("forward", m._fwd_kernel), ("backward", m._bwd_kernel), ("split kv", m._bwd_kv_kernel),
+                 ("split q", m._bwd_q_kernel), ("split rel", m._bwd_rel_kernel)]
     import types
 
     import torch
@@ -104,21 +106,22 @@ def main() -> int:
     torch_dtype = dict(bf16=torch.bfloat16, fp16=torch.float16, fp32=torch.float32)
     split_key = {"split kv": "kv", "split q": "q", "split rel": "rel"}
     failed = 0
-    for dtype, bBM, bBN, bd in configs:
+    for dtype, bd in configs:
         # the tiles _cfg gives a CUDA tensor of this dtype and head dim (it reads only .device.type and .dtype)
         cfg = m._cfg(types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=torch_dtype[dtype]), bd)
-        for name, fn, warps in attention:
-            # where the backward takes 32 x 128, the forward takes 64 x 64 (_cfg's FBM / FBN)
-            BM, BN = (64, 64) if name == "forward" and bBN == 128 else (bBM, bBN)
-            if name in split_key and cfg.get("split") and (bBM, bBN) == (cfg["BM"], cfg["BN"]):
+        for name, fn in attention:
+            if name == "forward":
+                BM, BN, warps = cfg.get("FBM", cfg["BM"]), cfg.get("FBN", cfg["BN"]), cfg["warps"]
+            elif name in split_key and cfg.get("split"):
                 BM, BN, warps = cfg["split"][split_key[name]]  # the split kernels' own tiles
+            else:
+                BM, BN, warps = cfg["BM"], cfg["BN"], cfg["bwd_warps"]
             const = dict(CAUSAL=True, BM=BM, BN=BN, BD=bd, BDV=bd, UPCAST=False, IEEE=dtype == "fp32")
             if name == "split rel":  # table-row blocks of BT = BN rows (the launcher's default)
                 const["BT"] = const.pop("BN")
-            warps = warps or (8 if BN == 128 else 4)
             tag = f"sm_{args.arch} {dtype} {BM}x{BN} d<={bd} {name} ({warps} warps)"
             try:
-                k = compile_kernel(fn, dtype, const, args.arch, warps, 2)
+                k = compile_kernel(fn, dtype, const, args.arch, warps, cfg["stages"])
                 ptx = k.asm["ptx"]
                 # which tensor-core instructions the products became: the warpgroup MMA takes M = 64 / 128
                 mma = f"wgmma {ptx.count('wgmma.mma_async')}, mma.sync {ptx.count('mma.sync')}"
