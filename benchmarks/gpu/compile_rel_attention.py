@@ -82,6 +82,13 @@ def _usage(k, arch: int) -> str:
     return out
 
 
+def mma_counts(k) -> str:
+    """Which tensor-core instructions a compiled kernel's products became (the warpgroup MMA takes
+    M = 64 / 128 on sm_90; mma.sync is the older warp-level one)."""
+    ptx = k.asm["ptx"]
+    return f"wgmma {ptx.count('wgmma.mma_async')}, mma.sync {ptx.count('mma.sync')}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default 90: H100 / H200)")
@@ -122,11 +129,8 @@ def main() -> int:
             tag = f"sm_{args.arch} {dtype} {BM}x{BN} d<={bd} {name} ({warps} warps)"
             try:
                 k = compile_kernel(fn, dtype, const, args.arch, warps, cfg["stages"])
-                ptx = k.asm["ptx"]
-                # which tensor-core instructions the products became: the warpgroup MMA takes M = 64 / 128
-                mma = f"wgmma {ptx.count('wgmma.mma_async')}, mma.sync {ptx.count('mma.sync')}"
                 print(f"{tag}: cubin {len(k.asm['cubin'])} bytes, shared memory {k.metadata.shared / 1024:.1f} KiB, "
-                      f"{_usage(k, args.arch)}; {mma}", flush=True)
+                      f"{_usage(k, args.arch)}; {mma_counts(k)}", flush=True)
                 if args.ttgir:
                     with open(f"{fn.fn.__name__}-{dtype}-{BM}x{BN}-d{bd}.ttgir", "w") as f:
                         f.write(k.asm["ttgir"])

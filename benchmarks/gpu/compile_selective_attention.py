@@ -24,7 +24,7 @@ import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compile_rel_attention import _usage, compile_kernel  # noqa: E402
+from compile_rel_attention import _usage, compile_kernel, mma_counts  # noqa: E402
 
 # buffers the launcher passes as fp32 whatever the input dtype
 FP32_BUFFERS = ("tq", "tv", "lse", "delta", "dtq", "dtv")
@@ -57,10 +57,8 @@ def main() -> int:
                 tag = f"sm_{args.arch} {dtype} d={d} {name} {BM}x{BN} ({warps} warps)"
                 try:
                     k = compile_kernel(fn, dtype, const, args.arch, warps, cfg["stages"], FP32_BUFFERS)
-                    ptx = k.asm["ptx"]
-                    mma = f"wgmma {ptx.count('wgmma.mma_async')}, mma.sync {ptx.count('mma.sync')}"
-                    print(f"{tag}: shared memory {k.metadata.shared / 1024:.1f} KiB, {_usage(k, args.arch)}; {mma}",
-                          flush=True)
+                    print(f"{tag}: shared memory {k.metadata.shared / 1024:.1f} KiB, {_usage(k, args.arch)}; "
+                          f"{mma_counts(k)}", flush=True)
                 except Exception as exc:  # report every kernel, not the first failure only
                     failed += 1
                     print(f"{tag}: FAILED {type(exc).__name__}: {exc}", flush=True)
