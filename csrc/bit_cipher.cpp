@@ -15,15 +15,6 @@
 namespace embkern {
 namespace {
 
-template <typename T>
-View<T> req(const py::object& obj, const char* name, int ndim, bool writable = false) {
-  if (obj.is_none() || !py::isinstance<py::buffer>(obj)) {
-    type_error(std::string(name) + ": expected an array, got " +
-               std::string(py::str(py::type::of(obj).attr("__name__"))));
-  }
-  return view<T>(obj.cast<py::buffer>(), name, ndim, writable);
-}
-
 // Offsets of the window, |delta| < 2^40: i + delta never overflows.
 constexpr int64_t kMaxDelta = int64_t(1) << 40;
 // Quantised table values: x in [0, 1] as round(x * 2^62).

@@ -17,18 +17,16 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda_args.h"
 #include "embkern/bit_cipher_cuda.h"
 
 namespace embkern {
 namespace {
 
-namespace bcc = embkern::bit_cipher_cuda;
+using cuda_args::ArrayView;
+using cuda_args::checked_ptr;
 
-struct ArrayView {
-  uintptr_t ptr = 0;
-  int64_t numel = 0;
-  std::string dtype;
-};
+namespace bcc = embkern::bit_cipher_cuda;
 
 struct Problem {
   std::optional<ArrayView> tokens;       // int32 (N,)
@@ -44,19 +42,6 @@ struct Problem {
   std::optional<ArrayView> A;  // int64 (V, nb, b + 2, 2): unsigned 128-bit sums as (lo, hi) words
 };
 
-template <typename T>
-T* checked_ptr(const std::optional<ArrayView>& v, const char* name, int64_t want, const std::string& what) {
-  if (!v) value_error(std::string(name) + ": required, got None");
-  if (v->dtype != dtype_name<std::remove_const_t<T>>())
-    type_error(std::string(name) + ": expected dtype " + dtype_name<std::remove_const_t<T>>() + ", got " +
-               (v->dtype.empty() ? std::string("''") : v->dtype));
-  if (v->numel != want)
-    value_error(std::string(name) + ": expected " + std::to_string(want) + " elements (" + what + "), got " +
-                std::to_string(v->numel));
-  if (v->numel > 0 && v->ptr == 0) value_error(std::string(name) + ": null data pointer for a non-empty buffer");
-  return reinterpret_cast<T*>(v->ptr);
-}
-
 bcc::Problem make_problem(const Problem& a) {
   bcc::Problem p;
   const int64_t V = a.vocab_size, b = a.bits;
@@ -67,12 +52,12 @@ bcc::Problem make_problem(const Problem& a) {
   if (N > bcc::kMaxTokens) value_error("tokens: expected < 2^31 tokens a chunk, got " + std::to_string(N));
   p.tokens = checked_ptr<const int32_t>(a.tokens, "tokens", N, "N");
   p.num_tokens = N;
-  auto oh = view<int64_t>(a.doc_offsets_host.cast<py::buffer>(), "doc_offsets_host", 1);
+  auto oh = req<int64_t>(a.doc_offsets_host, "doc_offsets_host", 1);
   if (oh.size(0) < 1) value_error("doc_offsets_host: expected (n_docs + 1,) offsets, got (0,)");
   p.num_docs = oh.size(0) - 1;
   check_csr_offsets(oh.data, p.num_docs, N, "doc_offsets", "len(tokens)");
   p.doc_offsets = checked_ptr<const int64_t>(a.doc_offsets, "doc_offsets", p.num_docs + 1, "n_docs + 1");
-  auto dh = view<int64_t>(a.deltas_host.cast<py::buffer>(), "deltas_host", 1);
+  auto dh = req<int64_t>(a.deltas_host, "deltas_host", 1);
   const int64_t n_off = dh.size(0);
   if (n_off < 1) value_error("deltas: expected at least one offset");
   for (int64_t o = 0; o < n_off; ++o)
@@ -108,12 +93,6 @@ void check_workspace_sizes(int64_t num_tokens, int64_t vocab_size) {
 }  // namespace
 
 void register_bit_cipher_cuda(py::module_& m) {
-  py::class_<ArrayView>(m, "ArrayView", "One device buffer: data pointer (int), element count, dtype name")
-      .def(py::init([](uintptr_t ptr, int64_t numel, std::string dtype) {
-             if (numel < 0) value_error("numel: expected >= 0, got " + std::to_string(numel));
-             return ArrayView{ptr, numel, std::move(dtype)};
-           }),
-           py::arg("ptr"), py::arg("numel"), py::arg("dtype"));
   py::class_<Problem>(m, "Problem", "One chunk: device buffers as ArrayView, host copies of the two offset arrays")
       .def(py::init([](std::optional<ArrayView> tokens, std::optional<ArrayView> doc_offsets,
                        py::object doc_offsets_host, std::optional<ArrayView> code_mask, std::optional<ArrayView> wa,

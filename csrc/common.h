@@ -211,6 +211,17 @@ View<T> view(py::buffer buf, const char* name, int ndim, bool writable = false) 
   return v;
 }
 
+// `obj` as a checked view (see view()); anything that is not a buffer, None
+// included, is a TypeError naming the argument rather than pybind11's cast error.
+template <typename T>
+View<T> req(const py::object& obj, const char* name, int ndim, bool writable = false) {
+  if (obj.is_none() || !py::isinstance<py::buffer>(obj)) {
+    type_error(std::string(name) + ": expected an array, got " +
+               std::string(py::str(py::type::of(obj).attr("__name__"))));
+  }
+  return view<T>(obj.cast<py::buffer>(), name, ndim, writable);
+}
+
 template <typename T>
 void expect_shape(const View<T>& v, const char* name, std::initializer_list<int64_t> want) {
   bool ok = v.shape.size() == want.size();

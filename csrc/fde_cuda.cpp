@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "common.h"
+#include "cuda_args.h"
 #include "embkern/fde.h"
 #include "embkern/fde_cuda.h"
 #include "fde_checks.h"
@@ -23,13 +24,8 @@
 namespace embkern {
 namespace {
 
-// One buffer as Python hands it over: address (device memory for every
-// buffer of Problem), element count and dtype name ("float32", "int64", ...).
-struct ArrayView {
-  uintptr_t ptr = 0;
-  int64_t numel = 0;
-  std::string dtype;
-};
+using cuda_args::ArrayView;
+using cuda_args::checked_ptr;
 
 // The arguments of one encode call, by name.
 struct Problem {
@@ -53,21 +49,6 @@ struct Problem {
   int64_t chunk_budget_bytes = int64_t(128) << 20;
 };
 
-// The view's address as T*, after checking its dtype and element count
-// (`what` says where the count comes from). A missing view is an error.
-template <typename T>
-T* checked_ptr(const std::optional<ArrayView>& v, const char* name, int64_t want, const std::string& what) {
-  if (!v) value_error(std::string(name) + ": required, got None");
-  if (v->dtype != dtype_name<std::remove_const_t<T>>())
-    type_error(std::string(name) + ": expected dtype " + dtype_name<std::remove_const_t<T>>() + ", got " +
-               (v->dtype.empty() ? std::string("''") : v->dtype));
-  if (v->numel != want)
-    value_error(std::string(name) + ": expected " + std::to_string(want) + " elements (" + what + "), got " +
-                std::to_string(v->numel));
-  if (v->numel > 0 && v->ptr == 0) value_error(std::string(name) + ": null data pointer for a non-empty buffer");
-  return reinterpret_cast<T*>(v->ptr);
-}
-
 // Builds fde_cuda::Problem from the arguments, checking every precondition of
 // fde_cuda.h; `offsets_host` (a view of a.offsets_host) must outlive its use.
 fde_cuda::Problem make_problem(const Problem& a, View<int64_t>* offsets_host) {
@@ -88,7 +69,7 @@ fde_cuda::Problem make_problem(const Problem& a, View<int64_t>* offsets_host) {
   fde_cuda::Problem p;
   p.points = checked_ptr<const float>(a.points, "points", sat_mul(N, d), "num_points * dimension");
   if (a.offsets_host.is_none()) value_error("offsets_host: required, got None");
-  *offsets_host = view<int64_t>(a.offsets_host.cast<py::buffer>(), "offsets_host", 1);
+  *offsets_host = req<int64_t>(a.offsets_host, "offsets_host", 1);
   const int64_t B = offsets_host->size(0) - 1;
   if (B < 0) value_error("offsets_host: expected B+1 >= 1 entries, got 0");
   p.offsets = checked_ptr<const int64_t>(a.offsets, "offsets", B + 1, "B + 1, the length of offsets_host");
@@ -138,20 +119,6 @@ int64_t workspace_bytes(const fde_cuda::Problem& p) {
 }  // namespace
 
 void register_fde_cuda(py::module_& m) {
-  py::class_<ArrayView>(m, "ArrayView", "One device buffer: data pointer (int), element count, dtype name")
-      .def(py::init([](uintptr_t ptr, int64_t numel, std::string dtype) {
-             if (numel < 0) value_error("numel: expected >= 0, got " + std::to_string(numel));
-             return ArrayView{ptr, numel, std::move(dtype)};
-           }),
-           py::arg("ptr"), py::arg("numel"), py::arg("dtype"))
-      .def_readonly("ptr", &ArrayView::ptr)
-      .def_readonly("numel", &ArrayView::numel)
-      .def_readonly("dtype", &ArrayView::dtype)
-      .def("__repr__", [](const ArrayView& v) {
-        return "ArrayView(ptr=" + std::to_string(v.ptr) + ", numel=" + std::to_string(v.numel) + ", dtype='" +
-               v.dtype + "')";
-      });
-
   py::class_<Problem>(m, "Problem",
                       "The arguments of one encode call: device buffers as ArrayView (None when absent), the "
                       "config, and the document offsets on the host (offsets_host, a 1-d int64 buffer)")

@@ -19,19 +19,6 @@ namespace {
 
 namespace hc = embkern::hc;
 
-py::buffer as_buffer(const py::object& obj, const char* name) {
-  if (!py::isinstance<py::buffer>(obj)) {
-    type_error(std::string(name) + ": expected an array, got " +
-               std::string(py::str(py::type::of(obj).attr("__name__"))));
-  }
-  return obj.cast<py::buffer>();
-}
-
-template <typename T>
-View<T> req(const py::object& obj, const char* name, int ndim, bool writable = false) {
-  return view<T>(as_buffer(obj, name), name, ndim, writable);
-}
-
 // An optional input: None -> null data pointer.
 template <typename T>
 View<T> opt(const py::object& obj, const char* name, int ndim) {

@@ -2,6 +2,7 @@
 // GPU: cudart is linked statically and loads the driver on first use.
 #include <pybind11/pybind11.h>
 
+#include "cuda_args.h"
 #include "embkern/cuda_device.h"
 
 namespace py = pybind11;
@@ -46,8 +47,11 @@ PYBIND11_MODULE(_C_cuda, m) {
         return d;
       },
       "Name, compute capability, SM count and memory of one device");
+  embkern::cuda_args::bind_array_view(m);
   auto fde = m.def_submodule("fde", "MUVERA fixed dimensional encodings on the GPU");
+  fde.attr("ArrayView") = m.attr("ArrayView");
   embkern::register_fde_cuda(fde);
   auto bc = m.def_submodule("bit_cipher", "bit-cipher co-occurrence counting on the GPU");
+  bc.attr("ArrayView") = m.attr("ArrayView");
   embkern::register_bit_cipher_cuda(bc);
 }

@@ -19,15 +19,6 @@ namespace {
 
 namespace rca = embkern::rca;
 
-template <typename T>
-View<T> req(const py::object& obj, const char* name, int ndim, bool writable = false) {
-  if (obj.is_none() || !py::isinstance<py::buffer>(obj)) {
-    type_error(std::string(name) + ": expected an array, got " +
-               std::string(py::str(py::type::of(obj).attr("__name__"))));
-  }
-  return view<T>(obj.cast<py::buffer>(), name, ndim, writable);
-}
-
 // Why some visible (i, j) indexes outside the (2P)-row tables (empty: none);
 // the same rule as the reference's table_range_error, in 128-bit arithmetic
 // so that no q_offset overflows.

@@ -19,15 +19,6 @@ namespace {
 
 namespace ssa = embkern::ssa;
 
-template <typename T>
-View<T> req(const py::object& obj, const char* name, int ndim, bool writable = false) {
-  if (obj.is_none() || !py::isinstance<py::buffer>(obj)) {
-    type_error(std::string(name) + ": expected an array, got " +
-               std::string(py::str(py::type::of(obj).attr("__name__"))));
-  }
-  return view<T>(obj.cast<py::buffer>(), name, ndim, writable);
-}
-
 // The shapes every call shares, from q (B, Hq, Lq, d), k (B, Hkv, Lk, d),
 // v (B, Hkv, Lk, dv), tau_q (B, Hq, Lq) and tau_v (B, Hkv, Lk) or None.
 template <typename T>
