@@ -51,4 +51,29 @@ def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     return tl.dot(a, b)
 
 
-__all__ = ["pow2", "launch_opts", "upcast", "device_ctx", "_dot"]
+@triton.jit
+def _softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """One key tile of the online softmax. ``s`` (BM, BN): the tile's scores, ``-inf`` where a key is hidden;
+    ``v`` (BN, BDV); ``m_i``, ``l_i`` (BM,) and ``acc`` (BM, BDV) fp32, the running max, sum and P V.
+    Returns the updated (m_i, l_i, acc). A row that has seen only hidden keys keeps m = -inf and l = 0: its
+    max is taken as 0 for the exponentials, so exp(-inf - 0) = 0 and never exp(-inf - -inf) = NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _softmax_finish(m_i, l_i, acc):
+    """(out, lse) of the online softmax after the last key tile. A row that saw no key (l = 0) gives zeros and
+    lse = -inf; a NaN l (a NaN score) goes on into both, never dropped as if its key were masked."""
+    seen = l_i != 0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+    return out, lse
+
+
+__all__ = ["pow2", "launch_opts", "upcast", "device_ctx", "_dot", "_softmax_step", "_softmax_finish"]

@@ -71,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import _dot, device_ctx, launch_opts, pow2, upcast
+from ._tiles import _dot, _softmax_finish, _softmax_step, device_ctx, launch_opts, pow2, upcast
 
 
 def _cfg(t: torch.Tensor, d: int) -> dict:
@@ -185,6 +185,20 @@ def _uk(k, u):
     return tl.sum(k.to(tl.float32) * u[None, :], 1)
 
 
+@triton.jit
+def _store_kv_grads(dk_ptr, dv_ptr, dup_ptr, dk, dva, csum, u, k, bh, n, nN, cols, Lk, od, d, odv, dv):
+    """The end of a key block's backward: ``dk += (sum_i dS_ij) u``, then dk and dv stored, and the block's
+    du partial ``sum_j (sum_i dS_ij) k_j`` into fp32 (B, H, nN, d), which the launcher sums over batch and n."""
+    dk += csum[:, None] * u[None, :]
+    cmask = cols < Lk
+    tl.store(dk_ptr + (bh * Lk + cols)[:, None] * d + od[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=cmask[:, None] & (od < d)[None, :])
+    tl.store(dv_ptr + (bh * Lk + cols)[:, None] * dv + odv[None, :], dva.to(dv_ptr.dtype.element_ty),
+             mask=cmask[:, None] & (odv < dv)[None, :])
+    du = tl.sum(csum[:, None] * k.to(tl.float32), 0)
+    tl.store(dup_ptr + (bh * nN + n) * d + od, du, mask=od < d)
+
+
 # ---------------------------------------------------------------------------
 # kernels
 
@@ -216,16 +230,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, o_ptr, lse_ptr,
         r0, R1, S1, R2, S2 = _tile_windows(R_ptr, S_ptr, P, n0, m0, q_offset, h, H, od, d, BM, BN)
         s = _scores(q, k, _uk(k, u), R1, S1, R2, S2, scale, BM, BN, UPCAST, IEEE)
         s = tl.where(_visible(rows, cols, Lq, Lk, q_offset, CAUSAL), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
-        m_i = m_new
-    seen = l_i != 0  # l = 0: saw no key; a NaN l (a NaN score) goes on into out and lse
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST, IEEE)
+    out, lse = _softmax_finish(m_i, l_i, acc)
     rmask = rows < Lq
     tl.store(o_ptr + (bh * Lq + rows)[:, None] * dv + odv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=rmask[:, None] & (odv < dv)[None, :])
@@ -310,14 +316,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, delta
             # the next tile's window overlaps this one by BN rows and a later key block revisits these dq rows:
             # every thread's stores must land before any thread reloads them
             tl.debug_barrier()
-        dk += csum[:, None] * u[None, :]
-        cmask = cols < Lk
-        tl.store(dk_ptr + (bh * Lk + cols)[:, None] * d + od[None, :], dk.to(dk_ptr.dtype.element_ty),
-                 mask=cmask[:, None] & (od < d)[None, :])
-        tl.store(dv_ptr + (bh * Lk + cols)[:, None] * dv + odv[None, :], dva.to(dv_ptr.dtype.element_ty),
-                 mask=cmask[:, None] & (odv < dv)[None, :])
-        du = tl.sum(csum[:, None] * k.to(tl.float32), 0)
-        tl.store(dup_ptr + (bh * nN + n) * d + od, du, mask=od < d)
+        _store_kv_grads(dk_ptr, dv_ptr, dup_ptr, dk, dva, csum, u, k, bh, n, nN, cols, Lk, od, d, odv, dv)
 
 
 # The split backward: three kernels, each sum in registers and stored once (no read-modify-write of global
@@ -380,14 +379,7 @@ def _bwd_kv_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, do_ptr, lse_ptr, de
         dst = pt * (dpt - dlt[None, :]) * scale
         dk += _dot(dst.to(q.dtype), q, UPCAST, IEEE)
         csum += tl.sum(dst, 1)
-    dk += csum[:, None] * u[None, :]
-    cmask = cols < Lk
-    tl.store(dk_ptr + (bh * Lk + cols)[:, None] * d + od[None, :], dk.to(dk_ptr.dtype.element_ty),
-             mask=cmask[:, None] & (od < d)[None, :])
-    tl.store(dv_ptr + (bh * Lk + cols)[:, None] * dv + odv[None, :], dva.to(dv_ptr.dtype.element_ty),
-             mask=cmask[:, None] & (odv < dv)[None, :])
-    du = tl.sum(csum[:, None] * k.to(tl.float32), 0)
-    tl.store(dup_ptr + (bh * nN + n) * d + od, du, mask=od < d)
+    _store_kv_grads(dk_ptr, dv_ptr, dup_ptr, dk, dva, csum, u, k, bh, n, nN, cols, Lk, od, d, odv, dv)
 
 
 @triton.jit

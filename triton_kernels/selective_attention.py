@@ -39,7 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import _dot, device_ctx as _device_ctx, launch_opts, pow2 as _pow2, upcast as _upcast
+from ._tiles import _dot, _softmax_finish, _softmax_step, launch_opts
+from ._tiles import device_ctx as _device_ctx, pow2 as _pow2, upcast as _upcast
 
 
 def _cfg(t: torch.Tensor, d: int) -> dict:
@@ -119,16 +120,8 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, tq_ptr, tv_ptr, o_ptr, lse_ptr,
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None] + q_offset)
         s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
-        m_i = m_new
-    seen = l_i != 0  # l = 0: saw no key; a NaN l (a NaN score) goes on into out and lse
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.log(tl.where(seen, l_i, 1.0)), float("-inf"))
+        m_i, l_i, acc = _softmax_step(s, v, m_i, l_i, acc, UPCAST, IEEE)
+    out, lse = _softmax_finish(m_i, l_i, acc)
     tl.store(o_ptr + (bh * Lq + rows)[:, None] * dv + odv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=rmask[:, None] & (odv < dv)[None, :])
     tl.store(lse_ptr + bh * Lq + rows, lse, mask=rmask)
