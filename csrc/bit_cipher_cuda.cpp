@@ -141,13 +141,15 @@ void register_bit_cipher_cuda(py::module_& m) {
       "(= workspace_bytes)");
   m.def(
       "count",
-      [](const Problem& a, py::object workspace_ptr, int64_t workspace_bytes, int device, uintptr_t stream) {
+      // Every argument is converted while the GIL is held: nothing of the Python API may run inside the
+      // release (pybind11 3's integer cast calls PyErr_Occurred, which crashed with no thread state).
+      [](const Problem& a, uintptr_t workspace_ptr, int64_t workspace_bytes, int device, uintptr_t stream) {
         const bcc::Problem p = make_problem(a);
         std::string err;
         bcc::Status st;
         {
           py::gil_scoped_release nogil;
-          st = bcc::count(p, reinterpret_cast<void*>(workspace_ptr.cast<uintptr_t>()), workspace_bytes, device,
+          st = bcc::count(p, reinterpret_cast<void*>(workspace_ptr), workspace_bytes, device,
                           reinterpret_cast<void*>(stream), &err);
         }
         if (st != bcc::Status::Ok) throw std::runtime_error(err);

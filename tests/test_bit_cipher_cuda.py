@@ -14,6 +14,7 @@ import importlib.util
 import itertools
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -331,3 +332,36 @@ def test_info_says_the_cuda_backend_is_unverified(monkeypatch):
     rep = _backends.report(bc.DESCRIPTOR)
     assert rep["cuda"]["active"] == "yes" and "unverified" in rep["cuda"]["reason"]
     assert rep["cpu"]["reason"] == ""
+
+
+_VALID_CALL = """
+import numpy as np
+from embkern import _backends
+cmod, why = _backends._load_cuda()
+mod = cmod.bit_cipher
+v = mod.ArrayView
+problem = mod.Problem(
+    tokens=v(8, 10, "int32"), doc_offsets=v(8, 3, "int64"), doc_offsets_host=np.array([0, 4, 10], np.int64),
+    code_mask=v(8, 5, "uint64"), wa=v(8, 15, "int64"), ws=None, wpad=v(8, 3, "int64"), deltas=v(8, 3, "int64"),
+    deltas_host=np.array([-1, 0, 1], np.int64), concat=False, vocab_size=5, bits=4, A=v(8, 60, "int64"))
+try:
+    mod.count(problem, workspace=8, workspace_bytes=1 << 20, device=0, stream=0)
+except RuntimeError as exc:
+    print("RuntimeError:", exc)
+"""
+
+
+def test_binding_passes_checks_then_calls_cuda_without_python():
+    """A call that passes every check reaches the CUDA runtime with the GIL released. Without a device the
+    runtime refuses cudaSetDevice, which must come back as a RuntimeError. The binding once converted the
+    workspace address inside the release; pybind11 3 then calls PyErr_Occurred with no thread state and the
+    process died (SIGSEGV) at the first launch of every GPU test. Run in a child process so a crash is a
+    failure here, not the end of the test run."""
+    cmod, why = _backends._load_cuda()
+    if cmod is None:
+        pytest.skip(why)
+    if cmod.device_count()[0] > 0:
+        pytest.skip("a CUDA device is visible: the call would launch on fake pointers; the cuda tests run this path")
+    r = subprocess.run([sys.executable, "-c", _VALID_CALL], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"the child died (rc {r.returncode}): {r.stderr[-2000:]}"
+    assert "RuntimeError:" in r.stdout and "cudaSetDevice" in r.stdout, r.stdout + r.stderr
