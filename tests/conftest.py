@@ -40,3 +40,32 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_cuda)
         if "address_space" in item.keywords and UNDER_ASAN:
             item.add_marker(skip_asan)
+
+
+def _cpu_settings():
+    st = _backends.cpu_status()
+    if not st.ok:
+        return None
+    C = _backends.cpu_module()
+    return C, C.isa_info()["active"], C.get_num_threads()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_settings_unchanged():
+    """Fail a test that leaves embkern._C's ISA level or thread count changed (and restore them).
+
+    Both are process-wide: under `make test`'s EMBKERN_CPU_ISA=avx2 / generic runs, a
+    test that restored the CPU's best level instead of the active one ran every later
+    test of the process at avx512 (helpers.cpu_isa / cpu_threads restore correctly).
+    """
+    before = _cpu_settings()
+    yield
+    if before is None:
+        return
+    C, isa, threads = before
+    now_isa, now_threads = C.isa_info()["active"], C.get_num_threads()
+    if (now_isa, now_threads) != (isa, threads):
+        C.set_isa(isa)
+        C.set_num_threads(threads)
+        pytest.fail(f"the test left embkern._C at ISA level {now_isa!r} and {now_threads} threads; it started "
+                    f"at {isa!r} and {threads} (use helpers.cpu_isa / helpers.cpu_threads)")

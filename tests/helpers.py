@@ -16,9 +16,12 @@ Skip policy (one for the whole suite):
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from typing import List, Optional, Sequence
+from typing import Any, Callable, Iterable, List, Optional, Sequence
+
+import numpy as np
 
 import pytest
 import torch
@@ -69,6 +72,68 @@ def cpu_module():
     if not st.ok:
         pytest.fail(f"embkern._C is not available: {st.reason}")
     return _backends.cpu_module()
+
+
+# --------------------------------------------------------------------------- process-wide cpu settings
+#
+# The ISA level and the thread count of embkern._C are process-wide. A test
+# that changes one restores what was active before it, not the CPU's best
+# level: `make test` runs the exactness files again under EMBKERN_CPU_ISA=avx2
+# and generic, and a restore to "best" silently ran every later test of that
+# process at avx512 (conftest's guard now fails a test that leaves either
+# setting changed).
+
+
+@contextlib.contextmanager
+def cpu_isa(level: str):
+    """Run the block at ISA level ``level``; the level active before is restored after."""
+    C = cpu_module()
+    before = C.isa_info()["active"]
+    C.set_isa(level)
+    try:
+        yield
+    finally:
+        C.set_isa(before)
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int):
+    """Run the block with ``n`` OpenMP threads in embkern._C; the count before is restored after."""
+    C = cpu_module()
+    before = C.get_num_threads()
+    C.set_num_threads(n)
+    try:
+        yield
+    finally:
+        C.set_num_threads(before)
+
+
+def at_each(setting: Callable, values: Iterable, fn: Callable[[], Any]) -> dict:
+    """{value: fn() run inside ``setting(value)``} (``setting`` is cpu_isa or cpu_threads)."""
+    out = {}
+    for value in values:
+        with setting(value):
+            out[value] = fn()
+    return out
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (tuple, list)) else [x]
+
+
+def assert_same_bits(results: dict) -> None:
+    """Every entry of ``results`` (tensors, arrays, or tuples of them) equals the first one bit for bit."""
+    (k0, first), *rest = results.items()
+    for key, got in rest:
+        a_all, b_all = _as_list(first), _as_list(got)
+        assert len(a_all) == len(b_all), f"{k0} vs {key}: {len(a_all)} results vs {len(b_all)}"
+        for i, (a, b) in enumerate(zip(a_all, b_all)):
+            if isinstance(a, torch.Tensor):
+                same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+            else:
+                a, b = np.asarray(a), np.asarray(b)
+                same = a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=False)
+            assert same, f"{k0} vs {key}: result {i} differs"
 
 
 # --------------------------------------------------------------------------- data

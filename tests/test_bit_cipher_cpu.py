@@ -12,7 +12,7 @@ import torch
 
 import embkern
 from embkern.reference import bit_cipher as ref
-from helpers import cpu_module
+from helpers import assert_same_bits, at_each, cpu_isa, cpu_module, cpu_threads
 
 C = cpu_module()
 BC = C.bit_cipher
@@ -60,20 +60,15 @@ def test_cpu_matches_reference(mode, weight, include_center, noise, window):
 def test_thread_count_invariance(mode):
     ids, off = zipf_corpus(500, 20_000, seed=11)
     c = embkern.BitCipher.fit(ids, vocab_size=500)
-    before = C.get_num_threads()
-    outs = []
-    try:
-        # thread copies: None = one per thread; 1 = rows dealt only; 2 at 3 and 5 threads = groups of
-        # 2 + 1 and 3 + 2 threads, each group dealing its copy's rows
-        for n, copies in ((1, None), (2, None), (2, 1), (3, None), (3, 2), (5, 2), (5, None), (5, 1)):
-            C.set_num_threads(n)
+    outs = {}
+    # thread copies: None = one per thread; 1 = rows dealt only; 2 at 3 and 5 threads = groups of
+    # 2 + 1 and 3 + 2 threads, each group dealing its copy's rows
+    for n, copies in ((1, None), (2, None), (2, 1), (3, None), (3, 2), (5, 2), (5, None), (5, 1)):
+        with cpu_threads(n):
             cc = embkern.CooccurrenceCounts(c, 5, mode, "cos2", backend="cpu", thread_copies=copies)
-            outs.append(cc.update(ids, off).A.clone())
+            outs[n, copies] = cc.update(ids, off).A.clone()
             assert cc._parts.shape[0] == min(n, copies or n) - 1
-    finally:
-        C.set_num_threads(before)
-    for A in outs[1:]:
-        assert torch.equal(A, outs[0])
+    assert_same_bits(outs)
 
 
 def test_thread_copies_persist_across_updates_and_reads():
@@ -82,25 +77,21 @@ def test_thread_copies_persist_across_updates_and_reads():
     ids, off = zipf_corpus(400, 12_000, seed=13)
     c = embkern.BitCipher.fit(ids, vocab_size=400)
     one = embkern.CooccurrenceCounts(c, 3, "sum", "inv", backend="cpu", thread_copies=1)
-    before = C.get_num_threads()
-    try:
-        C.set_num_threads(1)
+    with cpu_threads(1):
         one.update(ids, off)
-        cc = embkern.CooccurrenceCounts(c, 3, "sum", "inv", backend="cpu")
-        cuts = [0, 40, 90, 150, len(off) - 1]
-        for k, T in enumerate((3, 2, 1, 4)):
-            C.set_num_threads(T)
-            lo, hi = cuts[k], cuts[k + 1]
+    cc = embkern.CooccurrenceCounts(c, 3, "sum", "inv", backend="cpu")
+    cuts = [0, 40, 90, 150, len(off) - 1]
+    for k, T in enumerate((3, 2, 1, 4)):
+        lo, hi = cuts[k], cuts[k + 1]
+        with cpu_threads(T):
             cc.update(ids[off[lo]:off[hi]], off[lo:hi + 1] - off[lo])
-            if k == 1:
-                assert not torch.equal(cc.A, one.A)  # a read mid-stream: folds, counting goes on after
-        assert cc._parts_dirty
-        restored = pickle.loads(pickle.dumps(cc))
-        assert restored._parts.shape[0] == 0 and not cc._parts_dirty
-        assert torch.equal(cc.A, one.A) and torch.equal(restored.A, one.A)
-        assert torch.count_nonzero(cc._parts) == 0  # folded copies are zeroed and kept for the next chunk
-    finally:
-        C.set_num_threads(before)
+        if k == 1:
+            assert not torch.equal(cc.A, one.A)  # a read mid-stream: folds, counting goes on after
+    assert cc._parts_dirty
+    restored = pickle.loads(pickle.dumps(cc))
+    assert restored._parts.shape[0] == 0 and not cc._parts_dirty
+    assert torch.equal(cc.A, one.A) and torch.equal(restored.A, one.A)
+    assert torch.count_nonzero(cc._parts) == 0  # folded copies are zeroed and kept for the next chunk
     with pytest.raises(ValueError, match="thread_copies: expected"):
         embkern.CooccurrenceCounts(c, 3, thread_copies=0)
 
@@ -109,17 +100,8 @@ def test_thread_copies_persist_across_updates_and_reads():
 def test_same_bits_at_every_isa_level():
     ids, off = zipf_corpus(300, 10_000, seed=12)
     c = embkern.BitCipher.fit(ids, vocab_size=300)
-    before = C.isa_info()["active"]
-    outs = {}
-    try:
-        for level in LEVELS:
-            C.set_isa(level)
-            cc = embkern.CooccurrenceCounts(c, 3, "concat", "inv", backend="cpu").update(ids, off)
-            outs[level] = cc.A.clone()
-    finally:
-        C.set_isa(before)
-    for level in LEVELS[1:]:
-        assert torch.equal(outs[level], outs[LEVELS[0]])
+    assert_same_bits(at_each(cpu_isa, LEVELS, lambda: embkern.CooccurrenceCounts(
+        c, 3, "concat", "inv", backend="cpu").update(ids, off).A.clone()))
 
 
 def _raw_args(V=10, b=4, N=20, n_off=3, concat=False):
@@ -196,16 +178,12 @@ def test_raw_binding_counts_and_checks():
     with pytest.raises(ValueError, match="parts: expected shape"):
         BC.fold(ov["A"], np.zeros((1, 10, 1, 5, 2), dtype=np.int64))
     # two copies at 3 threads: each thread a third of the positions; A + the copies after fold == the sums
-    before = C.get_num_threads()
-    try:
-        C.set_num_threads(3)
+    with cpu_threads(3):
         cp = _raw_args()
         cp["parts"] = np.zeros((2,) + cp["A"].shape, dtype=np.int64)
         BC.count(**cp)
         assert np.count_nonzero(cp["parts"]) > 0
         BC.fold(cp["A"], cp["parts"])
-    finally:
-        C.set_num_threads(before)
     assert np.count_nonzero(cp["parts"]) == 0 and np.array_equal(cp["A"], a["A"])
     a = _raw_args()
     a.update(ws=None)
@@ -241,16 +219,12 @@ def test_popcount_slots_any_load_same_sums(concat):
     obc._ref_count(t(tok), t(doff), t(boff), t(bidx), t(wa), t(ws), t(wpad), t(deltas), None, want, None, concat)
     loads = {"popcount 1 only": np.where(pcs == 1, 100, 0), "uniform": np.ones(V), "popcount 8 only":
              np.where(pcs == 8, 100, 0), "skewed": 1000 // (1 + np.arange(V)), "zero": np.zeros(V)}
-    before = C.get_num_threads()
-    try:
-        for T in (1, 2):
-            C.set_num_threads(T)
+    for T in (1, 2):
+        with cpu_threads(T):
             for name, load in loads.items():
                 A = np.zeros((V, nb, b + 2, 2), dtype=np.int64)
                 BC.count(tok, doff, boff, bidx, wa, ws, wpad, deltas, load.astype(np.int64), A, None, concat)
                 assert torch.equal(torch.from_numpy(A), want), f"load {name}, {T} threads"
-    finally:
-        C.set_num_threads(before)
 
 
 def test_sums_carry_into_the_high_word():

@@ -17,6 +17,7 @@ import torch
 
 import embkern
 from embkern.reference import hypercomplex as ref
+from helpers import assert_same_bits, cpu_isa, cpu_threads
 
 C = embkern._backends.cpu_module()
 INFO = dict(C.isa_info())
@@ -193,3 +194,24 @@ def test_openmp_runtime_override_and_clear_error():
 def _run_with_env_var(name, value, code):
     env = dict(os.environ, **{name: value})
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_same_bits_helper_catches_one_ulp_and_restores_settings():
+    """helpers.assert_same_bits fails on one ulp, a dtype or a shape; cpu_isa / cpu_threads restore the
+    settings active before them (not the best level), even when the block raises."""
+    a = torch.linspace(0, 1, 7)
+    b = a.clone()
+    b[3] = torch.nextafter(b[3], torch.tensor(2.0))
+    assert_same_bits({"x": (a, a.numpy()), "y": (a.clone(), a.numpy().copy())})
+    for other in (b, a.double(), a[None]):
+        with pytest.raises(AssertionError, match="x vs y: result 0 differs"):
+            assert_same_bits({"x": [a], "y": [other]})
+    with pytest.raises(AssertionError, match="result 1 differs"):
+        assert_same_bits({"x": (a, a.numpy()), "y": (a, b.numpy())})
+    level, threads = C.isa_info()["active"], C.get_num_threads()
+    lowest = C.isa_info()["available"][0]
+    with pytest.raises(RuntimeError, match="inside"):
+        with cpu_isa(lowest), cpu_threads(threads + 1):
+            assert C.isa_info()["active"] == lowest and C.get_num_threads() == threads + 1
+            raise RuntimeError("inside")
+    assert (C.isa_info()["active"], C.get_num_threads()) == (level, threads)

@@ -1,5 +1,6 @@
 """MUVERA FDE: the contract's tables and vectors (docs/ops/fde.md), bit-exact parity with the muvfde oracle, API, bad input."""
 
+import contextlib
 import functools
 import hashlib
 
@@ -12,7 +13,7 @@ from embkern import _backends
 from embkern.bench.fde import muvfde_config
 from embkern.ops import fde as ops
 from embkern.reference import fde as ref
-from helpers import cpu_module, oracle
+from helpers import assert_same_bits, at_each, cpu_module, cpu_threads, oracle
 
 C = embkern.FDEConfig
 BACKENDS = ["reference", "cpu"]
@@ -407,22 +408,15 @@ def test_nonfinite_points_every_input_form(cfg8, backend):
     rng = np.random.default_rng(3)
     X = rng.standard_normal((40, 8)).astype(np.float32)
     off = np.array([0, 7, 7, 20, 33, 40])
-    mod = embkern._backends.cpu_module()
     for bad in (np.nan, np.inf, -np.inf, -np.float32("nan")):
         Y = X.copy()
         Y[25, 5] = bad  # document 3
         Y[31, 0] = np.nan  # a later one in the same document
         Y[38, 7] = bad  # and one in the last document
         for threads in ([1, 2, 3] if backend == "cpu" else [None]):
-            if threads:
-                old = mod.get_num_threads()
-                mod.set_num_threads(threads)
-            try:
+            with cpu_threads(threads) if threads else contextlib.nullcontext():
                 with pytest.raises(ValueError, match="finite" + (".*row 25" if backend == "cpu" else "")):
                     embkern.fde_encode(Y, off, cfg8, backend=backend)
-            finally:
-                if threads:
-                    mod.set_num_threads(old)
         with pytest.raises(ValueError, match="finite"):
             embkern.fde_encode([Y[:20], Y[20:]], config=cfg8, backend=backend)
         with pytest.raises(ValueError, match="finite"):
@@ -499,16 +493,7 @@ def test_thread_count_invariance():
     lens = rng.integers(0, 90, size=37)
     off = np.concatenate([[0], np.cumsum(lens)])
     X = rng.standard_normal((int(off[-1]), 64)).astype(np.float32)
-    C_ = _backends.cpu_module()
-    before = C_.get_num_threads()
-    try:
-        C_.set_num_threads(1)
-        a = embkern.fde_encode(X, off, cfg, backend="cpu")
-        C_.set_num_threads(2)
-        b = embkern.fde_encode(X, off, cfg, backend="cpu")
-    finally:
-        C_.set_num_threads(before)
-    np.testing.assert_array_equal(bits(a), bits(b))
+    assert_same_bits(at_each(cpu_threads, (1, 2), lambda: bits(embkern.fde_encode(X, off, cfg, backend="cpu"))))
 
 
 # ---------------------------------------------------------------------------

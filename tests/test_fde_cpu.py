@@ -18,6 +18,7 @@ import torch
 
 import embkern
 from embkern.reference import fde as ref
+from helpers import assert_same_bits, at_each, cpu_isa
 
 C = embkern._backends.cpu_module()
 F = C.fde
@@ -119,17 +120,7 @@ def test_zero_blocks_with_nonfinite_count_sketch_signs_still_add():
 def test_large_k_same_bits_at_every_isa_level(mode, fill, final):
     c = _config(3, 2, 12, mode, False, fill, final)
     pts, off = _docs([1, 2, 7, 0, 3], 3, seed=5, dup=True)
-    before = C.isa_info()["active"]
-    try:
-        outs = {}
-        for level in LEVELS:
-            C.set_isa(level)
-            outs[level] = _bits(embkern.fde_encode(pts, off, c, backend="cpu"))
-    finally:
-        C.set_isa(before)
-    first = outs[LEVELS[0]]
-    for level in LEVELS[1:]:
-        np.testing.assert_array_equal(outs[level], first, err_msg=level)
+    assert_same_bits(at_each(cpu_isa, LEVELS, lambda: _bits(embkern.fde_encode(pts, off, c, backend="cpu"))))
 
 
 @pytest.mark.address_space

@@ -14,7 +14,8 @@ from torch.utils._pytree import tree_map
 from embkern import testing
 from embkern.ops import hypercomplex as ops
 from embkern.reference import hypercomplex as ref
-from helpers import backend_params, device_of, filter_rows, kg_triples, leaf, require_backend
+from helpers import (assert_same_bits, at_each, backend_params, cpu_threads, device_of, filter_rows, kg_triples,
+                     leaf, require_backend)
 
 FAST = backend_params("reference", "cpu", "triton")
 ALGS = ["quaternion", "dihedron"]
@@ -410,29 +411,18 @@ def test_empty_batch(backend):
 
 def test_thread_count_invariance():
     need("cpu", "score_forward")
-    C = embkern._backends.cpu_module()
     h, r, E, bh, bt = triples(67, 2003, 25, torch.float32, seed=9)
     t = torch.randint(0, 2003, (67,), generator=torch.Generator().manual_seed(0))
-    outs = []
-    before = C.get_num_threads()
-    try:
-        for n in (1, 2, 3):
-            C.set_num_threads(n)
-            leaves = [leaf(x) for x in (h, r, E, bh, bt)]
-            loss = embkern.one_to_n_loss(*leaves[:3], t, score="distance", bias_h=leaves[3], bias_t=leaves[4],
-                                         backend="cpu")
-            loss.backward()
-            outs.append([
-                embkern.score_all(h, r, E, backend="cpu"),
-                embkern.rank_all(h, r, E, t, backend="cpu"),
-                *embkern.topk_all(h, r, E, 10, backend="cpu"),
-                loss.detach(), *[x.grad for x in leaves],
-            ])
-    finally:
-        C.set_num_threads(before)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+
+    def results():
+        leaves = [leaf(x) for x in (h, r, E, bh, bt)]
+        loss = embkern.one_to_n_loss(*leaves[:3], t, score="distance", bias_h=leaves[3], bias_t=leaves[4],
+                                     backend="cpu")
+        loss.backward()
+        return [embkern.score_all(h, r, E, backend="cpu"), embkern.rank_all(h, r, E, t, backend="cpu"),
+                *embkern.topk_all(h, r, E, 10, backend="cpu"), loss.detach(), *[x.grad for x in leaves]]
+
+    assert_same_bits(at_each(cpu_threads, (1, 2, 3), results))
 
 
 # --------------------------------------------------------------------------- randomised shapes (cheap tiers)

@@ -14,7 +14,7 @@ import torch
 import embkern
 from embkern import testing
 from embkern.reference import hypercomplex as ref
-from helpers import cpu_module, filter_rows
+from helpers import assert_same_bits, at_each, cpu_module, cpu_threads, filter_rows
 
 C = cpu_module()
 HC = C.hypercomplex
@@ -124,32 +124,26 @@ def test_thread_count_invariance_all_kernels(dtype):
     g = torch.Generator().manual_seed(3)
     t = torch.randint(0, N, (B,), generator=g)
     filt = filters(B, N, g)
-    before = C.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2, 3, 5):
-            C.set_num_threads(n)
-            res = []
-            for score in ("inner", "distance"):
-                kw = dict(score=score, algebra="dihedron", layout="interleaved")
-                if score == "distance":
-                    kw.update(bias_h=bh, bias_t=bt)
-                res.append(embkern.score_all(h, r, E, backend="cpu", **kw))
-                res.append(embkern.rank_all(h, r, E, t, filter_index=filt, backend="cpu", **kw))
-                res.extend(embkern.topk_all(h, r, E, 17, filter_index=filt, backend="cpu", **kw))
-                leaves = [x.clone().requires_grad_(True) for x in (h, r, E, bh, bt)]
-                extra = dict(bias_h=leaves[3], bias_t=leaves[4]) if score == "distance" else {}
-                kw2 = {k: v for k, v in kw.items() if not k.startswith("bias")}
-                loss = embkern.one_to_n_loss(*leaves[:3], t, backend="cpu", **kw2, **extra)
-                loss.backward()
-                res.append(loss.detach())
-                res.extend(x.grad for x in leaves if x.grad is not None)
-            outs.append(res)
-    finally:
-        C.set_num_threads(before)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+
+    def results():
+        res = []
+        for score in ("inner", "distance"):
+            kw = dict(score=score, algebra="dihedron", layout="interleaved")
+            if score == "distance":
+                kw.update(bias_h=bh, bias_t=bt)
+            res.append(embkern.score_all(h, r, E, backend="cpu", **kw))
+            res.append(embkern.rank_all(h, r, E, t, filter_index=filt, backend="cpu", **kw))
+            res.extend(embkern.topk_all(h, r, E, 17, filter_index=filt, backend="cpu", **kw))
+            leaves = [x.clone().requires_grad_(True) for x in (h, r, E, bh, bt)]
+            extra = dict(bias_h=leaves[3], bias_t=leaves[4]) if score == "distance" else {}
+            kw2 = {k: v for k, v in kw.items() if not k.startswith("bias")}
+            loss = embkern.one_to_n_loss(*leaves[:3], t, backend="cpu", **kw2, **extra)
+            loss.backward()
+            res.append(loss.detach())
+            res.extend(x.grad for x in leaves if x.grad is not None)
+        return res
+
+    assert_same_bits(at_each(cpu_threads, (1, 2, 3, 5), results))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -16,7 +16,7 @@ import torch
 import embkern
 from embkern import testing
 from embkern.reference import rel_conv_attention as ref
-from helpers import cpu_module
+from helpers import assert_same_bits, at_each, cpu_isa, cpu_module, cpu_threads
 
 C = cpu_module()
 RA = C.rel_conv_attention
@@ -218,35 +218,14 @@ def _all_results(shape, dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", EXACT, ids=lambda s: "x".join(map(str, s[:6])))
 def test_thread_count_invariance(dtype, shape):
-    before = C.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2, 3):
-            C.set_num_threads(n)
-            outs.append(_all_results(shape, dtype, 5))
-    finally:
-        C.set_num_threads(before)
-    for other in outs[1:]:
-        for i, (a, b) in enumerate(zip(outs[0], other)):
-            assert torch.equal(a, b), f"result {i} differs"
+    assert_same_bits(at_each(cpu_threads, (1, 2, 3), lambda: _all_results(shape, dtype, 5)))
 
 
 @pytest.mark.skipif(len(LEVELS) < 2, reason="this CPU runs one ISA level")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", EXACT, ids=lambda s: "x".join(map(str, s[:6])))
 def test_same_bits_at_every_isa_level(dtype, shape):
-    before = C.isa_info()["active"]
-    outs = {}
-    try:
-        for level in LEVELS:
-            C.set_isa(level)
-            outs[level] = _all_results(shape, dtype, 6)
-    finally:
-        C.set_isa(before)
-    first = outs[LEVELS[0]]
-    for level in LEVELS[1:]:
-        for i, (a, b) in enumerate(zip(first, outs[level])):
-            assert torch.equal(a, b), f"{LEVELS[0]} vs {level}: result {i} differs"
+    assert_same_bits(at_each(cpu_isa, LEVELS, lambda: _all_results(shape, dtype, 6)))
 
 
 # --------------------------------------------------------------------------- torch.library on the cpu backend
@@ -437,11 +416,8 @@ def test_nan_score_propagates_to_its_row_only(level):
     q[0, 1, 4, 3] = float("nan")
     out = torch.empty(B, H, Lq, dv, dtype=torch.float64)
     lse = torch.empty(B, H, Lq, dtype=torch.float64)
-    C.set_isa(level)
-    try:
+    with cpu_isa(level):
         RA.forward(*(t.numpy() for t in (q, k, v, R, S, u)), out.numpy(), lse.numpy(), True, Lk - Lq)
-    finally:
-        C.set_isa(C.isa_info()["best"])
     want, want_lse = ref.attention_forward(q, k, v, R, S, u, True, Lk - Lq)
     nan_rows = torch.zeros(B, H, Lq, dtype=torch.bool)
     nan_rows[0, 1, 4] = True

@@ -16,7 +16,7 @@ import torch
 import embkern
 from embkern import testing
 from embkern.reference import selective_attention as ref
-from helpers import cpu_module
+from helpers import assert_same_bits, at_each, cpu_isa, cpu_module, cpu_threads
 
 C = cpu_module()
 SA = C.selective_attention
@@ -139,17 +139,7 @@ EXACT = [(2, 4, 2, 130, 200, 64, 48, True, None), (1, 2, 1, 70, 65, 20, 36, Fals
 def test_thread_count_invariance(dtype, shape):
     *dims, causal, qo = shape
     q, k, v, tq, tv = data(*dims, dtype=dtype, seed=5)
-    before = C.get_num_threads()
-    outs = []
-    try:
-        for n in (1, 2, 3):
-            C.set_num_threads(n)
-            outs.append(run_cpu(q, k, v, tq, tv, causal, qo))
-    finally:
-        C.set_num_threads(before)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+    assert_same_bits(at_each(cpu_threads, (1, 2, 3), lambda: run_cpu(q, k, v, tq, tv, causal, qo)))
 
 
 @pytest.mark.skipif(len(LEVELS) < 2, reason="this CPU runs one ISA level")
@@ -158,18 +148,7 @@ def test_thread_count_invariance(dtype, shape):
 def test_same_bits_at_every_isa_level(dtype, shape):
     *dims, causal, qo = shape
     q, k, v, tq, tv = data(*dims, dtype=dtype, seed=6)
-    before = C.isa_info()["active"]
-    outs = {}
-    try:
-        for level in LEVELS:
-            C.set_isa(level)
-            outs[level] = run_cpu(q, k, v, tq, tv, causal, qo)
-    finally:
-        C.set_isa(before)
-    first = outs[LEVELS[0]]
-    for level in LEVELS[1:]:
-        for i, (a, b) in enumerate(zip(first, outs[level])):
-            assert torch.equal(a, b), f"{LEVELS[0]} vs {level}: result {i} differs"
+    assert_same_bits(at_each(cpu_isa, LEVELS, lambda: run_cpu(q, k, v, tq, tv, causal, qo)))
 
 
 def test_outputs_fully_written():
@@ -294,12 +273,9 @@ def test_nan_score_propagates_to_its_row_only(level, Lk):
     k[1, 0, 2, 5] = float("nan")  # key 2 of batch 1, head 0: every query sees it (causal, offset Lk - 9 >= 0)
     out = torch.empty(2, 2, 9, 8, dtype=torch.float64)
     lse = torch.empty(2, 2, 9, dtype=torch.float64)
-    C.set_isa(level)
-    try:
+    with cpu_isa(level):
         SA.forward(q.numpy(), k.numpy(), v.numpy(), tq.numpy(), tv.numpy(), out.numpy(), lse.numpy(), True,
                    0.25, Lk - 9)
-    finally:
-        C.set_isa(C.isa_info()["best"])
     want, want_lse = ref.attention_forward(q, k, v, tq, tv, True, 0.25, Lk - 9)
     nan_rows = torch.zeros(2, 2, 9, dtype=torch.bool)
     nan_rows[0, 1, 3] = True
