@@ -254,6 +254,17 @@ def test_cuda_empty_chunk():
     assert torch.count_nonzero(g.A) == 0
 
 
+def valid_problem_fields(mod) -> dict:
+    """The fields of a bit_cipher.Problem that passes every check of the binding (V = 5, b = 4, 10 tokens in
+    two documents, window 1, sum mode): fake device addresses, so only the checks can run on it."""
+    v = mod.ArrayView
+    return dict(tokens=v(8, 10, "int32"), doc_offsets=v(8, 3, "int64"),
+                doc_offsets_host=np.array([0, 4, 10], np.int64), code_mask=v(8, 5, "uint64"),
+                wa=v(8, 15, "int64"), ws=None, wpad=v(8, 3, "int64"), deltas=v(8, 3, "int64"),
+                deltas_host=np.array([-1, 0, 1], np.int64), concat=False, vocab_size=5, bits=4,
+                A=v(8, 60, "int64"))
+
+
 def test_binding_rechecks():
     cmod, why = _backends._load_cuda()
     if cmod is None:
@@ -263,11 +274,7 @@ def test_binding_rechecks():
     def view(ptr, numel, dtype):
         return mod.ArrayView(ptr, numel, dtype)
 
-    base = dict(tokens=view(8, 10, "int32"), doc_offsets=view(8, 3, "int64"),
-                doc_offsets_host=np.array([0, 4, 10], np.int64), code_mask=view(8, 5, "uint64"),
-                wa=view(8, 15, "int64"), ws=None, wpad=view(8, 3, "int64"), deltas=view(8, 3, "int64"),
-                deltas_host=np.array([-1, 0, 1], np.int64), concat=False, vocab_size=5, bits=4,
-                A=view(8, 60, "int64"))
+    base = valid_problem_fields(mod)
 
     def run(**change):
         mod.count(mod.Problem(**{**base, **change}), workspace=0, workspace_bytes=0, device=0, stream=0)
@@ -335,17 +342,13 @@ def test_info_says_the_cuda_backend_is_unverified(monkeypatch):
 
 
 _VALID_CALL = """
-import numpy as np
+import sys
+sys.path.insert(0, sys.argv[1])
 from embkern import _backends
-cmod, why = _backends._load_cuda()
-mod = cmod.bit_cipher
-v = mod.ArrayView
-problem = mod.Problem(
-    tokens=v(8, 10, "int32"), doc_offsets=v(8, 3, "int64"), doc_offsets_host=np.array([0, 4, 10], np.int64),
-    code_mask=v(8, 5, "uint64"), wa=v(8, 15, "int64"), ws=None, wpad=v(8, 3, "int64"), deltas=v(8, 3, "int64"),
-    deltas_host=np.array([-1, 0, 1], np.int64), concat=False, vocab_size=5, bits=4, A=v(8, 60, "int64"))
+from test_bit_cipher_cuda import valid_problem_fields
+mod = _backends._load_cuda()[0].bit_cipher
 try:
-    mod.count(problem, workspace=8, workspace_bytes=1 << 20, device=0, stream=0)
+    mod.count(mod.Problem(**valid_problem_fields(mod)), workspace=8, workspace_bytes=1 << 20, device=0, stream=0)
 except RuntimeError as exc:
     print("RuntimeError:", exc)
 """
@@ -362,6 +365,7 @@ def test_binding_passes_checks_then_calls_cuda_without_python():
         pytest.skip(why)
     if cmod.device_count()[0] > 0:
         pytest.skip("a CUDA device is visible: the call would launch on fake pointers; the cuda tests run this path")
-    r = subprocess.run([sys.executable, "-c", _VALID_CALL], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", _VALID_CALL, str(Path(__file__).resolve().parent)], capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 0, f"the child died (rc {r.returncode}): {r.stderr[-2000:]}"
     assert "RuntimeError:" in r.stdout and "cudaSetDevice" in r.stdout, r.stdout + r.stderr
