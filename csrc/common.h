@@ -142,6 +142,11 @@ inline FloatKind float_kind(const py::object& obj, const char* name) {
                std::string(py::str(py::type::of(obj).attr("__name__"))));
   }
   py::buffer_info info = obj.cast<py::buffer>().request();
+  // The usual format strings first: py::dtype(info) parses the format in numpy's
+  // Python code (_dtype_from_pep3118), 3.9 of the 12.5 us of a raw selective-
+  // attention decode call at B=1 H=2 Lk=64. Other spellings ("<f", "=d") still parse.
+  if (info.format == py::format_descriptor<float>::format()) return FloatKind::F32;
+  if (info.format == py::format_descriptor<double>::format()) return FloatKind::F64;
   py::dtype dt(info);
   if (dt.equal(py::dtype::of<float>())) return FloatKind::F32;
   if (dt.equal(py::dtype::of<double>())) return FloatKind::F64;
