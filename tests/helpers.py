@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from embkern import _backends, testing
+from embkern.bench.timing import AtIsa
 
 HAS_CUDA = torch.cuda.is_available()
 STRICT = os.environ.get("EMBKERN_TEST_STRICT", "0") == "1"
@@ -83,17 +84,9 @@ def cpu_module():
 # process at avx512 (conftest's guard now fails a test that leaves either
 # setting changed).
 
-
-@contextlib.contextmanager
-def cpu_isa(level: str):
-    """Run the block at ISA level ``level``; the level active before is restored after."""
-    C = cpu_module()
-    before = C.isa_info()["active"]
-    C.set_isa(level)
-    try:
-        yield
-    finally:
-        C.set_isa(before)
+# cpu_isa(level): the block runs at that level, the active one is restored after
+# (the context manager `bench --cpu-isa` uses).
+cpu_isa = AtIsa
 
 
 @contextlib.contextmanager
@@ -132,7 +125,7 @@ def assert_same_bits(results: dict) -> None:
                 same = a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
             else:
                 a, b = np.asarray(a), np.asarray(b)
-                same = a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=False)
+                same = a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
             assert same, f"{k0} vs {key}: result {i} differs"
 
 
