@@ -9,6 +9,7 @@
 // argument, before the GIL is released and the kernel runs.
 #include "embkern/selective_attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 
@@ -58,6 +59,11 @@ struct Args {
   }
 };
 
+// Any q_offset >= Lk shows every key to every query and any q_offset <= -Lq none, so clamping to
+// [-Lq, Lk] changes no value; it keeps i + q_offset and j - q_offset inside int64 in the kernels
+// (q_offset = 2^63 - 1 overflowed there, undefined behaviour).
+int64_t clamp_offset(int64_t q_offset, int64_t Lq, int64_t Lk) { return std::max(-Lq, std::min(Lk, q_offset)); }
+
 template <typename T>
 void forward_t(py::object q_, py::object k_, py::object v_, py::object tq_, py::object tv_, py::object out_,
                py::object lse_, bool causal, double scale, int64_t q_offset) {
@@ -71,7 +77,7 @@ void forward_t(py::object q_, py::object k_, py::object v_, py::object tq_, py::
   check_memory(bytes, what);
   run_nogil(bytes, what, [&] {
     ssa::forward<T>(a.q.data, a.k.data, a.v.data, a.tq.data, a.tv.data, out.data, lse.data, a.B, a.Hq, a.Hkv, a.Lq,
-                    a.Lk, a.d, a.dv, causal, scale, q_offset);
+                    a.Lk, a.d, a.dv, causal, scale, clamp_offset(q_offset, a.Lq, a.Lk));
   });
 }
 
@@ -108,7 +114,7 @@ void backward_t(py::object go_, py::object q_, py::object k_, py::object v_, py:
   run_nogil(bytes, what, [&] {
     ssa::backward<T>(go.data, a.q.data, a.k.data, a.v.data, a.tq.data, a.tv.data, out.data, lse.data, dq.data,
                      dk.data, dv.data, dtq.data, dtv.data, a.B, a.Hq, a.Hkv, a.Lq, a.Lk, a.d, a.dv, causal, scale,
-                     q_offset);
+                     clamp_offset(q_offset, a.Lq, a.Lk));
   });
 }
 

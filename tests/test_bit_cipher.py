@@ -315,6 +315,41 @@ def test_bad_input():
         embkern.cooccurrence_vectors(ids, off, c, backend="gpu")
 
 
+def test_unsigned_ids_and_an_empty_list_are_corpora():
+    # numpy uint16/32/64 ids (what tokenizers often return) count as int64 ids: torch has no min / max
+    # on those dtypes, and uint64 ids raised a NotImplementedError; [] is the empty corpus, not a
+    # float32 array (torch.as_tensor([]))
+    ids, off = zipf_corpus(20, 300, 4)
+    c = embkern.BitCipher.fit(ids, vocab_size=20)
+    want = embkern.cooccurrence_vectors(ids, off, c, progress=False)
+    for dt in (np.uint16, np.uint32, np.uint64):
+        assert np.array_equal(embkern.BitCipher.fit(ids.astype(dt), vocab_size=20).codes, c.codes), dt
+        got = embkern.cooccurrence_vectors(ids.astype(dt), off.astype(dt), c, progress=False)
+        assert torch.equal(got, want), dt
+    with pytest.raises(ValueError, match="token_ids: expected values below 2\\^63"):
+        embkern.BitCipher.fit(np.array([0, 2**63], dtype=np.uint64))
+    empty = embkern.cooccurrence_vectors(np.zeros(0, dtype=np.int64), np.array([0]), c, progress=False)
+    assert torch.equal(embkern.cooccurrence_vectors([], None, c, progress=False), empty)
+    assert np.array_equal(embkern.BitCipher.fit([], vocab_size=20).codes, embkern.cipher_patterns(20, 5).numpy())
+
+
+def test_sizes_too_big_for_memory_are_refused_up_front():
+    # a MemoryError naming the argument, with the size in GB, before anything is built: the (V, b)
+    # pattern table, a cipher whose V comes from vocab_size or from the largest id, and the
+    # (2 window + 1, V) offset weight tables (window = 2^40 built a Python list of 2^41 offsets and
+    # died with a MemoryError that said nothing)
+    c = embkern.BitCipher.fit(np.array([0, 1, 2, 1]), vocab_size=4)
+    with pytest.raises(MemoryError, match=r"vocab_size: the \(1099511627776, 64\) uint8 pattern table needs .* GB"):
+        embkern.cipher_patterns(2**40, 64)
+    with pytest.raises(MemoryError, match="vocab_size: vocab_size = 1099511627776: .* GB"):
+        embkern.BitCipher.fit(np.array([0, 1]), vocab_size=2**40)
+    with pytest.raises(MemoryError, match="token_ids: the largest id 1099511627776 .* GB"):
+        embkern.BitCipher.fit(np.array([0, 2**40]))
+    for mode in ("sum", "concat"):
+        with pytest.raises(MemoryError, match=f"window = 1099511627776, mode '{mode}': .* GB"):
+            embkern.cooccurrence_vectors(np.array([0, 1]), None, c, window=2**40, mode=mode, progress=False)
+
+
 # --------------------------------------------------------------------------- the op
 
 def test_opcheck():

@@ -234,6 +234,52 @@ def test_bad_input_names_the_argument():
         conv(q, torch.randn(8, 3, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(2, 0, 4), (2, 7, 0), (0, 7, 4), (0, 4)], ids=["T=0", "C=0", "N=0", "2-d T=0"])
+def test_conv_of_an_empty_input(backend, shape):
+    # reshape(-1, T, C) cannot infer the leading size of an empty tensor: the cpu path raised a
+    # RuntimeError for T = 0 or C = 0 before the leading size was computed
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "conv_backward", backend, dev, torch.float32)
+    C = shape[-1]
+    x = torch.randn(shape, device=dev, requires_grad=True)
+    w = torch.randn(C, 3, device=dev, requires_grad=True)
+    b = torch.randn(C, device=dev, requires_grad=True)
+    y = embkern.causal_depthwise_conv(x, w, b, backend=backend)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w))
+    assert torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_queries_or_no_keys_take_any_offset(backend):
+    # with no (i, j) pair the offset reaches no table row: any int is valid, 2^70 too (it did not fit
+    # the op's int64 schema: a RuntimeError that named no argument)
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "forward", backend, dev, torch.float32)
+    for Lq, Lk in ((0, 5), (3, 0)):
+        q, k, v, R, S, u = _inputs(1, 2, Lq, Lk, 8, 4, device=dev)
+        for off in (2**70, -2**70, 2**62):
+            out = embkern.relative_attention(q, k, v, R, S, u, causal=False, q_offset=off, max_distance=P,
+                                             backend=backend)
+            assert out.shape == (1, 2, Lq, 4) and not out.any()
+
+
+def test_inputs_too_big_for_memory_are_refused_up_front():
+    # expanded views: a few bytes of storage, but the output (and the contiguous copies) would need
+    # about 20 TB; a MemoryError with the size, before anything is allocated
+    one = torch.randn(1, 1, 1, 8)
+    q = k = v = one.expand(2**28, 2, 2**10, 8)
+    R, S, u = torch.randn(4096, 2, 8), torch.randn(4096, 2), torch.randn(2, 8)
+    for be in (None, "reference"):
+        with pytest.raises(MemoryError, match=r"relative_attention\(backend=.*\) of q \(268435456, 2, 1024, 8\).* GB"):
+            embkern.relative_attention(q, k, v, R, S, u, max_distance=2048, backend=be)
+        with pytest.raises(MemoryError, match=r"causal_depthwise_conv: the output of x \(1073741824, 1024, 4\).* GB"):
+            embkern.causal_depthwise_conv(torch.randn(1, 1, 4).expand(2**30, 2**10, 4), torch.randn(4, 3),
+                                          backend=be)
+
+
 def test_a_query_that_sees_no_key_outputs_zeros():
     q, k, v, R, S, u = _inputs(1, 2, 4, 4, 8, 8)
     out = embkern.relative_attention(q, k, v, R, S, u, q_offset=-2, max_distance=P)

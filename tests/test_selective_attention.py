@@ -339,6 +339,37 @@ def test_bad_input_names_the_argument():
             sa(q, k.cuda(), v, tq)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_offsets_beyond_the_keys_equal_the_clamped_offset(backend):
+    # q_offset >= Lk shows every key and q_offset <= -Lq none: offsets out at 2^62 and past int64 give
+    # the clamped offset's bits (the kernels once computed i + q_offset near 2^63, and a Python int past
+    # 2^63 did not fit the op's schema: a RuntimeError that named no argument)
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "forward", backend, dev, torch.float32)
+    q, k, v, tq, tv = _inputs(1, 2, 2, 3, 5, 8, 8, device=dev)
+    sa = lambda off: embkern.selective_attention(q, k, v, tq, tv, q_offset=off, backend=backend)  # noqa: E731
+    every, none = sa(5), sa(-3)
+    assert torch.equal(none, torch.zeros_like(none))
+    for off in (6, 2**62, 2**63 - 1, 2**70):
+        assert torch.equal(sa(off), every), off
+    for off in (-4, -2**62, -2**63, -2**70):
+        assert torch.equal(sa(off), none), off
+
+
+def test_inputs_too_big_for_memory_are_refused_up_front():
+    # expanded views: a few bytes of storage, but the output (and the contiguous copies) would need
+    # about 20 TB; a MemoryError with the size, before anything is allocated. On meta tensors (no
+    # values) the error is the backend choice's, not a failed finiteness check of tau_q.
+    q = k = v = torch.randn(1, 1, 1, 8).expand(2**28, 2, 2**10, 8)
+    tq = torch.ones(1, 1, 1).expand(2**28, 2, 2**10)
+    for be in (None, "reference"):
+        with pytest.raises(MemoryError, match=r"selective_attention\(backend=.*\) of q \(268435456, 2, 1024, 8\).* GB"):
+            embkern.selective_attention(q, k, v, tq, backend=be)
+    m = torch.randn(1, 2, 3, 8, device="meta")
+    with pytest.raises(RuntimeError, match="no backend can run on meta"):
+        embkern.selective_attention(m, m, m, torch.ones(1, 2, 3, device="meta"))
+
+
 def test_temperature_bad_input_names_the_argument():
     x = torch.randn(1, 2, 4, 8)
     st = embkern.selective_temperatures

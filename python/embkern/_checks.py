@@ -94,8 +94,12 @@ def all_finite(x: torch.Tensor) -> bool:
     (4, 8, 4096) fp32 temperature it takes ~15 us against ~140 us for
     ``isfinite(x).all()`` (2 threads; ~6% of an SSA decode step at that size).
     """
-    if x.numel() == 0 or not x.is_floating_point():
-        return True
+    if x.numel() == 0 or not x.is_floating_point() or x.device.type == "meta":
+        return True  # a meta tensor has no values: the backend choice says that it cannot run
+    # An expanded view repeats its stored elements: index 0 of every stride-0 dim reads each of them
+    # once (a (2^28, 2, 1024) view of one value would otherwise be reduced, or copied, in full).
+    if 0 in x.stride():
+        x = x[tuple(0 if st == 0 else slice(None) for st in x.stride())]
     try:
         lo, hi = torch.aminmax(x.detach())
     except (RuntimeError, NotImplementedError):  # a dtype without aminmax (float8 kinds)
@@ -135,11 +139,30 @@ def array_or_tensor(x, name: str) -> Tuple[torch.Tensor, bool]:
     raise TypeError(f"{name}: expected a numpy array or torch.Tensor, got {type(x).__name__}")
 
 
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
 def integer_array(x, name: str, what: str = "an integer array") -> torch.Tensor:
-    """A tensor of integers from a tensor, numpy array or (nested) list; floats and bools are a TypeError."""
-    t = torch.as_tensor(x) if isinstance(x, (list, tuple)) else array_or_tensor(x, name)[0]
+    """A tensor of integers from a tensor, numpy array or (nested) list; floats and bools are a TypeError.
+
+    An empty list is an empty int64 array (``torch.as_tensor([])`` would say float32). uint16 / uint32 /
+    uint64 arrays (numpy ids often are) come back as int64: torch has no min / max / compare on those
+    dtypes, so every range check downstream would fail with a NotImplementedError; a uint64 value
+    >= 2^63 is a ValueError naming ``name``."""
+    if isinstance(x, (list, tuple)):
+        t = torch.as_tensor(x)
+        if t.numel() == 0 and t.dtype.is_floating_point:
+            t = t.to(torch.int64)
+    else:
+        t = array_or_tensor(x, name)[0]
     if t.dtype.is_floating_point or t.dtype == torch.bool or t.is_complex():
         raise TypeError(f"{name}: expected {what}, got {_dt(t.dtype)}")
+    if t.dtype in _WIDE_UNSIGNED:
+        if t.dtype == torch.uint64 and t.numel():
+            hi = int(t.cpu().numpy().max())
+            if hi > np.iinfo(np.int64).max:
+                raise ValueError(f"{name}: expected values below 2^63 (int64), got {hi}")
+        t = t.to(torch.int64)
     return t
 
 
@@ -497,6 +520,11 @@ def contiguous(t: torch.Tensor, name: str) -> torch.Tensor:
     fits(t.numel() * t.element_size(), t.device, f"{name}: a contiguous copy of the {tuple(t.shape)} "
          f"{_dt(t.dtype)} input (it is not contiguous)")
     return t.contiguous()
+
+
+def copy_bytes(*tensors: Optional[torch.Tensor]) -> int:
+    """Bytes of the contiguous copies ``.contiguous()`` makes of these tensors (0 for None and contiguous ones)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None and not t.is_contiguous())
 
 
 def fits(nbytes: int, device, what: str) -> None:

@@ -129,6 +129,14 @@ def _nonneg_int(value, name: str, minimum: int = 0) -> int:
     return v
 
 
+def _cipher_fits(V: int, name: str, why: str) -> None:
+    """MemoryError naming ``name`` when a cipher of V types cannot fit: its codes (V, b) uint8 and
+    normalised codes (V, b) float64, counts, ranks and first positions (V,) int64, with b at least
+    ``default_bits(V)`` (V <= 2^b - 1), so a lower bound of what fitting will allocate."""
+    b = ref.default_bits(V)
+    _checks.fits(V * (9 * b + 48), "cpu", f"{name}: {why}: a bit cipher of V = {V} types and b >= {b} bits")
+
+
 def cipher_patterns(vocab_size: int, bits: int) -> Tensor:
     """The first ``vocab_size`` b-bit patterns in the spec's order: (V, bits) uint8, bit 0 first.
 
@@ -138,6 +146,8 @@ def cipher_patterns(vocab_size: int, bits: int) -> Tensor:
     ``vocab_size > 2^bits - 1`` (the all-zero pattern is reserved for unknown words)."""
     V = _nonneg_int(vocab_size, "vocab_size")
     b = _nonneg_int(bits, "bits", 1)
+    # the (V, b) table, and the set of seen patterns the generator keeps (about 100 bytes a pattern)
+    _checks.fits(V * (b + 100), "cpu", f"vocab_size: the ({V}, {b}) uint8 pattern table")
     return torch.from_numpy(ref.patterns(V, b))
 
 
@@ -206,6 +216,8 @@ class BitCipher:
         if not isinstance(noise, bool):
             raise TypeError(f"noise: expected a bool, got {type(noise).__name__}")
         V = None if vocab_size is None else _nonneg_int(vocab_size, "vocab_size", 1)
+        if V is not None:
+            _cipher_fits(V, "vocab_size", f"vocab_size = {V}")
         counts = np.zeros(V if V is not None else 0, dtype=np.int64)
         first = np.full(counts.shape, np.iinfo(np.int64).max, dtype=np.int64)
         pos = 0
@@ -216,6 +228,7 @@ class BitCipher:
                 n = t.to(torch.int64).numpy()
                 top = int(n.max()) + 1
                 if top > counts.shape[0]:
+                    _cipher_fits(top, "token_ids", f"the largest id {top - 1} implies V >= {top}")
                     counts = np.concatenate([counts, np.zeros(top - counts.shape[0], dtype=np.int64)])
                     first = np.concatenate([first, np.full(top - first.shape[0], np.iinfo(np.int64).max)])
                 counts += np.bincount(n, minlength=counts.shape[0])
@@ -341,11 +354,15 @@ class CooccurrenceCounts:
                                          torch.float32)
         c = cipher.reference_cipher()
         V, b = c.vocab_size, c.bits
-        self.deltas = ref.deltas(self.window, include_center)
-        self.n_blocks = len(self.deltas) if mode == "concat" else 1
+        n_off = 2 * self.window + int(include_center)
+        self.n_blocks = n_off if mode == "concat" else 1
         E = b + 2
-        _checks.fits(V * self.n_blocks * E * 16, "cpu", f"bit-cipher counts (V {V}, blocks {self.n_blocks}, "
-                     f"b + 2 = {E}, 128-bit integers)")
+        # the counts, and the (n_offsets, V) weight tables ref.tables builds (psi in float64, wa and ws
+        # in int64, one temporary) with the offsets' list: checked before any of it is built
+        _checks.fits(V * self.n_blocks * E * 16 + n_off * (32 * V + 48), "cpu",
+                     f"window = {self.window}, mode {mode!r}: the bit-cipher counts (V {V}, blocks {self.n_blocks}, "
+                     f"b + 2 = {E}, 128-bit integers) and the ({n_off}, {V}) offset weight tables")
+        self.deltas = ref.deltas(self.window, include_center)
         self._A = torch.zeros(V, self.n_blocks, E, 2, dtype=torch.int64)
         self._parts = self._no_parts()  # the thread copies: see "Threads" above
         self._parts_dirty = False  # some count went to the parts since the last fold

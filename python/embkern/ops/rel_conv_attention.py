@@ -22,6 +22,7 @@ atomics, and has the causal conv too (``docs/ops/rel_conv_attention.md``).
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -98,14 +99,20 @@ def _cpu_backward(grad_out, q, k, v, R, S, u, out, lse, causal, q_offset):
     return grads
 
 
+def _ntc(shape) -> Tuple[int, int, int]:
+    """(N, T, C) of an (..., T, C) shape, N the product of the leading dims (reshape(-1, T, C) cannot
+    infer N when T or C is 0)."""
+    return math.prod(shape[:-2]), shape[-2], shape[-1]
+
+
 def _as_ntc(x: Tensor) -> Tensor:
-    return x.detach().reshape(-1, x.shape[-2], x.shape[-1]).contiguous()
+    return x.detach().reshape(_ntc(x.shape)).contiguous()
 
 
 def _cpu_conv_forward(x, weight, bias):
     y = torch.empty(x.shape, dtype=x.dtype)
     _cpu().conv_forward(_as_ntc(x).numpy(), _np(weight), None if bias is None else _np(bias),
-                        y.view(-1, x.shape[-2], x.shape[-1]).numpy())
+                        y.view(_ntc(x.shape)).numpy())
     return y
 
 
@@ -114,8 +121,7 @@ def _cpu_conv_backward(grad_y, x, weight, has_bias):
     dw = torch.empty(weight.shape, dtype=x.dtype)
     db = torch.empty(weight.shape[0], dtype=x.dtype) if has_bias else weight.new_empty(0)
     _cpu().conv_backward(_as_ntc(grad_y.to(x.dtype)).numpy(), _as_ntc(x).numpy(), _np(weight),
-                         dx.view(-1, x.shape[-2], x.shape[-1]).numpy(), dw.numpy(),
-                         db.numpy() if has_bias else None)
+                         dx.view(_ntc(x.shape)).numpy(), dw.numpy(), db.numpy() if has_bias else None)
     return dx, dw, db
 
 
@@ -269,7 +275,19 @@ def relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor, rel_bia
     why = ref.table_range_error(Lq, Lk, P, causal, q_offset)
     if why is not None:
         raise ValueError(f"max_distance: {why}; raise max_distance (and the tables) or shorten the keys")
+    if Lq == 0 or Lk == 0:
+        # no (i, j) pair: nothing depends on the offset, which the range check above then lets through
+        # at any size (2^70 did not fit the op's int64 schema)
+        q_offset = Lk - Lq
     be = _backends.resolve(DESCRIPTOR, "relative_attention", backend, q.device.type, q.dtype)
+    # out and lse, the copies of non-contiguous inputs, and the reference's (B, H, Lq, Lk) content,
+    # position and probability terms: checked before any of it is allocated
+    acc = 8 if q.dtype == torch.float64 else 4
+    need = B * H * Lq * (v.shape[-1] * q.element_size() + acc) + _checks.copy_bytes(q, k, v, R, S, u)
+    if be == "reference":
+        need += 3 * B * H * Lq * Lk * acc
+    _checks.fits(need, q.device, f"relative_attention(backend={be!r}) of q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                 f"v {tuple(v.shape)}")
     out, _ = rca_forward(q, k, v, R, S, u, causal, int(q_offset), be)
     return out
 
@@ -301,6 +319,9 @@ def causal_depthwise_conv(x: Tensor, weight: Tensor, bias: Optional[Tensor] = No
         _checks.same_device("x", x, "bias", bias)
         _checks.same_dtype("x", x, "bias", bias)
     be = _backends.resolve(DESCRIPTOR, "causal_depthwise_conv", backend, x.device.type, x.dtype)
+    _checks.fits(x.numel() * x.element_size() + _checks.copy_bytes(x), x.device,
+                 f"causal_depthwise_conv: the output of x {tuple(x.shape)} {x.dtype} (and a contiguous copy of x "
+                 "when it is not)")
     return causal_conv(x, weight, bias, be)
 
 

@@ -222,10 +222,9 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, tau_q: Tensor, tau_v: O
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q, k: expected Hq (q.shape[1] = {Hq}) to be a positive multiple of Hkv "
                          f"(k.shape[1] = {Hkv}) for grouped-query attention")
-    acc = ref._acc_dtype(q.dtype)
-    tau_q = _tau(tau_q, "tau_q", (B, Hq, Lq), q, "(B, Hq, Lq)").to(acc)
+    tau_q = _tau(tau_q, "tau_q", (B, Hq, Lq), q, "(B, Hq, Lq)")
     if tau_v is not None:
-        tau_v = _tau(tau_v, "tau_v", (B, Hkv, Lk), q, "(B, Hkv, Lk)").to(acc)
+        tau_v = _tau(tau_v, "tau_v", (B, Hkv, Lk), q, "(B, Hkv, Lk)")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if scale is None:
@@ -233,7 +232,22 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, tau_q: Tensor, tau_v: O
     elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale: expected None or a finite float > 0, got {scale!r}")
     q_offset = ref.default_q_offset(Lq, Lk) if q_offset is None else _checks.integer(q_offset, "q_offset")
+    # Any offset >= Lk shows every key to every query and any offset <= -Lq none, so clamping changes no
+    # value; it keeps i + q_offset inside int64 in the kernels (an offset near 2^63 overflowed there, one
+    # past 2^63 did not fit the op's schema).
+    q_offset = max(-Lq, min(Lk, q_offset))
     be = _backends.resolve(DESCRIPTOR, "selective_attention", backend, q.device.type, q.dtype)
+    # out and lse, the temperatures in the accumulation dtype, the copies of non-contiguous inputs, and
+    # the reference's (B, Hq, Lq, Lk) scores and probabilities: checked before any of it is allocated
+    acc = ref._acc_dtype(q.dtype)
+    a = 8 if acc == torch.float64 else 4
+    need = B * Hq * Lq * (v.shape[-1] * q.element_size() + 2 * a) + B * Hkv * Lk * a + _checks.copy_bytes(q, k, v)
+    if be == "reference":
+        need += 2 * B * Hq * Lq * Lk * a
+    _checks.fits(need, q.device, f"selective_attention(backend={be!r}) of q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                 f"v {tuple(v.shape)}")
+    tau_q = tau_q.to(acc)
+    tau_v = None if tau_v is None else tau_v.to(acc)
     out, _ = ssa_forward(q, k, v, tau_q, tau_v, causal, float(scale), int(q_offset), be)
     return out
 
