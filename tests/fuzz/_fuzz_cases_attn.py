@@ -1,8 +1,9 @@
-"""Executors of the raw attention and bit-cipher fuzz cases (test_fuzz_raw_attention.py).
+"""Executors of the attention and bit-cipher fuzz cases: the raw ``embkern._C`` functions
+(test_fuzz_raw_attention.py) and the public API (test_fuzz_attention.py).
 
 They run in the worker process, like those of ``_fuzz_cases`` (whose helpers they use): build the
-buffers, call the raw ``embkern._C`` function, then either check the error (kind, and the argument it
-names) or compare what was written with the reference.
+inputs, make the call, then either check the error (kind, and the argument it names) or compare the
+result with the reference.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import numpy as np
 import torch
 
 import embkern._C as C
-from _fuzz_cases import _raw_array, _set_env, attempt, bits_equal, close, settle
+import embkern
+from _fuzz_cases import LOWP, _raw_array, _set_env, attempt, bits_equal, close, settle, tensor
 from embkern.ops import bit_cipher as obc
 from embkern.reference import bit_cipher as rbc
 from embkern.reference import rel_conv_attention as rrca
@@ -200,4 +202,170 @@ def raw_bit_cipher(spec):
     return "ok"
 
 
-EXECUTORS = {"raw_ssa": raw_ssa, "raw_rca": raw_rca, "raw_bit_cipher": raw_bit_cipher}
+# ---------------------------------------------------------------------------
+# Public API: selective_attention, relative_attention, causal_depthwise_conv
+
+
+def _acc(dtype):
+    return torch.float32 if dtype in LOWP else dtype
+
+
+def _public_parity(out, T, grad_names, ref_fn, dtype, what, grad):
+    """The output, and (grad) the gradients of sum(out * w) of every leaf in grad_names, against the
+    reference in the input dtype, in float64 and (float64 inputs) in float32: the 2x rule."""
+    leaves = {n: T[n] for n in grad_names if isinstance(T.get(n), torch.Tensor)}
+
+    def run(cast):
+        xs = {n: (t.detach().to(cast(t.dtype)).clone().requires_grad_(grad) if isinstance(t, torch.Tensor) else t)
+              for n, t in T.items()}
+        return xs, ref_fn(xs)
+
+    lp_in, lp = run(lambda d: d)
+    r64_in, r64 = run(lambda d: torch.float64)
+    r32_in, r32 = run(lambda d: torch.float32) if dtype == torch.float64 else (None, None)
+    assert out.dtype == dtype, f"{what}: dtype {out.dtype}, expected {dtype}"
+    close(out, lp, r64, dtype, what, ref32=r32)
+    if not grad or not out.requires_grad:
+        return
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    names = list(leaves)
+    g_fast = torch.autograd.grad((out.double() * w).sum(), [leaves[n] for n in names], allow_unused=True)
+
+    def ref_grads(xs, r):
+        if not r.requires_grad:  # the reference's result of an empty input is a constant: zero gradients
+            return [torch.zeros_like(xs[n]) for n in names]
+        return torch.autograd.grad((r.double() * w).sum(), [xs[n] for n in names], allow_unused=True)
+
+    g_lp, g_64 = ref_grads(lp_in, lp), ref_grads(r64_in, r64)
+    g_32 = ref_grads(r32_in, r32) if r32 is not None else [None] * len(names)
+    for n, a, b, c, e in zip(names, g_fast, g_lp, g_64, g_32):
+        if a is None or b is None or c is None:
+            assert a is None or not bool(a.any()), f"{what}: d{n} nonzero where the reference has no gradient"
+            continue
+        assert a.shape == T[n].shape, f"{what}: d{n} shape {tuple(a.shape)}, expected {tuple(T[n].shape)}"
+        close(a, b, c, dtype, f"{what} d{n}", ref32=e)
+
+
+SSA_NAMES = ("q", "k", "v", "tau_q", "tau_v", "causal", "scale", "q_offset", "backend")
+
+
+def ssa_public(spec):
+    T = {n: tensor(v) for n, v in spec["tensors"].items()}
+    kw, be = dict(spec.get("kwargs", {})), spec.get("backend")
+    q = T["q"]
+    dtype = q.dtype if isinstance(q, torch.Tensor) else torch.float32
+    allow_unav = be == "cpu" and dtype in LOWP
+    spec = dict(spec, unavailable_ok=allow_unav)
+    kind, out = attempt(lambda: embkern.selective_attention(T["q"], T["k"], T["v"], T["tau_q"], T.get("tau_v"),
+                                                            backend=be, **kw), SSA_NAMES, allow_unavailable=allow_unav)
+    if not settle(kind, out, spec):
+        return kind
+    causal, scale, off = kw.get("causal", True), kw.get("scale"), kw.get("q_offset")
+    if off is not None:
+        off = max(-q.shape[2], min(T["k"].shape[2], off))  # the reference's arange masks need a small offset
+
+    def ref_fn(x):
+        acc = _acc(x["q"].dtype)
+        tv = None if x.get("tau_v") is None else x["tau_v"].to(acc)
+        return rssa.attention(x["q"], x["k"], x["v"], x["tau_q"].to(acc), tv, causal, scale, off)
+
+    _public_parity(out, T, ("q", "k", "v", "tau_q", "tau_v"), ref_fn, dtype, "selective_attention",
+                   spec.get("grad"))
+    return "ok"
+
+
+RCA_NAMES = ("q", "k", "v", "rel_emb", "rel_bias", "content_bias", "causal", "q_offset", "max_distance", "backend")
+
+
+def rca_public(spec):
+    T = {n: tensor(v) for n, v in spec["tensors"].items()}
+    kw, be = dict(spec.get("kwargs", {})), spec.get("backend")
+    q = T["q"]
+    dtype = q.dtype if isinstance(q, torch.Tensor) else torch.float32
+    allow_unav = be == "cpu" and dtype in LOWP
+    faults = list(spec["faults"])
+    if not [f for f in faults if not f.startswith("soft:")]:
+        # a valid call still needs every visible (i, j) inside the tables: the reference's rule decides
+        Lq, Lk = q.shape[2], T["k"].shape[2]
+        off = kw.get("q_offset")
+        why = rrca.table_range_error(Lq, Lk, kw["max_distance"], kw.get("causal", True),
+                                     Lk - Lq if off is None else off)
+        if why is not None:
+            faults.append(f"max_distance: {why}")
+    spec = dict(spec, unavailable_ok=allow_unav, faults=faults)
+    six = ("q", "k", "v", "rel_emb", "rel_bias", "content_bias")
+    kind, out = attempt(lambda: embkern.relative_attention(*(T[n] for n in six), backend=be, **kw), RCA_NAMES,
+                        allow_unavailable=allow_unav)
+    if not settle(kind, out, spec):
+        return kind
+    causal, off = kw.get("causal", True), kw.get("q_offset")
+    if 0 in (q.shape[2], T["k"].shape[2]):
+        off = None  # no pair: any offset is the default one (the reference's masks need a small one)
+    _public_parity(out, T, six, lambda x: rrca.attention(*(x[n] for n in six), causal, off), dtype,
+                   "relative_attention", spec.get("grad"))
+    return "ok"
+
+
+def conv_public(spec):
+    T = {n: tensor(v) for n, v in spec["tensors"].items()}
+    be = spec.get("backend")
+    x = T["x"]
+    dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
+    allow_unav = be == "cpu" and dtype in LOWP
+    spec = dict(spec, unavailable_ok=allow_unav)
+    kind, out = attempt(lambda: embkern.causal_depthwise_conv(T["x"], T["weight"], T.get("bias"), backend=be),
+                        ("x", "weight", "bias", "backend"), allow_unavailable=allow_unav)
+    if not settle(kind, out, spec):
+        return kind
+    assert out.shape == x.shape, f"causal_depthwise_conv: shape {tuple(out.shape)}, expected {tuple(x.shape)}"
+    _public_parity(out, T, ("x", "weight", "bias"),
+                   lambda t: rrca.causal_depthwise_conv(t["x"], t["weight"], t.get("bias")), dtype,
+                   "causal_depthwise_conv", spec.get("grad"))
+    return "ok"
+
+
+# ---------------------------------------------------------------------------
+# Public API: BitCipher.fit, cooccurrence_vectors (exact: the reference's bits)
+
+BC_NAMES = ("token_ids", "doc_offsets", "cipher", "vocab_size", "bits", "noise", "window", "mode", "weight",
+            "include_center", "eps", "backend")
+
+
+def _ids_value(v):
+    if isinstance(v, dict) and "ids" in v:
+        a = np.array(v["ids"], dtype=v["dtype"])
+        return torch.from_numpy(a) if v.get("lib") == "torch" and v["dtype"] not in ("uint16", "uint32",
+                                                                                   "uint64") else a
+    return v.get("raw") if isinstance(v, dict) else v
+
+
+def bc_public(spec):
+    ids, off = _ids_value(spec["token_ids"]), _ids_value(spec["doc_offsets"])
+    fit_kw, kw, be = dict(spec["fit"]), dict(spec["kwargs"]), spec.get("backend")
+    if spec.get("threads"):
+        embkern._C.set_num_threads(spec["threads"])
+    a, o = np.asarray(spec["ids"], np.int64), np.asarray(spec["offsets"], np.int64)  # the corpus, as drawn
+    if spec.get("chunks"):  # whole documents per chunk, cut at the spec's document boundaries
+        cut = spec["chunks"]
+        corpus = [(a[o[lo]:o[hi]], o[lo:hi + 1] - o[lo]) for lo, hi in zip(cut[:-1], cut[1:])]
+        call_ids, call_off = corpus, None
+    else:
+        call_ids, call_off = ids, off
+
+    def run():
+        c = embkern.BitCipher.fit(ids, **fit_kw)
+        return c, embkern.cooccurrence_vectors(call_ids, call_off, c, backend=be, progress=False, **kw)
+
+    kind, res = attempt(run, BC_NAMES)
+    if not settle(kind, res, spec):
+        return kind
+    c, got = res
+    one = spec["doc_offsets"] is None and not spec.get("chunks")  # no offsets: the corpus is one document
+    want = embkern.cooccurrence_vectors(torch.from_numpy(a), None if one else torch.from_numpy(o), c,
+                                        backend="reference", progress=False, **kw)
+    bits_equal(got, want, "cooccurrence_vectors")
+    return "ok"
+
+
+EXECUTORS = {"raw_ssa": raw_ssa, "raw_rca": raw_rca, "raw_bit_cipher": raw_bit_cipher, "ssa_public": ssa_public,
+             "rca_public": rca_public, "conv_public": conv_public, "bc_public": bc_public}

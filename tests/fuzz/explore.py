@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import _fuzz_harness as H
+import test_fuzz_attention as A
 import test_fuzz_fde as F
 import test_fuzz_hypercomplex as HC
 import test_fuzz_raw_c as RC
@@ -28,6 +29,10 @@ STRATS = {
     "raw_tables": ("raw_fde_tables", RC.raw_table_case()),
     "raw_plan": ("raw_fde_plan", RC.raw_plan_case()),
     "raw_misc": ("raw_misc", RC.raw_misc_case()),
+    "selective_attention": ("ssa_public", A.ssa_case()),
+    "relative_attention": ("rca_public", A.rca_case()),
+    "causal_depthwise_conv": ("conv_public", A.conv_case()),
+    "bit_cipher": ("bc_public", A.bit_cipher_case()),
 }
 
 

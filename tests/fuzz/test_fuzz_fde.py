@@ -164,7 +164,13 @@ def ragged_input(draw, d, faults, big):
         elif lf == "shape":
             lvals = lvals + [0]
             faults.append("lengths: wrong length")
-        spec["lengths"] = {"raw": lvals} if draw(st.booleans()) else _int_array(lvals, ldt, lib)
+        as_list = draw(st.booleans())
+        if ldt == "float32" and as_list:
+            if lvals:
+                lvals = [float(x) for x in lvals]  # a list of floats: the list form of a float dtype
+            else:
+                as_list = False  # [] carries no dtype (it is empty int64 lengths): the float32 array then
+        spec["lengths"] = {"raw": lvals} if as_list else _int_array(lvals, ldt, lib)
         if pf == "3d":
             pass
         return spec
