@@ -246,15 +246,21 @@ def _public_parity(out, T, grad_names, ref_fn, dtype, what, grad):
         close(a, b, c, dtype, f"{what} d{n}", ref32=e)
 
 
+def _public_inputs(spec, first):
+    """(tensors, kwargs, backend, dtype of the ``first`` tensor, whether 'unavailable' is a valid answer:
+    the cpu backend has no float16 / bfloat16 kernels)."""
+    T = {n: tensor(v) for n, v in spec["tensors"].items()}
+    be = spec.get("backend")
+    dtype = T[first].dtype if isinstance(T[first], torch.Tensor) else torch.float32
+    return T, dict(spec.get("kwargs", {})), be, dtype, be == "cpu" and dtype in LOWP
+
+
 SSA_NAMES = ("q", "k", "v", "tau_q", "tau_v", "causal", "scale", "q_offset", "backend")
 
 
 def ssa_public(spec):
-    T = {n: tensor(v) for n, v in spec["tensors"].items()}
-    kw, be = dict(spec.get("kwargs", {})), spec.get("backend")
+    T, kw, be, dtype, allow_unav = _public_inputs(spec, "q")
     q = T["q"]
-    dtype = q.dtype if isinstance(q, torch.Tensor) else torch.float32
-    allow_unav = be == "cpu" and dtype in LOWP
     spec = dict(spec, unavailable_ok=allow_unav)
     kind, out = attempt(lambda: embkern.selective_attention(T["q"], T["k"], T["v"], T["tau_q"], T.get("tau_v"),
                                                             backend=be, **kw), SSA_NAMES, allow_unavailable=allow_unav)
@@ -278,11 +284,8 @@ RCA_NAMES = ("q", "k", "v", "rel_emb", "rel_bias", "content_bias", "causal", "q_
 
 
 def rca_public(spec):
-    T = {n: tensor(v) for n, v in spec["tensors"].items()}
-    kw, be = dict(spec.get("kwargs", {})), spec.get("backend")
+    T, kw, be, dtype, allow_unav = _public_inputs(spec, "q")
     q = T["q"]
-    dtype = q.dtype if isinstance(q, torch.Tensor) else torch.float32
-    allow_unav = be == "cpu" and dtype in LOWP
     faults = list(spec["faults"])
     if not [f for f in faults if not f.startswith("soft:")]:
         # a valid call still needs every visible (i, j) inside the tables: the reference's rule decides
@@ -307,11 +310,8 @@ def rca_public(spec):
 
 
 def conv_public(spec):
-    T = {n: tensor(v) for n, v in spec["tensors"].items()}
-    be = spec.get("backend")
+    T, _, be, dtype, allow_unav = _public_inputs(spec, "x")
     x = T["x"]
-    dtype = x.dtype if isinstance(x, torch.Tensor) else torch.float32
-    allow_unav = be == "cpu" and dtype in LOWP
     spec = dict(spec, unavailable_ok=allow_unav)
     kind, out = attempt(lambda: embkern.causal_depthwise_conv(T["x"], T["weight"], T.get("bias"), backend=be),
                         ("x", "weight", "bias", "backend"), allow_unavailable=allow_unav)

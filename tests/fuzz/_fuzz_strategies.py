@@ -15,6 +15,16 @@ VIEWS = ("contig", "contig", "contig", "transposed", "expand", "offset", "stride
 SPECIALS = ("nan", "inf", "-inf", "denorm", "-0", "big", "tiny")
 
 
+def float_dtype(draw, faults, name, bad_one_in=10, f32_f64_weight=2):
+    """A float dtype (float32 / float64 drawn ``f32_f64_weight`` times as often), or about once in
+    ``bad_one_in`` draws a non-float one, recorded in ``faults`` against ``name``."""
+    if draw(st.integers(0, bad_one_in - 1)) == 0:
+        dt = draw(st.sampled_from(BAD_DTYPES))
+        faults.append(f"{name}: dtype {dt}")
+        return dt
+    return draw(st.sampled_from(FLOATS + ("float32", "float64") * f32_f64_weight))
+
+
 @st.composite
 def tspec(draw, shape, dtype="float32", lib="torch", views=VIEWS, specials=True, special_names=SPECIALS, **extra):
     """A tensor spec of a fixed logical shape: storage view, seed, maybe special values."""

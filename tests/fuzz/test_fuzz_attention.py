@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import _fuzz_harness as H
-from _fuzz_strategies import BAD_DTYPES, FLOATS, tspec
+from _fuzz_strategies import FLOATS, float_dtype, tspec
 
 BACKENDS = (None, "reference", "cpu", "cpu")
 # NaN / inf / huge values in q, k or v reach the output through order-dependent paths (online vs
@@ -25,11 +25,7 @@ VIEWS = ("contig", "contig", "transposed", "expand", "offset", "stride2")
 
 
 def _dtype(draw, faults, name):
-    if draw(st.integers(0, 12)) == 0:
-        dt = draw(st.sampled_from(BAD_DTYPES))
-        faults.append(f"{name}: dtype {dt}")
-        return dt
-    return draw(st.sampled_from(FLOATS + ("float32", "float64") * 3))
+    return float_dtype(draw, faults, name, bad_one_in=13, f32_f64_weight=3)
 
 
 def _t(draw, shape, dt, grad=False, views=VIEWS, specials=ATT_SPECIALS):

@@ -9,17 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import _fuzz_harness as H
-from _fuzz_strategies import BAD_DTYPES, FLOATS, csr_filter, tspec
+from _fuzz_strategies import csr_filter, float_dtype, tspec
 
 BACKENDS = (None, "reference", "cpu", "cpu")
 
 
 def _dtype(draw, faults, name):
-    if draw(st.integers(0, 9)) == 0:
-        dt = draw(st.sampled_from(BAD_DTYPES))
-        faults.append(f"{name}: dtype {dt}")
-        return dt
-    return draw(st.sampled_from(FLOATS + ("float32", "float64") * 2))
+    return float_dtype(draw, faults, name)
 
 
 def _soft_values(spec, faults, name):
