@@ -153,6 +153,15 @@ inline FloatKind float_kind(const py::object& obj, const char* name) {
   type_error(std::string(name) + ": expected dtype float32 or float64, got format '" + info.format + "'");
 }
 
+inline std::string strides_str(const py::buffer_info& info) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < info.strides.size(); ++i) s << (i ? ", " : "") << info.strides[i];
+  if (info.strides.size() == 1) s << ",";
+  s << ") bytes";
+  return s.str();
+}
+
 inline std::string shape_str(const py::buffer_info& info) {
   std::ostringstream s;
   s << "(";
@@ -162,11 +171,15 @@ inline std::string shape_str(const py::buffer_info& info) {
   return s.str();
 }
 
-// A checked view of a C-contiguous buffer of element type T.
+// A checked view of a buffer of element type T: C-contiguous, or (view()'s
+// `lead`) C-contiguous below a leading index with a uniform stride.
 template <typename T>
 struct View {
   T* data = nullptr;
   std::vector<int64_t> shape;
+  // Elements from one value of the leading dims (taken as one index) to the
+  // next; the product of the trailing sizes when the buffer is C-contiguous.
+  int64_t lead_stride = 0;
   int64_t size(int i) const { return shape[static_cast<size_t>(i)]; }
 };
 
@@ -183,8 +196,13 @@ const char* dtype_name() {
 
 // `ndim` < 0 accepts any rank. Non-contiguous buffers are rejected here: the
 // Python layer makes inputs contiguous (a documented copy) before calling.
+// With `lead` in [1, ndim), only dims >= lead must be C-contiguous; dims < lead
+// must step as one index (each one's stride the next one's times its size,
+// size-1 dims ignored) by a non-negative whole number of elements: a slice
+// [:, :, :L] of a (B, H, capacity, d) buffer. Every address such a view names
+// lies inside the buffer that exported it, so reading it is memory-safe.
 template <typename T>
-View<T> view(py::buffer buf, const char* name, int ndim, bool writable = false) {
+View<T> view(py::buffer buf, const char* name, int ndim, bool writable = false, int lead = 0) {
   // Ask read-only first, so that a read-only output is an error naming it
   // (pybind11's own says only "buffer source array is read-only").
   py::buffer_info info = buf.request(false);
@@ -202,15 +220,32 @@ View<T> view(py::buffer buf, const char* name, int ndim, bool writable = false) 
     value_error(std::string(name) + ": expected " + std::to_string(ndim) + "-d buffer, got shape " +
                 shape_str(info));
   }
+  const py::ssize_t nd = info.ndim;
+  const py::ssize_t inner_from = (lead > 0 && lead < nd) ? lead : 0;
   py::ssize_t expect = static_cast<py::ssize_t>(sizeof(T));
-  for (py::ssize_t i = info.ndim - 1; i >= 0; --i) {
+  for (py::ssize_t i = nd - 1; i >= inner_from; --i) {
     if (info.shape[i] > 1 && info.strides[i] != expect) {
-      value_error(std::string(name) + ": expected a C-contiguous buffer, got shape " +
+      value_error(std::string(name) + ": expected a C-contiguous buffer" +
+                  (inner_from ? " below dim " + std::to_string(inner_from) : std::string()) + ", got shape " +
                   shape_str(info) + " with non-contiguous strides");
     }
     expect *= info.shape[i];
   }
   View<T> v;
+  v.lead_stride = static_cast<int64_t>(expect / static_cast<py::ssize_t>(sizeof(T)));
+  bool first = true;
+  for (py::ssize_t i = inner_from - 1; i >= 0; --i) {
+    if (info.shape[i] <= 1) continue;
+    const py::ssize_t st = info.strides[i];
+    if (first ? (st < 0 || st % static_cast<py::ssize_t>(sizeof(T)) != 0) : st != expect) {
+      value_error(std::string(name) + ": expected dims 0.." + std::to_string(inner_from - 1) +
+                  " to step as one index by whole elements, got shape " + shape_str(info) + " with strides " +
+                  strides_str(info));
+    }
+    if (first) v.lead_stride = static_cast<int64_t>(st / static_cast<py::ssize_t>(sizeof(T)));
+    first = false;
+    expect = st * info.shape[i];
+  }
   v.data = static_cast<T*>(info.ptr);
   v.shape.assign(info.shape.begin(), info.shape.end());
   return v;
@@ -219,12 +254,12 @@ View<T> view(py::buffer buf, const char* name, int ndim, bool writable = false) 
 // `obj` as a checked view (see view()); anything that is not a buffer, None
 // included, is a TypeError naming the argument rather than pybind11's cast error.
 template <typename T>
-View<T> req(const py::object& obj, const char* name, int ndim, bool writable = false) {
+View<T> req(const py::object& obj, const char* name, int ndim, bool writable = false, int lead = 0) {
   if (obj.is_none() || !py::isinstance<py::buffer>(obj)) {
     type_error(std::string(name) + ": expected an array, got " +
                std::string(py::str(py::type::of(obj).attr("__name__"))));
   }
-  return view<T>(obj.cast<py::buffer>(), name, ndim, writable);
+  return view<T>(obj.cast<py::buffer>(), name, ndim, writable, lead);
 }
 
 template <typename T>

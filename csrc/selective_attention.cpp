@@ -4,7 +4,8 @@
 // all float32 or all float64 (q's dtype decides; every other array must
 // match), None for an absent tau_v (and its gradient), and writes its outputs
 // in place. Everything src/ relies on is checked here -- dtypes, ranks, every
-// shape against q / k / v, C-contiguity, writable outputs, Hq a multiple of
+// shape against q / k / v, C-contiguity (the forward's k, v, tau_v: within each
+// kv head), writable outputs, Hq a multiple of
 // Hkv, a finite scale -- and reported as ValueError / TypeError naming the
 // argument, before the GIL is released and the kernel runs.
 #include "embkern/selective_attention.h"
@@ -22,18 +23,21 @@ namespace ssa = embkern::ssa;
 
 // The shapes every call shares, from q (B, Hq, Lq, d), k (B, Hkv, Lk, d),
 // v (B, Hkv, Lk, dv), tau_q (B, Hq, Lq) and tau_v (B, Hkv, Lk) or None.
+// kv_rows (the forward): k, v and tau_v need only be packed within each kv
+// head (view()'s `lead` = 2), so a slice of a larger cache buffer is read in place.
 template <typename T>
 struct Args {
   View<T> q, k, v, tq, tv;
   int64_t B, Hq, Hkv, Lq, Lk, d, dv;
   Args(const py::object& q_, const py::object& k_, const py::object& v_, const py::object& tq_,
-       const py::object& tv_, double scale) {
+       const py::object& tv_, double scale, bool kv_rows = false) {
+    const int lead = kv_rows ? 2 : 0;
     q = req<T>(q_, "q", 4);
     B = q.size(0);
     Hq = q.size(1);
     Lq = q.size(2);
     d = q.size(3);
-    k = req<T>(k_, "k", 4);
+    k = req<T>(k_, "k", 4, false, lead);
     Hkv = k.size(1);
     Lk = k.size(2);
     expect_shape(k, "k", {B, -1, -1, d});
@@ -41,13 +45,13 @@ struct Args {
       value_error("k: expected Hkv = k.shape[1] > 0 dividing Hq = q.shape[1] = " + std::to_string(Hq) +
                   " (grouped-query attention), got Hkv = " + std::to_string(Hkv));
     }
-    v = req<T>(v_, "v", 4);
+    v = req<T>(v_, "v", 4, false, lead);
     expect_shape(v, "v", {B, Hkv, Lk, -1});
     dv = v.size(3);
     tq = req<T>(tq_, "tau_q", 3);
     expect_shape(tq, "tau_q", {B, Hq, Lq});
     if (!tv_.is_none()) {
-      tv = req<T>(tv_, "tau_v", 3);
+      tv = req<T>(tv_, "tau_v", 3, false, lead);
       expect_shape(tv, "tau_v", {B, Hkv, Lk});
     }
     if (!std::isfinite(scale)) value_error("scale: expected a finite float, got " + std::to_string(scale));
@@ -67,7 +71,7 @@ int64_t clamp_offset(int64_t q_offset, int64_t Lq, int64_t Lk) { return std::max
 template <typename T>
 void forward_t(py::object q_, py::object k_, py::object v_, py::object tq_, py::object tv_, py::object out_,
                py::object lse_, bool causal, double scale, int64_t q_offset) {
-  Args<T> a(q_, k_, v_, tq_, tv_, scale);
+  Args<T> a(q_, k_, v_, tq_, tv_, scale, true);
   auto out = req<T>(out_, "out", 4, true);
   expect_shape(out, "out", {a.B, a.Hq, a.Lq, a.dv});
   auto lse = req<T>(lse_, "lse_out", 3, true);
@@ -77,7 +81,8 @@ void forward_t(py::object q_, py::object k_, py::object v_, py::object tq_, py::
   check_memory(bytes, what);
   run_nogil(bytes, what, [&] {
     ssa::forward<T>(a.q.data, a.k.data, a.v.data, a.tq.data, a.tv.data, out.data, lse.data, a.B, a.Hq, a.Hkv, a.Lq,
-                    a.Lk, a.d, a.dv, causal, scale, clamp_offset(q_offset, a.Lq, a.Lk));
+                    a.Lk, a.d, a.dv, causal, scale, clamp_offset(q_offset, a.Lq, a.Lk), a.k.lead_stride,
+                    a.v.lead_stride, a.tv.lead_stride);
   });
 }
 
@@ -134,7 +139,8 @@ void register_selective_attention(py::module_& m) {
       arg("scale"), arg("q_offset"),
       "out (B, Hq, Lq, dv), lse_out (B, Hq, Lq) of selective attention; q (B, Hq, Lq, d), k (B, Hkv, Lk, d), "
       "v (B, Hkv, Lk, dv), tau_q (B, Hq, Lq), tau_v (B, Hkv, Lk) or None; key j visible to query i iff "
-      "not causal or j <= i + q_offset. All float32 or all float64, C-contiguous.");
+      "not causal or j <= i + q_offset. All float32 or all float64, C-contiguous; k, v and tau_v may also be "
+      "slices along Lk of larger C-contiguous buffers (read in place).");
   m.def(
       "backward",
       [](py::object grad_out, py::object q, py::object k, py::object v, py::object tau_q, py::object tau_v,

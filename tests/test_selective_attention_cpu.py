@@ -163,6 +163,75 @@ def test_outputs_fully_written():
     assert all(np.isfinite(g).all() for g in grads)
 
 
+# --------------------------------------------------------------------------- k, v, tau_v read in place
+
+def _in_buffer(t, cap, fill=float("nan")):
+    """t (B, H, L, ...) as the slice [:, :, :L] of a (B, H, cap, ...) buffer whose other rows are NaN: a read
+    past a head's L rows would show up in the output."""
+    buf = torch.full(t.shape[:2] + (cap,) + t.shape[3:], fill, dtype=t.dtype)
+    buf[:, :, :t.shape[2]] = t
+    return buf[:, :, :t.shape[2]]
+
+
+SLICES = [(2, 4, 2, 1, 300, 64, 64, True, None), (1, 2, 2, 3, 70, 16, 8, True, -1),
+          (2, 4, 2, 130, 200, 64, 48, True, None), (1, 1, 1, 1, 5, 8, 8, True, None),
+          (3, 2, 1, 5, 65, 24, 40, False, None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SLICES, ids=lambda s: "x".join(map(str, s[:7])))
+def test_forward_reads_a_slice_of_a_cache_buffer_in_place(dtype, shape):
+    *dims, causal, qo = shape
+    q, k, v, tq, tv = data(*dims, dtype=dtype, seed=8)
+    Lk = dims[4]
+    ks, vs, tvs = _in_buffer(k, Lk + 37), _in_buffer(v, 2 * Lk + 1), _in_buffer(tv, Lk + 64)
+    assert not ks.is_contiguous() or dims[0] * dims[2] == 1
+    from embkern.ops import selective_attention as ops
+    for t in (ks, vs, tvs):  # what the kernel gets is a view of the buffer, not a copy
+        assert ops._np_rows(t, dtype).__array_interface__["data"][0] == t.data_ptr()
+
+    def run(k, v, tv):
+        with torch.no_grad():
+            return embkern.selective_attention(q, k, v, tq, tv, causal=causal, q_offset=qo, backend="cpu")
+
+    assert_same_bits({"packed": run(k, v, tv), "slices": run(ks, vs, tvs), "k slice": run(ks, v, tvs)})
+    assert_same_bits({"packed, no tau_v": run(k, v, None), "slices, no tau_v": run(ks, vs, None)})
+    # the backward copies (its kernels take packed buffers) and gives the gradients of the packed inputs
+    assert_same_bits({"packed": run_cpu(q, k, v, tq, tv, causal, qo),
+                      "slices": run_cpu(q, ks, vs, tq, tvs, causal, qo)})
+
+
+@pytest.mark.skipif(len(LEVELS) < 2, reason="this CPU runs one ISA level")
+def test_cache_slices_give_the_same_bits_at_every_isa_level_and_thread_count():
+    q, k, v, tq, tv = data(2, 4, 2, 1, 300, 64, 64, seed=9)
+    ks, vs, tvs = _in_buffer(k, 512), _in_buffer(v, 512), _in_buffer(tv, 512)
+
+    def run():
+        with torch.no_grad():
+            return embkern.selective_attention(q, ks, vs, tq, tvs, backend="cpu")
+
+    with torch.no_grad():
+        want = embkern.selective_attention(q, k, v, tq, tv, backend="cpu")
+    assert_same_bits({"packed": want, **at_each(cpu_isa, LEVELS, run), **at_each(cpu_threads, (1, 3), run)})
+
+
+def test_views_the_kernel_cannot_read_in_place_are_copied():
+    q, k, v, tq, tv = data(2, 4, 4, 3, 40, 16, 16, seed=10)
+    want = embkern.selective_attention(q, k, v, tq, tv, backend="cpu")
+    wide = torch.cat([k, k], 1)[:, :4]  # heads 0..3 of 8: the batch step is not 4 head steps
+    wide_v = torch.cat([v, v], 1)[:, :4]
+    strided = torch.stack([k, k], -1)[..., 0]  # elements 2 apart
+    assert not embkern._checks.packed_below(wide, 2) and not embkern._checks.packed_below(strided, 2)
+    for kk, vv in ((wide, wide_v), (strided, v), (k.transpose(0, 1).contiguous().transpose(0, 1), v)):
+        assert_same_bits({"packed": want, "copied": embkern.selective_attention(q, kk, vv, tq, tv, backend="cpu")})
+    with pytest.raises(ValueError, match="k: expected dims 0..1 to step as one index"):
+        SA.forward(q.numpy(), wide.numpy(), v.numpy(), tq.numpy(), tv.numpy(), np.empty((2, 4, 3, 16), np.float32),
+                   np.empty((2, 4, 3), np.float32), True, 0.25, 37)
+    with pytest.raises(ValueError, match="k: expected a C-contiguous buffer below dim 2"):
+        SA.forward(q.numpy(), strided.numpy(), v.numpy(), tq.numpy(), tv.numpy(),
+                   np.empty((2, 4, 3, 16), np.float32), np.empty((2, 4, 3), np.float32), True, 0.25, 37)
+
+
 # --------------------------------------------------------------------------- raw binding: bad input
 
 

@@ -39,6 +39,99 @@ def test_decoding_with_the_cache_equals_the_full_forward(kw):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("capacity", [None, 2, 64])
+def test_decoding_without_autograd_writes_into_the_buffers(backend, capacity):
+    layer = _layer(n_kv_heads=2, backend=backend)
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = layer(x)
+        cache = KVCache(capacity)
+        steps = [layer(x[:, :3], cache)]
+        ptrs = {cache.k.data_ptr()}
+        caps = [cache._k.shape[2]]
+        for t in range(3, 9):
+            steps.append(layer(x[:, t:t + 1], cache))
+            ptrs.add(cache.k.data_ptr())
+            caps.append(cache._k.shape[2])
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
+    assert cache.length == 9 and cache.k.shape == (2, 2, 9, 8) and cache.tau_v.shape == (2, 2, 9)
+    # the buffers double: 3 -> 6 -> 12 tokens (a capacity of 64 allocates once), each growth one new buffer
+    assert caps == ({None: [3, 6, 6, 6, 12, 12, 12], 2: [3, 6, 6, 6, 12, 12, 12], 64: [64] * 7}[capacity])
+    assert len(ptrs) == len(set(caps))
+    assert not cache.k.is_contiguous() and embkern._checks.packed_below(cache.k, 2)
+    k_proj = layer.k_proj(x).view(2, 9, 2, 8).transpose(1, 2)
+    torch.testing.assert_close(cache.k, k_proj, rtol=1e-12, atol=1e-12)
+
+
+def test_cache_with_gradients_concatenates_and_trains_through_every_step():
+    layer = _layer()
+    x = torch.randn(1, 5, 32, dtype=torch.float64)
+    cache = KVCache(capacity=16)
+    with torch.no_grad():
+        layer(x[:, :2], cache)  # a prefix without autograd, then steps that train
+    out = torch.cat([layer(x[:, t:t + 1], cache) for t in range(2, 5)], dim=1)
+    assert cache.k.requires_grad and cache.length == 5 and cache._k.shape[2] == 5
+    out.square().sum().backward()
+    assert layer.k_proj.weight.grad is not None and layer.k_proj.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(out, layer(x)[:, 2:], rtol=1e-12, atol=1e-12)
+
+
+def test_cache_filled_under_inference_mode_takes_appends_outside_it():
+    layer = _layer()
+    x = torch.randn(1, 4, 32, dtype=torch.float64)
+    cache = KVCache(capacity=8)
+    with torch.inference_mode():
+        a = layer(x[:, :3], cache)
+    with torch.no_grad():
+        b = layer(x[:, 3:], cache)
+    torch.testing.assert_close(torch.cat([a, b], 1), layer(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_cache_crop_reruns_from_a_prefix(grad):
+    layer = _layer()
+    x = torch.randn(1, 6, 32, dtype=torch.float64)
+    y = torch.randn(1, 2, 32, dtype=torch.float64)
+    cache = KVCache()
+    with torch.set_grad_enabled(grad):
+        layer(x[:, :4], cache)
+        layer(y, cache)  # a draft of two tokens, rejected
+        cache.crop(4)
+        assert cache.length == 4 and cache.k.shape[2] == 4
+        a = layer(x[:, 4:5], cache)
+        layer(y[:, :1], cache)
+        cache.crop(-1)
+        b = layer(x[:, 5:], cache)
+    torch.testing.assert_close(torch.cat([a, b], 1), layer(x)[:, 4:], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="length: expected at most the cached 6 tokens, got 7"):
+        cache.crop(7)
+    with pytest.raises(TypeError, match="length: expected an int"):
+        cache.crop(2.0)
+
+
+def test_cache_bad_appends():
+    cache = KVCache()
+    k = torch.zeros(2, 4, 3, 8)
+    cache.append(k, k, None)
+    with pytest.raises(ValueError, match=r"k: expected shape \(2, 4, 'n', 8\)"):
+        cache.append(torch.zeros(2, 2, 1, 8), torch.zeros(2, 2, 1, 8), None)
+    with pytest.raises(ValueError, match="v: expected"):
+        cache.append(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 2, 8), None)
+    with pytest.raises(TypeError, match="k: expected dtype float32"):
+        cache.append(torch.zeros(2, 4, 1, 8, dtype=torch.float64), torch.zeros(2, 4, 1, 8), None)
+    with pytest.raises(ValueError, match="tau_v: expected None as in the earlier appends"):
+        cache.append(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8), torch.ones(2, 4, 1))
+    with pytest.raises(TypeError, match="capacity: expected an int"):
+        KVCache(2.5)
+    assert cache.length == 3  # nothing of a rejected append was kept
+    cache.reset()
+    assert cache.length == 0 and cache.k is None
+    cache.append(torch.zeros(1, 1, 2, 4, dtype=torch.float64), torch.zeros(1, 1, 2, 4, dtype=torch.float64),
+                 torch.ones(1, 1, 2, dtype=torch.float64))
+    assert cache.tau_v.shape == (1, 1, 2)
+
+
 def test_layer_matches_a_by_hand_computation():
     layer = _layer()
     x = torch.randn(1, 5, 32, dtype=torch.float64)

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
 from ._tiles import _dot, _softmax_finish, _softmax_step, launch_opts
 from ._tiles import device_ctx as _device_ctx, pow2 as _pow2, upcast as _upcast
 
@@ -76,21 +77,22 @@ def _opts(t: torch.Tensor, c: dict, kernel: str) -> dict:
 
 
 @triton.jit
-def _load_kv(k_ptr, v_ptr, tv_ptr, hk, Lk, cols, cmask, od, odv, d, dv, HAS_TV: tl.constexpr):
-    """The key tile and the value tile scaled by tau_v (as it is loaded), rows ``cols`` of kv head ``hk``."""
-    k = tl.load(k_ptr + (hk * Lk + cols)[:, None] * d + od[None, :], mask=cmask[:, None] & (od < d)[None, :],
+def _load_kv(k_ptr, v_ptr, tv_ptr, hk, k_hs, v_hs, tv_hs, cols, cmask, od, odv, d, dv, HAS_TV: tl.constexpr):
+    """The key tile and the value tile scaled by tau_v (as it is loaded), rows ``cols`` of kv head ``hk``;
+    kv heads start every k_hs / v_hs / tv_hs elements (Lk d, Lk dv, Lk when packed), each head's rows packed."""
+    k = tl.load(k_ptr + hk * k_hs + cols[:, None] * d + od[None, :], mask=cmask[:, None] & (od < d)[None, :],
                 other=0.0)
-    v = tl.load(v_ptr + (hk * Lk + cols)[:, None] * dv + odv[None, :], mask=cmask[:, None] & (odv < dv)[None, :],
+    v = tl.load(v_ptr + hk * v_hs + cols[:, None] * dv + odv[None, :], mask=cmask[:, None] & (odv < dv)[None, :],
                 other=0.0)
     if HAS_TV:
-        tv = tl.load(tv_ptr + hk * Lk + cols, mask=cmask, other=0.0).to(tl.float32)
+        tv = tl.load(tv_ptr + hk * tv_hs + cols, mask=cmask, other=0.0).to(tl.float32)
         v = (v.to(tl.float32) * tv[:, None]).to(v.dtype)
     return k, v
 
 
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, tq_ptr, tv_ptr, o_ptr, lse_ptr,
-                Hq, groups, Lq, Lk, d, dv, scale, q_offset,
+                Hq, groups, Lq, Lk, d, dv, scale, q_offset, k_hs, v_hs, tv_hs,
                 HAS_TV: tl.constexpr, CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 BD: tl.constexpr, BDV: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -114,7 +116,7 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, tq_ptr, tv_ptr, o_ptr, lse_ptr,
     for n0 in range(0, hi, BN):
         cols = n0 + tl.arange(0, BN)
         cmask = cols < Lk
-        k, v = _load_kv(k_ptr, v_ptr, tv_ptr, hk, Lk, cols, cmask, od, odv, d, dv, HAS_TV)
+        k, v = _load_kv(k_ptr, v_ptr, tv_ptr, hk, k_hs, v_hs, tv_hs, cols, cmask, od, odv, d, dv, HAS_TV)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * rs[:, None]
         ok = cmask[None, :]
         if CAUSAL:
@@ -218,7 +220,7 @@ def _bwd_q_kernel(q_ptr, k_ptr, v_ptr, tq_ptr, tv_ptr, do_ptr, lse_ptr, delta_pt
     for n0 in range(0, hi, BN):
         cols = n0 + tl.arange(0, BN)
         cmask = cols < Lk
-        k, v = _load_kv(k_ptr, v_ptr, tv_ptr, hk, Lk, cols, cmask, od, odv, d, dv, HAS_TV)
+        k, v = _load_kv(k_ptr, v_ptr, tv_ptr, hk, Lk * d, Lk * dv, Lk, cols, cmask, od, odv, d, dv, HAS_TV)
         s = _dot(q, tl.trans(k), UPCAST, IEEE) * rs[:, None]
         ok = cmask[None, :] & (lse != float("-inf"))[:, None]
         if CAUSAL:
@@ -241,6 +243,15 @@ def _prep(q, k, v, tau_q, tau_v):
     return q, k, v, tq, tv
 
 
+def _head_stride(t: torch.Tensor, packed: int):
+    """(t, elements from one kv head to the next) with t read in place when each head's rows are packed
+    and the (batch, head) dims step as one index (a slice along Lk of a cache buffer), else a copy."""
+    if not _checks.packed_below(t, 2):
+        return t.contiguous(), packed
+    B, H = t.shape[:2]
+    return t, (t.stride(1) if H > 1 else t.stride(0) if B > 1 else packed)
+
+
 def _consts(q, k, v, tau_v, causal):
     """The constexprs every kernel shares (its own BM / BN come from ``_cfg``) and the config."""
     B, Hq, Lq, d = q.shape
@@ -258,7 +269,10 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau_q: torch.Tens
             causal: bool, scale: float, q_offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
     B, Hq, Lq, d = q.shape
     Hkv, Lk, dv = k.shape[1], k.shape[2], v.shape[-1]
-    q, k, v, tq, tv = _prep(q, k, v, tau_q, tau_v)
+    q = q.contiguous()
+    (k, k_hs), (v, v_hs) = _head_stride(k, Lk * d), _head_stride(v, Lk * dv)
+    tq = tau_q.to(torch.float32).contiguous()
+    tv, tv_hs = _head_stride(tau_v.to(torch.float32), Lk) if tau_v is not None else (tq, 0)  # tq: unread
     out = torch.zeros(B, Hq, Lq, dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, Lq), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or Lk == 0:
@@ -267,8 +281,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tau_q: torch.Tens
     t = _tile(c, "fwd")
     with _device_ctx(q):
         _fwd_kernel[(triton.cdiv(Lq, t["BM"]), B * Hq)](
-            q, k, v, tq, tv, out, lse, Hq, Hq // Hkv, Lq, Lk, d, dv, float(scale), int(q_offset), **kw, **t,
-            **_opts(q, c, "fwd"))
+            q, k, v, tq, tv, out, lse, Hq, Hq // Hkv, Lq, Lk, d, dv, float(scale), int(q_offset), k_hs, v_hs, tv_hs,
+            **kw, **t, **_opts(q, c, "fwd"))
     return out, lse
 
 

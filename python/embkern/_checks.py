@@ -522,6 +522,28 @@ def contiguous(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.contiguous()
 
 
+def packed_below(t: torch.Tensor, lead: int) -> bool:
+    """True when dims >= ``lead`` of ``t`` are C-contiguous and dims < ``lead`` step as one index
+    (size-1 dims ignored; strides >= 0): what the C++ kernels that take a lead stride read in place
+    (``view(..., lead)`` in csrc/common.h). A slice ``[:, :, :L]`` of a contiguous (B, H, capacity, d)
+    cache is one; a transposed tensor is not."""
+    shape, stride = t.shape, t.stride()
+    expect = 1
+    for i in range(t.dim() - 1, lead - 1, -1):
+        if shape[i] > 1 and stride[i] != expect:
+            return False
+        expect *= shape[i]
+    first = True
+    for i in range(lead - 1, -1, -1):
+        if shape[i] <= 1:
+            continue
+        if (stride[i] < 0) if first else (stride[i] != expect):
+            return False
+        first = False
+        expect = stride[i] * shape[i]
+    return True
+
+
 def copy_bytes(*tensors: Optional[torch.Tensor]) -> int:
     """Bytes of the contiguous copies ``.contiguous()`` makes of these tensors (0 for None and contiguous ones)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None and not t.is_contiguous())

@@ -449,7 +449,7 @@ void backward_query_block(const Problem<T>& P, const T* go, const T* q, const T*
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const T* tau_q, const T* tau_v, T* out, T* lse, int64_t B,
              int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t d, int64_t dv, bool causal, double scale,
-             int64_t q_offset) {
+             int64_t q_offset, int64_t k_hs, int64_t v_hs, int64_t tv_hs) {
   const Problem<T> P = make_problem<T>(B, Hq, Hkv, Lq, Lk, d, dv, causal, scale, q_offset);
   const int64_t nqb = (Lq + kBM - 1) / kBM, tasks = B * Hq * nqb;
   if (tasks == 0) return;
@@ -468,8 +468,8 @@ void forward(const T* q, const T* k, const T* v, const T* tau_q, const T* tau_v,
       const int64_t i0 = qb * kBM, mb = std::min(kBM, Lq - i0);
       // Keys along the lanes when the block fills at most a quarter of them.
       auto block = 4 * mb <= kNR<T> ? forward_block_rows<T> : forward_block<T>;
-      block(P, q + bh * Lq * d, k + kvh * Lk * d, v + kvh * Lk * dv, tau_q + bh * Lq,
-            tau_v ? tau_v + kvh * Lk : nullptr, out + bh * Lq * dv, lse + bh * Lq, i0, s);
+      block(P, q + bh * Lq * d, k + kvh * k_hs, v + kvh * v_hs, tau_q + bh * Lq,
+            tau_v ? tau_v + kvh * tv_hs : nullptr, out + bh * Lq * dv, lse + bh * Lq, i0, s);
     }
   }
 }

@@ -13,6 +13,11 @@ Cases (each times every available embkern backend on the same inputs):
   4095), forward. Its second anchor, ``sdpa, v*tau_v cached``, is SDPA on a
   cache that already holds ``v * tau_v`` (made once in setup), as a decoder
   built on SDPA would keep it; the 1.2x target is measured against that one.
+* ``layer decode 1 x 4096``: the same step through ``embkern.nn.SelectiveSelfAttention``
+  and its ``KVCache`` (projections, temperatures, the append, the attention), next to
+  a vanilla layer with the same projections on SDPA, its cache kept as Hugging Face's
+  StaticCache does (a buffer written in place) and as its DynamicCache does
+  (``torch.cat`` every step). Untargeted: it shows what the layer adds to the kernel.
 
 Anchors:
 
@@ -218,6 +223,93 @@ def _decode_case(data: _Data) -> Workload:
         skipped=skipped, setup=data.setup, teardown=data.teardown)
 
 
+class _LayerData:
+    """A :class:`embkern.nn.SelectiveSelfAttention` (d_model = H d) with a KVCache prefilled with Lk tokens,
+    the next token's input, and the same projections' cache for the vanilla SDPA layers; made in setup."""
+
+    def __init__(self, B, H, Lk, d, device, seed):
+        self.shape = (B, H, Lk, d)
+        self.device, self.seed = device, seed
+        self.t = {}
+
+    def setup(self):
+        from ..nn import KVCache, SelectiveSelfAttention
+
+        B, H, Lk, d = self.shape
+        torch.manual_seed(self.seed)
+        layer = SelectiveSelfAttention(H * d, H, device=self.device).eval()
+        with torch.no_grad():
+            for temp in (layer.core.tau_q, layer.core.tau_v):  # both temperature terms active
+                temp.u.normal_(0.0, 0.3)
+                temp.beta.fill_(0.5)
+            cache = KVCache()
+            layer(torch.randn(B, Lk, H * d, device=self.device), cache)
+            # the vanilla layers' own cache: as Hugging Face's DynamicCache (concatenated every step) and as a
+            # StaticCache (a buffer of Lk + 1 slots written in place)
+            static_k = torch.empty(B, H, Lk + 1, d, device=self.device)
+            static_v = torch.empty_like(static_k)
+            static_k[:, :, :Lk], static_v[:, :, :Lk] = cache.k, cache.v
+        self.t.update(layer=layer, cache=cache, x=torch.randn(B, 1, H * d, device=self.device),
+                      k=cache.k.contiguous(), v=cache.v.contiguous(), static_k=static_k, static_v=static_v)
+
+    def teardown(self):
+        self.t.clear()
+
+
+def _layer_decode_case(data: _LayerData) -> Workload:
+    """One decode step through the layer: projections, temperatures, the cache append, the attention."""
+    B, H, Lk, d = data.shape
+    run, skipped = _availability(data.device, ssa_ops.DESCRIPTOR.kernels_of("selective_attention")[:1])
+    t = data.t
+
+    def call(be):
+        def step():
+            layer, cache = t["layer"], t["cache"]
+            layer.core.backend = be
+            with torch.no_grad():
+                out = layer(t["x"], cache)
+            cache.crop(Lk)  # the next repeat appends the same token again
+            return out
+        return step
+
+    def vanilla(static: bool):
+        def step():
+            layer, x = t["layer"], t["x"]
+            with torch.no_grad():
+                q, k, v = (p(x).view(B, 1, H, d).transpose(1, 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+                if static:
+                    t["static_k"][:, :, Lk:], t["static_v"][:, :, Lk:] = k, v
+                    k, v = t["static_k"], t["static_v"]
+                else:
+                    k, v = torch.cat([t["k"], k], 2), torch.cat([t["v"], v], 2)
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+                return layer.o_proj(o.transpose(1, 2).reshape(B, 1, H * d))
+        return step
+
+    def ref64():
+        import copy
+
+        from ..nn import KVCache
+
+        layer, cache = copy.deepcopy(t["layer"]).double(), KVCache()
+        layer.core.backend = "reference"
+        with torch.no_grad():
+            cache.append(t["cache"].k.double(), t["cache"].v.double(), t["cache"].tau_v.double())
+            return layer(t["x"].double(), cache)
+
+    return Workload(
+        name=f"layer decode 1 x {Lk}", group="SelectiveSelfAttention",
+        description=f"one token through embkern.nn.SelectiveSelfAttention (d_model {H * d}, {H} heads) with a "
+                    f"KVCache of {Lk} tokens, B={B}, fp32: projections, temperatures, cache append, attention",
+        backends={be: call(be) for be in run},
+        anchors={"vanilla layer, sdpa, static cache": vanilla(True),
+                 "vanilla layer, sdpa, cache by torch.cat": vanilla(False)},
+        reference64=ref64, error=_max_abs, no_error=("vanilla layer, sdpa, static cache",
+                                                      "vanilla layer, sdpa, cache by torch.cat"),
+        params={"B": B, "H": H, "Lk": Lk, "d": d, "dtype": "float32"},
+        skipped=skipped, setup=data.setup, teardown=data.teardown)
+
+
 def workloads(quick: bool, device) -> List[Workload]:
     s = _sizes(quick)
     B, H, d = s["B"], s["H"], s["d"]
@@ -227,6 +319,7 @@ def workloads(quick: bool, device) -> List[Workload]:
         out.append(_forward_case(_Data(B, H, L, L, d, device, 10 + i), L, with_reference))
         out.append(_backward_case(_Data(B, H, L, L, d, device, 20 + i), L, with_reference))
     out.append(_decode_case(_Data(B, H, 1, s["decode"], d, device, 30)))
+    out.append(_layer_decode_case(_LayerData(B, H, s["decode"], d, device, 31)))
     notes = ["max err: max |output (or every gradient) - float64 reference|",
              "the authors' materialised formulation is the attention of their code; its temperature there is "
              "position-only, here the same tau_q tensor is used by every row"]

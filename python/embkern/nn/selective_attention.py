@@ -35,28 +35,121 @@ class KVCache:
 
     One per layer; :meth:`SelectiveSelfAttention.forward` appends to it. ``length``
     is the absolute position of the next token.
+
+    Appends made without autograd (``torch.no_grad()`` / ``inference_mode``, or
+    inputs that need no gradient) write into buffers of ``capacity`` tokens that
+    grow by doubling, so a decode step copies only its own token (amortised), and
+    ``k`` / ``v`` / ``tau_v`` are views ``[:, :, :length]`` of them that the cpu
+    kernel reads in place. Concatenating instead copies the whole cache every step:
+    at B 4, Hkv 8, 4096 tokens, d 64 (fp32) that was 19 ms a step against 3.7 ms for
+    the step's attention. Appends that need gradients (training through the cache)
+    concatenate, so autograd sees every step; the buffers then hold exactly ``length``.
+
+    Args:
+        capacity: tokens to allocate at the first append (at least what it brings);
+            None: exactly what the first append brings, doubling from there. Give the
+            longest sequence you will decode to allocate once and never copy.
     """
 
-    def __init__(self):
-        self.k: Optional[Tensor] = None
-        self.v: Optional[Tensor] = None
-        self.tau_v: Optional[Tensor] = None
+    def __init__(self, capacity: Optional[int] = None):
+        self.capacity = None if capacity is None else _checks.positive_int(capacity, "capacity")
+        self.reset()
 
     @property
     def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self._len
+
+    @property
+    def k(self) -> Optional[Tensor]:
+        """(B, Hkv, length, d) keys, or None before the first append."""
+        return None if self._k is None else self._k[:, :, :self._len]
+
+    @property
+    def v(self) -> Optional[Tensor]:
+        """(B, Hkv, length, dv) values, or None before the first append."""
+        return None if self._v is None else self._v[:, :, :self._len]
+
+    @property
+    def tau_v(self) -> Optional[Tensor]:
+        """(B, Hkv, length) value temperatures, or None (none appended, or the layer has none)."""
+        return None if self._tv is None else self._tv[:, :, :self._len]
+
+    def _check(self, k: Tensor, v: Tensor, tau_v: Optional[Tensor]) -> None:
+        k = _checks.float_tensor(k, "k", 4)
+        v = _checks.float_tensor(v, "v", 4)
+        B, H, n = k.shape[:3]
+        if tuple(v.shape[:3]) != (B, H, n):
+            raise ValueError(f"v: expected (B, Hkv, n, dv) = ({B}, {H}, {n}, dv) (k's), got {tuple(v.shape)}")
+        if tau_v is not None:
+            _checks.float_tensor(tau_v, "tau_v", 3)
+            if tuple(tau_v.shape) != (B, H, n):
+                raise ValueError(f"tau_v: expected (B, Hkv, n) = ({B}, {H}, {n}) (k's), got {tuple(tau_v.shape)}")
+        if self._k is None:
+            return
+        for name, new, old in (("k", k, self._k), ("v", v, self._v), ("tau_v", tau_v, self._tv)):
+            if (new is None) != (old is None):
+                raise ValueError(f"{name}: expected {'None' if old is None else 'a tensor'} as in the earlier "
+                                 f"appends, got {'None' if new is None else 'a tensor'}")
+            if new is None:
+                continue
+            want = tuple(old.shape[:2]) + tuple(old.shape[3:])
+            got = tuple(new.shape[:2]) + tuple(new.shape[3:])
+            if got != want:
+                raise ValueError(f"{name}: expected shape {want[:2] + ('n',) + want[2:]} (the cached tokens'), "
+                                 f"got {tuple(new.shape)}")
+            _checks.same_dtype(f"the cached {name}", old, name, new)
+            _checks.same_device(f"the cached {name}", old, name, new)
 
     def append(self, k: Tensor, v: Tensor, tau_v: Optional[Tensor]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        if self.k is None:
-            self.k, self.v, self.tau_v = k, v, tau_v
+        """Add n tokens: k (B, Hkv, n, d), v (B, Hkv, n, dv), tau_v (B, Hkv, n) or None (as in every
+        append). Returns the whole cache ``(k, v, tau_v)``, each (B, Hkv, length, ...)."""
+        self._check(k, v, tau_v)
+        new = (k, v, tau_v)
+        L, n = self._len, k.shape[2]
+        graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in new)
+        if graph or (self._k is not None and self._k.requires_grad):
+            old = (self.k, self.v, self.tau_v)
+            self._k, self._v, self._tv = (t if o is None else (None if t is None else torch.cat([o, t], dim=2))
+                                          for o, t in zip(old, new))
         else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-            self.tau_v = None if tau_v is None else torch.cat([self.tau_v, tau_v], dim=2)
+            # (buffers made under inference_mode cannot be written outside it: those are replaced too)
+            if (self._k is None or self._k.shape[2] < L + n
+                    or (self._k.is_inference() and not torch.is_inference_mode_enabled())):
+                cap = max(L + n, 2 * L, self.capacity or 0)
+                self._k, self._v, self._tv = (None if t is None else self._grown(o, t, L, cap)
+                                              for o, t in zip((self._k, self._v, self._tv), new))
+            for buf, t in zip((self._k, self._v, self._tv), new):
+                if t is not None:
+                    buf[:, :, L:L + n].copy_(t)
+        self._len = L + n
         return self.k, self.v, self.tau_v
 
+    @staticmethod
+    def _grown(old: Optional[Tensor], t: Tensor, L: int, cap: int) -> Tensor:
+        shape = tuple(t.shape[:2]) + (cap,) + tuple(t.shape[3:])
+        _checks.fits(math.prod(shape) * t.element_size(), t.device,
+                     f"KVCache: a buffer of {cap} tokens for {tuple(t.shape)} {_checks._dt(t.dtype)} appends")
+        buf = torch.empty(shape, dtype=t.dtype, device=t.device)
+        if old is not None and L:
+            buf[:, :, :L].copy_(old[:, :, :L])
+        return buf
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens (a rejected draft in speculative decoding, a rerun from a
+        prefix); the buffers stay allocated. A negative ``length`` drops that many from the end."""
+        length = _checks.integer(length, "length")
+        if length < 0:
+            length = max(0, self._len + length)
+        if length > self._len:
+            raise ValueError(f"length: expected at most the cached {self._len} tokens, got {length}")
+        self._len = length  # the views k, v, tau_v end there; the next append writes (or concatenates) after it
+
     def reset(self) -> None:
-        self.k = self.v = self.tau_v = None
+        """Forget every token (and the buffers)."""
+        self._k: Optional[Tensor] = None
+        self._v: Optional[Tensor] = None
+        self._tv: Optional[Tensor] = None
+        self._len = 0
 
 
 class SelectiveTemperature(nn.Module):

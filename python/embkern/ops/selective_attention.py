@@ -76,6 +76,15 @@ def _np(t: Optional[Tensor], dtype: Optional[torch.dtype] = None):
     return t.contiguous().numpy()
 
 
+def _np_rows(t: Optional[Tensor], dtype: torch.dtype):
+    """The forward's k, v, tau_v: read in place when each kv head's rows are packed (a slice along Lk of a
+    larger cache buffer, as :class:`embkern.nn.KVCache` keeps; copying a 4096-token fp32 cache at
+    B 4, H 8, d 64 costs more than the decode step's attention), else a contiguous copy."""
+    if t is not None and t.dtype == dtype and _checks.packed_below(t, 2):
+        return t.detach().numpy()
+    return _np(t, dtype)
+
+
 def _cpu():
     return _backends.cpu_module().selective_attention
 
@@ -84,8 +93,8 @@ def _cpu_forward(q, k, v, tau_q, tau_v, causal, scale, q_offset):
     B, Hq, Lq, _ = q.shape
     out = torch.empty(B, Hq, Lq, v.shape[-1], dtype=q.dtype)
     lse = torch.empty(B, Hq, Lq, dtype=q.dtype)
-    _cpu().forward(_np(q), _np(k), _np(v), _np(tau_q, q.dtype), _np(tau_v, q.dtype), out.numpy(), lse.numpy(),
-                   bool(causal), float(scale), int(q_offset))
+    _cpu().forward(_np(q), _np_rows(k, q.dtype), _np_rows(v, q.dtype), _np(tau_q, q.dtype), _np_rows(tau_v, q.dtype),
+                   out.numpy(), lse.numpy(), bool(causal), float(scale), int(q_offset))
     return out, lse
 
 
@@ -241,7 +250,9 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, tau_q: Tensor, tau_v: O
     # the reference's (B, Hq, Lq, Lk) scores and probabilities: checked before any of it is allocated
     acc = ref._acc_dtype(q.dtype)
     a = 8 if acc == torch.float64 else 4
-    need = B * Hq * Lq * (v.shape[-1] * q.element_size() + 2 * a) + B * Hkv * Lk * a + _checks.copy_bytes(q, k, v)
+    # the cpu and triton forwards read k and v in place when each kv head's rows are packed
+    kv = [t for t in (k, v) if be == "reference" or not _checks.packed_below(t, 2)]
+    need = B * Hq * Lq * (v.shape[-1] * q.element_size() + 2 * a) + B * Hkv * Lk * a + _checks.copy_bytes(q, *kv)
     if be == "reference":
         need += 2 * B * Hq * Lq * Lk * a
     _checks.fits(need, q.device, f"selective_attention(backend={be!r}) of q {tuple(q.shape)}, k {tuple(k.shape)}, "

@@ -10,8 +10,9 @@ namespace ssa {
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const T* tau_q, const T* tau_v, T* out, T* lse, int64_t B,
              int64_t Hq, int64_t Hkv, int64_t Lq, int64_t Lk, int64_t d, int64_t dv, bool causal, double scale,
-             int64_t q_offset) {
-  EMBKERN_DISPATCH(forward<T>, q, k, v, tau_q, tau_v, out, lse, B, Hq, Hkv, Lq, Lk, d, dv, causal, scale, q_offset);
+             int64_t q_offset, int64_t k_hs, int64_t v_hs, int64_t tv_hs) {
+  EMBKERN_DISPATCH(forward<T>, q, k, v, tau_q, tau_v, out, lse, B, Hq, Hkv, Lq, Lk, d, dv, causal, scale, q_offset,
+                   k_hs, v_hs, tv_hs);
 }
 
 template <typename T>

@@ -36,7 +36,8 @@ EMBKERN_ISA_END
 // Explicit instantiations, one list for the kernels (per level) and the dispatcher.
 #define EMBKERN_SSA_INSTANTIATE(T)                                                                              \
   template void forward<T>(const T*, const T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t, int64_t, \
-                           int64_t, int64_t, int64_t, int64_t, bool, double, int64_t);                          \
+                           int64_t, int64_t, int64_t, int64_t, bool, double, int64_t, int64_t, int64_t,         \
+                           int64_t);                                                                            \
   template void backward<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*, T*, \
                             T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, bool, \
                             double, int64_t);
