@@ -261,6 +261,30 @@ def test_converted_gpt2_cached_generation_equals_the_full_forward():
     torch.testing.assert_close(torch.cat(logits, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_converted_gpt2_decode_computes_temperatures_of_its_own_tokens_only(monkeypatch):
+    """A decode step's value temperatures are those of its new token: the cache holds tau_v v (HF's cache keeps
+    only k and v), not a recomputation over every cached token each step (O(L d) a step)."""
+    model = convert_to_selective(_gpt2(2), gate="expexp", beta_init=0.0)
+    seen = []
+    for m in model.modules():
+        if type(m).__name__ == "SelectiveTemperature":
+            orig = m.forward
+            monkeypatch.setattr(m, "forward", lambda x, start, _f=orig: (seen.append(x.shape[2]), _f(x, start))[1])
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids).logits
+        seen.clear()
+        out = model(ids[:, :6], use_cache=True)
+        assert set(seen) == {6}
+        seen.clear()
+        steps = [out.logits]
+        for t in range(6, 9):
+            out = model(ids[:, t:t + 1], past_key_values=out.past_key_values, use_cache=True)
+            steps.append(out.logits)
+        assert set(seen) == {1}  # tau_q and tau_v of the new token, in each layer
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_converted_gpt2_rejects_padding():
     model = convert_to_selective(_gpt2())
     ids = torch.randint(0, 97, (2, 6))
