@@ -285,6 +285,31 @@ def test_converted_gpt2_decode_computes_temperatures_of_its_own_tokens_only(monk
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
+def test_converted_gpt2_generates_the_same_with_hf_static_cache():
+    """HF's StaticCache hands the attention its whole buffer (max_cache_len keys, zeros past the tokens seen)
+    and a mask over it: the causal mask at q_offset = the tokens seen hides the unused slots, so sampling
+    gives the same tokens and the same scores as the growing DynamicCache, and the scores equal the full
+    forward's logits."""
+    model = convert_to_selective(_gpt2(6), gate="expexp", beta_init=0.0)
+    model.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__ == "SelectiveTemperature" and m.u is not None:
+                m.u.normal_(0, 0.3)
+    ids = torch.randint(1, 97, (2, 7), generator=torch.Generator().manual_seed(7))
+    kw = dict(max_new_tokens=6, do_sample=True, top_k=0, output_scores=True, return_dict_in_generate=True)
+    runs = []
+    with torch.no_grad():
+        for impl in (None, "static"):
+            torch.manual_seed(1)
+            runs.append(model.generate(ids, cache_implementation=impl, **kw))
+        full = model(runs[0].sequences).logits[:, 6:-1]
+    (dyn, static) = runs
+    assert torch.equal(dyn.sequences, static.sequences)
+    torch.testing.assert_close(torch.stack(static.scores, 1), torch.stack(dyn.scores, 1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.stack(dyn.scores, 1), full, rtol=1e-5, atol=1e-5)
+
+
 def test_converted_gpt2_rejects_padding():
     model = convert_to_selective(_gpt2())
     ids = torch.randint(0, 97, (2, 6))

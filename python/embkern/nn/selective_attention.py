@@ -323,7 +323,8 @@ def _reject_padding(mask: Optional[Tensor], Lq: int, Lk: int) -> None:
         hidden = ~mask
     else:
         hidden = mask < -1e4  # HF's additive masks use the dtype's minimum
-    hidden = hidden.reshape(-1, *hidden.shape[-2:])[..., -Lq:, -Lk:]
+    # columns are key positions from 0: exactly Lk of them for a growing cache, the whole buffer for a static one
+    hidden = hidden.reshape(-1, *hidden.shape[-2:])[..., -Lq:, :Lk]
     i = torch.arange(Lq, device=hidden.device)[:, None] + (Lk - Lq)
     j = torch.arange(Lk, device=hidden.device)[None, :]
     if bool((hidden & (j <= i)).any()):
