@@ -86,12 +86,16 @@ def tensor(spec):
     view = spec.get("view", "contig")
     if view == "transposed" and len(shape) < 2:
         view = "contig"
+    if view == "rows" and len(shape) < 3:
+        view = "contig"
     if view == "expand":
         base_shape = tuple(1 if (i == 0 or s > 4096) else s for i, s in enumerate(shape))
     elif view == "transposed":
         base_shape = shape[:-2] + (shape[-1], shape[-2])
     elif view == "stride2":
         base_shape = shape[:-1] + (2 * shape[-1],) if shape else shape
+    elif view == "rows":  # a slice [:, :, :L] of a buffer with 5 more rows: a decode cache
+        base_shape = shape[:2] + (shape[2] + 5,) + shape[3:]
     else:
         base_shape = shape
     g = torch.Generator().manual_seed(int(spec.get("seed", 0)))
@@ -127,6 +131,10 @@ def tensor(spec):
         t = t.transpose(-1, -2)
     elif view == "stride2":
         t = t[..., ::2] if shape else t
+    elif view == "rows":
+        if dt.is_floating_point:
+            t[:, :, shape[2]:] = float("nan")  # a read past the slice shows
+        t = t[:, :, :shape[2]]
     numel = 1
     for sz in shape:
         numel *= sz

@@ -21,7 +21,7 @@ BACKENDS = (None, "reference", "cpu", "cpu")
 # one-shot softmax, 0 * inf in the tiled products): no wrong answer close() could tell apart. NaN
 # propagation is tested in the op test files; here the values stay finite.
 ATT_SPECIALS = ("-0", "denorm", "tiny")
-VIEWS = ("contig", "contig", "transposed", "expand", "offset", "stride2")
+VIEWS = ("contig", "contig", "transposed", "expand", "offset", "stride2", "rows")
 
 
 def _dtype(draw, faults, name):
