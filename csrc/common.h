@@ -153,23 +153,17 @@ inline FloatKind float_kind(const py::object& obj, const char* name) {
   type_error(std::string(name) + ": expected dtype float32 or float64, got format '" + info.format + "'");
 }
 
-inline std::string strides_str(const py::buffer_info& info) {
+// A Python-style tuple: "(3,)", "(2, 5)".
+inline std::string tuple_str(const std::vector<py::ssize_t>& xs) {
   std::ostringstream s;
   s << "(";
-  for (size_t i = 0; i < info.strides.size(); ++i) s << (i ? ", " : "") << info.strides[i];
-  if (info.strides.size() == 1) s << ",";
-  s << ") bytes";
-  return s.str();
-}
-
-inline std::string shape_str(const py::buffer_info& info) {
-  std::ostringstream s;
-  s << "(";
-  for (size_t i = 0; i < info.shape.size(); ++i) s << (i ? ", " : "") << info.shape[i];
-  if (info.shape.size() == 1) s << ",";
+  for (size_t i = 0; i < xs.size(); ++i) s << (i ? ", " : "") << xs[i];
+  if (xs.size() == 1) s << ",";
   s << ")";
   return s.str();
 }
+
+inline std::string shape_str(const py::buffer_info& info) { return tuple_str(info.shape); }
 
 // A checked view of a buffer of element type T: C-contiguous, or (view()'s
 // `lead`) C-contiguous below a leading index with a uniform stride.
@@ -240,7 +234,7 @@ View<T> view(py::buffer buf, const char* name, int ndim, bool writable = false, 
     if (first ? (st < 0 || st % static_cast<py::ssize_t>(sizeof(T)) != 0) : st != expect) {
       value_error(std::string(name) + ": expected dims 0.." + std::to_string(inner_from - 1) +
                   " to step as one index by whole elements, got shape " + shape_str(info) + " with strides " +
-                  strides_str(info));
+                  tuple_str(info.strides) + " bytes");
     }
     if (first) v.lead_stride = static_cast<int64_t>(st / static_cast<py::ssize_t>(sizeof(T)));
     first = false;
