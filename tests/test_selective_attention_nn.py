@@ -110,6 +110,22 @@ def test_cache_crop_reruns_from_a_prefix(grad):
         cache.crop(2.0)
 
 
+def test_cache_never_writes_into_the_callers_tensors():
+    """A first append that needs gradients keeps the caller's tensors; after a crop, a later append without
+    autograd must copy them into buffers of its own, not write into them."""
+    k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    tv = torch.rand(1, 2, 5, requires_grad=True)  # only tau_v needs a gradient
+    saved = [t.detach().clone() for t in (k, v, tv)]
+    cache = KVCache()
+    cache.append(k, v, tv)
+    cache.crop(3)
+    with torch.no_grad():
+        cache.append(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 1))
+    for t, want in zip((k, v, tv), saved):
+        assert torch.equal(t.detach(), want)
+    assert cache.length == 4 and torch.equal(cache.k[:, :, :3], k[:, :, :3]) and not cache.k[:, :, 3].any()
+
+
 def test_cache_bad_appends():
     cache = KVCache()
     k = torch.zeros(2, 4, 3, 8)

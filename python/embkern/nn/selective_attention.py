@@ -106,18 +106,22 @@ class KVCache:
         self._check(k, v, tau_v)
         new = (k, v, tau_v)
         L, n = self._len, k.shape[2]
+        stored = (self._k, self._v, self._tv)
         graph = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in new)
-        if graph or (self._k is not None and self._k.requires_grad):
+        if graph or (not self._owned and any(t is not None and t.requires_grad for t in stored)):
             old = (self.k, self.v, self.tau_v)
             self._k, self._v, self._tv = (t if o is None else (None if t is None else torch.cat([o, t], dim=2))
                                           for o, t in zip(old, new))
+            self._owned = False  # the caller's tensors (first append) or autograd's: never written in place
         else:
-            # (buffers made under inference_mode cannot be written outside it: those are replaced too)
-            if (self._k is None or self._k.shape[2] < L + n
+            # new buffers when there are none of ours, too small ones, or ones made under inference_mode
+            # (those cannot be written outside it)
+            if (not self._owned or self._k.shape[2] < L + n
                     or (self._k.is_inference() and not torch.is_inference_mode_enabled())):
                 cap = max(L + n, 2 * L, self.capacity or 0)
                 self._k, self._v, self._tv = (None if t is None else self._grown(o, t, L, cap)
-                                              for o, t in zip((self._k, self._v, self._tv), new))
+                                              for o, t in zip(stored, new))
+                self._owned = True
             for buf, t in zip((self._k, self._v, self._tv), new):
                 if t is not None:
                     buf[:, :, L:L + n].copy_(t)
@@ -150,6 +154,7 @@ class KVCache:
         self._v: Optional[Tensor] = None
         self._tv: Optional[Tensor] = None
         self._len = 0
+        self._owned = False  # whether _k, _v, _tv are buffers this cache allocated (and may write)
 
 
 class SelectiveTemperature(nn.Module):
