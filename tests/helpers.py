@@ -132,6 +132,14 @@ def assert_same_bits(results: dict) -> None:
 # --------------------------------------------------------------------------- data
 
 
+def in_cache_buffer(t: torch.Tensor, capacity: int) -> torch.Tensor:
+    """t (B, H, L, ...) as the slice [:, :, :L] of a (B, H, capacity, ...) buffer on t's device whose other
+    rows are NaN, as a decode cache keeps it: a kernel that reads past a head's L rows shows it in its output."""
+    buf = torch.full(t.shape[:2] + (capacity,) + t.shape[3:], float("nan"), dtype=t.dtype, device=t.device)
+    buf[:, :, :t.shape[2]] = t
+    return buf[:, :, :t.shape[2]]
+
+
 def kg_triples(B: int, N: int, d: int, dtype=torch.float64, seed: int = 0, device="cpu"):
     """[h (B, 4d), r (B, 4d), E (N, 4d), bias_h (B,), bias_t (N,)]: standard normal draws
     in float64 from ``seed`` (the same values for every dtype), cast to dtype."""

@@ -11,7 +11,7 @@ import embkern
 from embkern import testing
 from embkern.ops import selective_attention as ops
 from embkern.reference import selective_attention as ref
-from helpers import backend_params, device_of, require_backend
+from helpers import backend_params, device_of, in_cache_buffer, require_backend
 
 BACKENDS = backend_params(*ops.DESCRIPTOR.backends)
 
@@ -119,14 +119,10 @@ def test_slices_of_a_cache_buffer_give_the_packed_result(backend, dtype, B, Hkv)
     for Lq, Lk in ((1, 45), (17, 40)):
         q, k, v, tq, tv = _inputs(B, 2 * Hkv, Hkv, Lq, Lk, 16, 8, dtype, seed=Lq, device=dev)
 
-        def sliced(t, extra):
-            buf = torch.full(t.shape[:2] + (Lk + extra,) + t.shape[3:], float("nan"), dtype=t.dtype, device=dev)
-            buf[:, :, :Lk] = t
-            return buf[:, :, :Lk]
-
         with torch.no_grad():
             want = embkern.selective_attention(q, k, v, tq, tv, backend=backend)
-            got = embkern.selective_attention(q, sliced(k, 3), sliced(v, 19), tq, sliced(tv, 64), backend=backend)
+            got = embkern.selective_attention(q, in_cache_buffer(k, Lk + 3), in_cache_buffer(v, Lk + 19), tq,
+                                              in_cache_buffer(tv, Lk + 64), backend=backend)
         assert torch.equal(got, want), (Lq, Lk)
 
 

@@ -16,7 +16,7 @@ import torch
 import embkern
 from embkern import testing
 from embkern.reference import selective_attention as ref
-from helpers import assert_same_bits, at_each, cpu_isa, cpu_module, cpu_threads
+from helpers import assert_same_bits, at_each, cpu_isa, cpu_module, cpu_threads, in_cache_buffer
 
 C = cpu_module()
 SA = C.selective_attention
@@ -165,14 +165,6 @@ def test_outputs_fully_written():
 
 # --------------------------------------------------------------------------- k, v, tau_v read in place
 
-def _in_buffer(t, cap, fill=float("nan")):
-    """t (B, H, L, ...) as the slice [:, :, :L] of a (B, H, cap, ...) buffer whose other rows are NaN: a read
-    past a head's L rows would show up in the output."""
-    buf = torch.full(t.shape[:2] + (cap,) + t.shape[3:], fill, dtype=t.dtype)
-    buf[:, :, :t.shape[2]] = t
-    return buf[:, :, :t.shape[2]]
-
-
 SLICES = [(2, 4, 2, 1, 300, 64, 64, True, None), (1, 2, 2, 3, 70, 16, 8, True, -1),
           (2, 4, 2, 130, 200, 64, 48, True, None), (1, 1, 1, 1, 5, 8, 8, True, None),
           (3, 2, 1, 5, 65, 24, 40, False, None)]
@@ -184,7 +176,7 @@ def test_forward_reads_a_slice_of_a_cache_buffer_in_place(dtype, shape):
     *dims, causal, qo = shape
     q, k, v, tq, tv = data(*dims, dtype=dtype, seed=8)
     Lk = dims[4]
-    ks, vs, tvs = _in_buffer(k, Lk + 37), _in_buffer(v, 2 * Lk + 1), _in_buffer(tv, Lk + 64)
+    ks, vs, tvs = in_cache_buffer(k, Lk + 37), in_cache_buffer(v, 2 * Lk + 1), in_cache_buffer(tv, Lk + 64)
     assert not ks.is_contiguous() or dims[0] * dims[2] == 1
     from embkern.ops import selective_attention as ops
     for t in (ks, vs, tvs):  # what the kernel gets is a view of the buffer, not a copy
@@ -204,7 +196,7 @@ def test_forward_reads_a_slice_of_a_cache_buffer_in_place(dtype, shape):
 @pytest.mark.skipif(len(LEVELS) < 2, reason="this CPU runs one ISA level")
 def test_cache_slices_give_the_same_bits_at_every_isa_level_and_thread_count():
     q, k, v, tq, tv = data(2, 4, 2, 1, 300, 64, 64, seed=9)
-    ks, vs, tvs = _in_buffer(k, 512), _in_buffer(v, 512), _in_buffer(tv, 512)
+    ks, vs, tvs = in_cache_buffer(k, 512), in_cache_buffer(v, 512), in_cache_buffer(tv, 512)
 
     def run():
         with torch.no_grad():
