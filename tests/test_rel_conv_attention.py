@@ -364,6 +364,46 @@ def test_layer_gradients_reach_every_parameter(conv, rel):
         assert p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("memory_len", [0, 5])
+def test_sinusoidal_layer_equals_the_full_table_definition(memory_len):
+    # the layer computes only the Lk table rows a causal call reads (at P = Lk): it must equal
+    # relative attention over the whole (2 max_distance)-row table, values and every gradient
+    m = _layer("shared", "sinusoidal", memory_len=memory_len)
+    z = torch.randn(2, 7, 32, dtype=torch.float64, requires_grad=True)
+    mem = torch.randn(2, memory_len, 32, dtype=torch.float64) if memory_len else None
+    full = z if mem is None else torch.cat([mem, z], dim=1)
+    cq, ck, cv = (m.convs[n] for n in "qkv")
+
+    def conv_of(x, c):
+        xh = x.view(x.shape[0], x.shape[1], 4, 8).transpose(1, 2)
+        return ref.causal_depthwise_conv(xh, c.weight, c.bias)
+
+    q, k, v = conv_of(m.w_q(z), cq), conv_of(m.w_k(full), ck), conv_of(m.w_v(full), cv)
+    R, S = m.tables()
+    assert R.shape == (2 * P, 4, 8) and S.shape == (2 * P, 4)
+    o = ref.attention(q, k, v, R, S, m.content_bias, causal=True, q_offset=memory_len)
+    want = m.w_o(o.transpose(1, 2).reshape(2, 7, 32))
+    params = [z, m.w_r.weight, m.pos_bias, m.content_bias, m.w_q.weight, ck.weight]
+    g_want = torch.autograd.grad(want.square().sum(), params)
+    got = m(z, mem)[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, w, name in zip(torch.autograd.grad(got.square().sum(), params), g_want,
+                          ("z", "w_r", "pos_bias", "content_bias", "w_q", "conv k")):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("rel", ["learned", "sinusoidal"])
+def test_layer_tables_span_are_the_middle_rows(rel):
+    m = _layer(None, rel)
+    R, S = m.tables()
+    R3, S3 = m.tables(span=3)
+    assert R3.shape == (6, 4, 8) and S3.shape == (6, 4)
+    torch.testing.assert_close(R3, R[P - 3:P + 3], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(S3, S[P - 3:P + 3], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="span: expected at most max_distance"):
+        m.tables(span=P + 1)
+
+
 def test_layer_bad_arguments():
     from embkern.nn import RelConvMultiHeadAttention
 
@@ -376,6 +416,14 @@ def test_layer_bad_arguments():
     m = RelConvMultiHeadAttention(32, 4, max_distance=8)
     with pytest.raises(ValueError, match="max_distance"):
         m(torch.randn(1, 12, 32))
+    with pytest.raises(ValueError, match="max_distance"):  # segment and memory together exceed it
+        m(torch.randn(1, 5, 32), torch.randn(1, 4, 32))
+    with pytest.raises(ValueError, match=r"z: expected shape \(B, L, d_model\) = \(B, L, 32\)"):
+        m(torch.randn(1, 5, 16))
+    with pytest.raises(ValueError, match=r"memory: expected shape \(B, M, d_model\) = \(1, M, 32\)"):
+        m(torch.randn(1, 5, 32), torch.randn(2, 2, 32))
+    with pytest.raises(TypeError, match="memory"):
+        m(torch.randn(1, 5, 32), torch.randn(1, 2, 32, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- bench workloads, real data
