@@ -404,6 +404,22 @@ def test_layer_tables_span_are_the_middle_rows(rel):
         m.tables(span=P + 1)
 
 
+@pytest.mark.parametrize("conv,rel", [("shared", "learned"), ("per_head", "sinusoidal"), (None, "sinusoidal"),
+                                      ("shared", "sinusoidal")])
+@pytest.mark.parametrize("B,L,M", [(0, 3, 0), (0, 3, 2), (2, 0, 0), (2, 0, 2), (2, 3, 0)])
+def test_layer_empty_batch_segment_or_memory(conv, rel, B, L, M):
+    # a view(..., -1) of a zero-size tensor cannot infer the size: (0, 3, 32) once raised there
+    m = _layer(conv, rel, memory_len=2)
+    z = torch.randn(B, L, 32, dtype=torch.float64, requires_grad=True)
+    mem = torch.randn(B, M, 32, dtype=torch.float64) if M else None
+    out, new_mem = m(z, mem)
+    assert out.shape == (B, L, 32) and new_mem.shape == (B, min(2, L + M), 32)
+    out.sum().backward()
+    assert z.grad.shape == z.shape
+    if B and L:  # the same rows as a non-empty memory of zero length would give
+        torch.testing.assert_close(out, m(z, torch.zeros(B, 0, 32, dtype=torch.float64))[0], rtol=0, atol=0)
+
+
 def test_layer_bad_arguments():
     from embkern.nn import RelConvMultiHeadAttention
 

@@ -48,7 +48,7 @@ class _DepthwiseConv(nn.Module):
     def forward(self, x: Tensor, backend: Optional[str]) -> Tensor:
         if self.kind == "shared":  # channels = d_k, heads as a leading dim
             B, T, C = x.shape
-            xh = x.view(B, T, self.n_heads, -1).transpose(1, 2)
+            xh = x.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # no -1: B or T may be 0
             y = causal_depthwise_conv(xh, self.weight, self.bias, backend=backend)
             return y.transpose(1, 2).reshape(B, T, C)
         return causal_depthwise_conv(x, self.weight, None, backend=backend)
@@ -168,7 +168,7 @@ class RelConvMultiHeadAttention(nn.Module):
             q = self.convs["q"](q, self.backend)
             k = self.convs["k"](k, self.backend)
             v = self.convs["v"](v, self.backend)
-        q, k, v = (t.view(B, -1, self.n_heads, self.d_k).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, t.shape[1], self.n_heads, self.d_k).transpose(1, 2) for t in (q, k, v))
         R, S, P = self._forward_tables(Lk)
         o = relative_attention(q, k, v, R, S, self.content_bias, causal=True, q_offset=M, max_distance=P,
                                backend=self.backend)
