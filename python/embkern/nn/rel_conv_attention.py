@@ -46,11 +46,13 @@ class _DepthwiseConv(nn.Module):
             self.bias = None
 
     def forward(self, x: Tensor, backend: Optional[str]) -> Tensor:
-        if self.kind == "shared":  # channels = d_k, heads as a leading dim
-            B, T, C = x.shape
-            xh = x.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2)  # no -1: B or T may be 0
-            y = causal_depthwise_conv(xh, self.weight, self.bias, backend=backend)
-            return y.transpose(1, 2).reshape(B, T, C)
+        if self.kind == "shared":
+            # one kernel per channel of d_k shared by the heads is the depthwise conv over all H * d_k channels
+            # of x (B, T, H * d_k) with the kernel tiled H times: the same products and sums per output, where
+            # moving the heads to a leading dim cost a transposed copy of x and one of y (at B 4, T 1025,
+            # d_model 256: 2 of the 11 ms of a decode step)
+            H = self.n_heads
+            return causal_depthwise_conv(x, self.weight.repeat(H, 1), self.bias.repeat(H), backend=backend)
         return causal_depthwise_conv(x, self.weight, None, backend=backend)
 
 
