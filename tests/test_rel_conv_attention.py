@@ -420,6 +420,76 @@ def test_layer_empty_batch_segment_or_memory(conv, rel, B, L, M):
         torch.testing.assert_close(out, m(z, torch.zeros(B, 0, 32, dtype=torch.float64))[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("conv,rel", [("shared", "learned"), ("per_head", "sinusoidal"), (None, "learned"),
+                                      ("shared", "sinusoidal")])
+@pytest.mark.parametrize("steps", [[1] * 20, [5, 1, 1, 3, 1, 7, 1, 1, 2], [9, 9], [0, 2, 0, 1]])
+@pytest.mark.parametrize("memory_len", [6, 1])
+def test_cache_decode_equals_the_memory_path(conv, rel, steps, memory_len):
+    # a cache holds the memory rows' projections before and after the conv; every step must equal the
+    # hidden-state memory path while the window fills, slides and the buffers are compacted (16 rows at
+    # first); memory_len 1 is shorter than the conv's 2 rows of context
+    from embkern.nn import RelConvCache
+
+    m = _layer(conv, rel, memory_len=memory_len)
+    x = torch.randn(2, sum(steps), 32, dtype=torch.float64)
+    cache, mem, t = RelConvCache(), None, 0
+    with torch.no_grad():
+        for n in steps:
+            z = x[:, t:t + n]
+            want, mem = m(z, mem)
+            got, none = m(z, cache=cache)
+            assert none is None and cache.length == (0 if mem is None else mem.shape[1])
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"rows {t}..{t + n}")
+            t += n
+
+
+def test_cache_under_inference_mode_then_no_grad():
+    from embkern.nn import RelConvCache
+
+    m = _layer("shared", memory_len=4)
+    x = torch.randn(1, 7, 32, dtype=torch.float64)
+    cache = RelConvCache()
+    with torch.inference_mode():
+        m(x[:, :5], cache=cache)
+    with torch.no_grad():  # buffers made under inference_mode cannot be written outside it: replaced
+        got = m(x[:, 5:], cache=cache)[0]
+        want = m(x[:, 5:], x[:, 1:5])[0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_cache_bad_use():
+    from embkern.nn import RelConvCache
+
+    m = _layer("shared", memory_len=4)
+    x = torch.randn(2, 3, 32, dtype=torch.float64)
+    cache = RelConvCache()
+    with pytest.raises(ValueError, match="cache: is for inference"):
+        m(x, cache=cache)
+    with pytest.raises(TypeError, match="cache: expected a RelConvCache"):
+        m(x, cache={})
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="memory: expected None with a cache"):
+            m(x, x, cache=cache)
+        with pytest.raises(ValueError, match="memory_len = 0"):
+            _layer("shared")(x, cache=cache)
+        m(x, cache=cache)
+        with pytest.raises(ValueError, match="filled by another"):
+            _layer("shared", memory_len=4)(x, cache=cache)
+        with pytest.raises(ValueError, match=r"z: expected batch 2"):
+            m(x[:1], cache=cache)
+        with pytest.raises(TypeError, match="z: expected dtype float64"):
+            m(x.float(), cache=cache)
+        with pytest.raises(ValueError, match="max_distance"):
+            m(torch.randn(2, P, 32, dtype=torch.float64), cache=cache)
+        assert cache.length == 3  # the refused calls left it as it was
+        m.w_k.weight.add_(1.0)  # stale rows: an optimizer step between calls
+        with pytest.raises(ValueError, match="W_k or W_v changed"):
+            m(x, cache=cache)
+        cache.reset()
+        assert cache.length == 0
+        m(x, cache=cache)
+
+
 def test_layer_bad_arguments():
     from embkern.nn import RelConvMultiHeadAttention
 

@@ -10,7 +10,8 @@ Selective self-attention (``embkern.nn.selective_attention``):
 :func:`convert_to_selective` for GPT-2 / nanoGPT-style models.
 
 Relative convolutional attention (``embkern.nn.rel_conv_attention``):
-:class:`RelConvMultiHeadAttention` (RCMHA; RMHA with ``conv=None``).
+:class:`RelConvMultiHeadAttention` (RCMHA; RMHA with ``conv=None``) with its decoding
+:class:`RelConvCache`.
 
 Bit-cipher word vectors (``embkern.nn.bit_cipher``): :class:`CipherEmbedding`,
 an embedding layer initialised for another tokenizer's vocabulary.
@@ -24,7 +25,7 @@ from .hypercomplex import (  # noqa: F401
     Tetra,
 )
 from .bit_cipher import CipherEmbedding  # noqa: F401
-from .rel_conv_attention import RelConvMultiHeadAttention  # noqa: F401
+from .rel_conv_attention import RelConvCache, RelConvMultiHeadAttention  # noqa: F401
 from .selective_attention import (  # noqa: F401
     KVCache,
     SelectiveSelfAttention,
@@ -33,5 +34,5 @@ from .selective_attention import (  # noqa: F401
 )
 
 __all__ = ["HypercomplexKGE", "KGTables", "QuatE", "DihedronKGE", "Tetra", "SelectiveSelfAttention",
-           "SelectiveTemperature", "KVCache", "convert_to_selective", "RelConvMultiHeadAttention",
+           "SelectiveTemperature", "KVCache", "convert_to_selective", "RelConvMultiHeadAttention", "RelConvCache",
            "CipherEmbedding"]
