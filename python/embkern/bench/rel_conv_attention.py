@@ -5,7 +5,13 @@ Sizes: B = 4, H = 8, d = dv = 64, the tables' half-width P = 4096, L = 1024
 std 0.3 (zero tables would reduce the relative terms to nothing).
 
 Cases: ``forward L=...`` and ``forward+backward L=...`` (gradients of q, k, v,
-R, S and u from one random output gradient).
+R, S and u from one random output gradient), and ``layer decode 1 x 1024``:
+one token through ``embkern.nn.RelConvMultiHeadAttention`` (RCMHA, shared
+conv, d_model 512, memory 1024 rows) with its ``RelConvCache``, next to the
+same layer given its memory as hidden states (what Transformer-XL does: it
+projects and convolves the whole memory again every step) and to a vanilla
+SDPA layer with a static KV cache (no relative terms, no conv). Untargeted:
+it shows what the layer adds to the kernel.
 
 Anchors:
 
@@ -41,8 +47,8 @@ from .workload import Target, Workload, tiny
 
 def _sizes(quick: bool):
     if tiny():
-        return dict(B=1, H=2, d=16, P=64, lengths=(32,))
-    return dict(B=4, H=8, d=64, P=4096, lengths=(1024,) if quick else (1024, 2048, 4096))
+        return dict(B=1, H=2, d=16, P=64, lengths=(32,), decode=48)
+    return dict(B=4, H=8, d=64, P=4096, lengths=(1024,) if quick else (1024, 2048, 4096), decode=1024)
 
 
 class _Data:
@@ -212,12 +218,97 @@ def _case(data: _Data, L: int, backward: bool) -> Workload:
         setup=data.setup, teardown=data.teardown)
 
 
+class _LayerData:
+    """An RCMHA layer (d_model H d, shared conv, random relative tables) with a RelConvCache and the hidden-state
+    memory of the same Lk rows, the next token, and a vanilla layer's static K/V cache; made in setup."""
+
+    def __init__(self, B, H, Lk, d, device, seed):
+        self.shape, self.device, self.seed = (B, H, Lk, d), device, seed
+        self.t = {}
+
+    def setup(self):
+        from ..nn import RelConvCache, RelConvMultiHeadAttention
+
+        B, H, Lk, d = self.shape
+        torch.manual_seed(self.seed)
+        layer = RelConvMultiHeadAttention(H * d, H, conv="shared", memory_len=Lk, max_distance=max(Lk + 1, 64),
+                                          device=self.device).eval()
+        with torch.no_grad():
+            for p in (layer.rel_emb, layer.rel_bias, layer.content_bias):
+                p.normal_(0.0, 0.3)
+            memory = torch.randn(B, Lk, H * d, device=self.device)
+            cache = RelConvCache()
+            layer(memory, cache=cache)
+            k = layer.w_k(memory).view(B, Lk, H, d).transpose(1, 2)
+            v = layer.w_v(memory).view(B, Lk, H, d).transpose(1, 2)
+            static_k = torch.empty(B, H, Lk + 1, d, device=self.device)
+            static_v = torch.empty_like(static_k)
+            static_k[:, :, :Lk], static_v[:, :, :Lk] = k, v
+        self.t.update(layer=layer, cache=cache, state=cache._state(), memory=memory,
+                      x=torch.randn(B, 1, H * d, device=self.device), static_k=static_k, static_v=static_v)
+
+    def teardown(self):
+        self.t.clear()
+
+
+def _layer_decode_case(data: _LayerData) -> Workload:
+    B, H, Lk, d = data.shape
+    run, skipped = _availability(data.device, rca_ops.DESCRIPTOR.kernels)
+    t = data.t
+
+    def cached(be):
+        def step():
+            layer, cache = t["layer"], t["cache"]
+            layer.backend = be
+            with torch.no_grad():
+                out = layer(t["x"], cache=cache)[0]
+            cache._restore(t["state"])  # the next repeat takes the same step from the same window
+            return out
+        return step
+
+    def memory_path():
+        t["layer"].backend = run[-1]
+        with torch.no_grad():
+            return t["layer"](t["x"], t["memory"])[0]
+
+    def vanilla():
+        layer, x = t["layer"], t["x"]
+        with torch.no_grad():
+            q, k, v = (p(x).view(B, 1, H, d).transpose(1, 2) for p in (layer.w_q, layer.w_k, layer.w_v))
+            t["static_k"][:, :, Lk:], t["static_v"][:, :, Lk:] = k, v
+            o = torch.nn.functional.scaled_dot_product_attention(q, t["static_k"], t["static_v"])
+            return layer.w_o(o.transpose(1, 2).reshape(B, 1, H * d))
+
+    def ref64():
+        import copy
+
+        layer = copy.deepcopy(t["layer"]).double()
+        layer.backend = "reference"
+        with torch.no_grad():
+            return layer(t["x"].double(), t["memory"].double())[0]
+
+    mem_name = f"layer, memory as hidden states ({run[-1]})"
+    return Workload(
+        name=f"layer decode 1 x {Lk}", group="RelConvMultiHeadAttention",
+        description=f"one token through embkern.nn.RelConvMultiHeadAttention (shared conv, d_model {H * d}, {H} "
+                    f"heads, memory {Lk} rows) with a RelConvCache, B={B}, fp32: projections, conv, attention",
+        backends={be: cached(be) for be in run},
+        anchors={mem_name: memory_path, "vanilla layer, sdpa, static cache": vanilla},
+        primary_anchor=mem_name, reference64=ref64, error=_max_abs,
+        no_error=("vanilla layer, sdpa, static cache",),
+        params={"B": B, "H": H, "Lk": Lk, "d": d, "dtype": "float32"},
+        notes=["the memory-path anchor is the same layer and output; the vanilla layer computes no relative terms "
+               "and no conv (not comparable: no error)"],
+        skipped=skipped, setup=data.setup, teardown=data.teardown)
+
+
 def workloads(quick: bool, device) -> List[Workload]:
     s = _sizes(quick)
     out = []
     for i, L in enumerate(s["lengths"]):
         for backward in (False, True):
             out.append(_case(_Data(s["B"], s["H"], L, s["d"], s["P"], device, 40 + 2 * i + backward), L, backward))
+    out.append(_layer_decode_case(_LayerData(s["B"], s["H"], s["decode"], s["d"], device, 50)))
     return out
 
 

@@ -107,6 +107,15 @@ class RelConvCache:
         self._owner = None  # weakref to the layer that filled it
         self._versions: Tuple[int, ...] = ()
 
+    def _state(self) -> tuple:
+        """The window and its buffers, for :meth:`_restore` (the benchmark repeats one step from one state)."""
+        return (self._k, self._v, self._ck, self._cv, self._s, self._e, self._owner, self._versions)
+
+    def _restore(self, state: tuple) -> None:
+        """Back to a :meth:`_state` taken since: appends write only past the window's end (or into new buffers),
+        so the rows it names are intact. Valid for going back once, not for branching histories."""
+        self._k, self._v, self._ck, self._cv, self._s, self._e, self._owner, self._versions = state
+
     def _check(self, layer: "RelConvMultiHeadAttention", z: Tensor) -> None:
         if self._k is None:
             return
