@@ -482,11 +482,14 @@ def test_cache_bad_use():
         with pytest.raises(ValueError, match="max_distance"):
             m(torch.randn(2, P, 32, dtype=torch.float64), cache=cache)
         assert cache.length == 3  # the refused calls left it as it was
-        m.w_k.weight.add_(1.0)  # stale rows: an optimizer step between calls
-        with pytest.raises(ValueError, match="W_k or W_v changed"):
+        for w in (m.w_k.weight, m.w_v.bias, m.convs["k"].weight, m.convs["v"].bias):
+            w.add_(1.0)  # stale rows: an optimizer step between calls
+            with pytest.raises(ValueError, match="W_k, W_v or K/V conv weights changed"):
+                m(x, cache=cache)
+            cache.reset()
+            assert cache.length == 0
             m(x, cache=cache)
-        cache.reset()
-        assert cache.length == 0
+        m.w_q.weight.add_(1.0)  # not cached: no reset needed
         m(x, cache=cache)
 
 

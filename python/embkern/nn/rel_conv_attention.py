@@ -69,22 +69,24 @@ def _sinusoid(lo: int, hi: int, d: int, device, dtype) -> Tensor:
 
 
 class RelConvCache:
-    """Decoding state of one :class:`RelConvMultiHeadAttention`: its memory rows' K and V projections.
+    """Decoding state of one :class:`RelConvMultiHeadAttention`: its memory rows' K and V.
 
     ``layer(z, cache=c)`` gives what ``layer(z, memory=h)`` gives (to rounding), where h is the last
-    ``memory_len`` layer inputs the cache has seen, without projecting h again: the cache keeps
-    ``h W_k`` and ``h W_v + b_v`` (before the convolution, whose first K - 1 rows change as the
-    window slides), and each call projects only its own rows. Re-projecting the memory was the cost
-    of a decode step: at B 4, d_model 256, memory 1024, one token, W_k and W_v over the memory took
-    6.3 of the layer's 10.9 ms.
+    ``memory_len`` layer inputs the cache has seen, without recomputing h's K and V: the cache keeps
+    each row's projection (``h W_k``, ``h W_v + b_v``) and its conv output, and each call projects
+    and convolves its own rows, plus the K - 1 rows at the window's start whose conv sees zeros
+    before the start and so changes as the window slides (docs/ops/rel_conv_attention.md). Redoing
+    the memory was the cost of a decode step: at B 4, d_model 256, memory 1024, one token, W_k and
+    W_v over the memory took 6.3 of the layer's 10.9 ms.
 
     Inference only (``torch.no_grad()`` / ``inference_mode``): under autograd the memory path
-    re-projects the memory with the current weights and sends their gradients through it, which a
-    cache cannot. A cache belongs to one layer and checks that its W_k and W_v have not changed in
-    place (an optimizer step, ``load_state_dict``) since it was filled; ``reset()`` starts again.
+    recomputes the memory's K and V with the current weights and sends their gradients through
+    them, which a cache cannot. A cache belongs to one layer and checks that the weights it
+    depends on (W_k, W_v, b_v and the K and V convs) have not changed in place since it was filled
+    (an optimizer step, ``load_state_dict``); ``reset()`` starts again.
 
     Buffers hold up to about twice the window and are compacted when full, so a step copies its own
-    rows (amortised); K and V are (B, length, d_model) views of them.
+    rows (amortised), plus the window once into the (B, H, length, d_k) K and V the kernel reads.
     """
 
     def __init__(self):
@@ -123,8 +125,9 @@ class RelConvCache:
             raise ValueError("cache: filled by another RelConvMultiHeadAttention; keep one cache per layer "
                              "(or reset() it)")
         if self._versions != layer._projection_versions():
-            raise ValueError("cache: the layer's W_k or W_v changed since the cache was filled (an optimizer "
-                             "step or load_state_dict); its rows are stale: reset() it and run the context again")
+            raise ValueError("cache: the layer's W_k, W_v or K/V conv weights changed since the cache was filled "
+                             "(an optimizer step or load_state_dict); its rows are stale: reset() it and run the "
+                             "context again")
         B, C = self._k.shape[0], self._k.shape[2]
         if z.shape[0] != B:
             raise ValueError(f"z: expected batch {B} (the cache's), got {tuple(z.shape)}")
@@ -264,7 +267,11 @@ class RelConvMultiHeadAttention(nn.Module):
         return R, S, p
 
     def _projection_versions(self) -> Tuple[int, ...]:
-        return tuple(t._version for t in (self.w_k.weight, self.w_v.weight, self.w_v.bias))
+        """In-place version counters of every weight a RelConvCache's rows depend on."""
+        ts = [self.w_k.weight, self.w_v.weight, self.w_v.bias]
+        if self.convs is not None:
+            ts += [t for n in "kv" for t in (self.convs[n].weight, self.convs[n].bias) if t is not None]
+        return tuple(t._version for t in ts)
 
     def forward(self, z: Tensor, memory: Optional[Tensor] = None,
                 cache: Optional[RelConvCache] = None) -> Tuple[Tensor, Optional[Tensor]]:
