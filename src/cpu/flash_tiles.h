@@ -383,26 +383,35 @@ struct Tr<double> {
 };
 #endif
 
-// Transpose rows [0, rows) of X (row-major, width w) into dst[c*ld + r],
-// zero-padding r in [rows, rows_pad); `scale` (may be null) multiplies row r.
-// Whole N x N squares go through Tr<T>::tile, the edges through the scalar loop.
+// Transpose rows [0, rows) of X (width w, rows ls elements apart) into
+// dst[c*ld + r], zero-padding r in [rows, rows_pad); `scale` (may be null)
+// multiplies row r. Whole N x N squares go through Tr<T>::tile, the edges
+// through the scalar loop. Copies (and one product per element with `scale`),
+// so the same bits at every level.
 template <typename T>
-void pack_transposed(const T* X, int64_t rows, int64_t rows_pad, int64_t w, const T* scale, T* dst, int64_t ld) {
+void pack_transposed_strided(const T* X, int64_t ls, int64_t rows, int64_t rows_pad, int64_t w, const T* scale,
+                             T* dst, int64_t ld) {
   constexpr int64_t N = Tr<T>::N;
   const int64_t rt = N > 1 ? rows / N * N : 0, ct = N > 1 ? w / N * N : 0;
   for (int64_t r0 = 0; r0 < rt; r0 += N)
     for (int64_t c0 = 0; c0 < ct; c0 += N)
-      Tr<T>::tile(X + r0 * w + c0, w, scale ? scale + r0 : nullptr, dst + c0 * ld + r0, ld);
+      Tr<T>::tile(X + r0 * ls + c0, ls, scale ? scale + r0 : nullptr, dst + c0 * ld + r0, ld);
   for (int64_t c = 0; c < w; ++c) {
     T* o = dst + c * ld;
     const int64_t r_from = c < ct ? rt : 0;  // columns of whole squares only miss their bottom rows
     if (scale) {
-      for (int64_t r = r_from; r < rows; ++r) o[r] = scale[r] * X[r * w + c];
+      for (int64_t r = r_from; r < rows; ++r) o[r] = scale[r] * X[r * ls + c];
     } else {
-      for (int64_t r = r_from; r < rows; ++r) o[r] = X[r * w + c];
+      for (int64_t r = r_from; r < rows; ++r) o[r] = X[r * ls + c];
     }
     for (int64_t r = rows; r < rows_pad; ++r) o[r] = T(0);
   }
+}
+
+// The same for packed rows (ls = w).
+template <typename T>
+void pack_transposed(const T* X, int64_t rows, int64_t rows_pad, int64_t w, const T* scale, T* dst, int64_t ld) {
+  pack_transposed_strided(X, w, rows, rows_pad, w, scale, dst, ld);
 }
 
 // Below ~256 K multiply-adds an OpenMP team costs more than it saves.

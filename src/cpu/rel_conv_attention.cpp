@@ -145,14 +145,26 @@ template <typename T>
 void pack_window(const Problem<T>& P, const T* R, const T* S, int64_t h, int64_t t0, T* Rt, T* Rp, int64_t dp,
                  T* Sw) {
   const int64_t d = P.d, H = P.H;
+  // Window columns [w_lo, w_hi) are table rows; the rest (and the pad column) are zero. The in-table
+  // run goes through the square transposes: the scalar transposed stores (d stores kWinP apart per
+  // row) took longer than the tile's content product at decode (one query against the keys).
+  const int64_t r0 = P.rbase + t0;
+  const int64_t w_lo = std::min<int64_t>(kWin, std::max<int64_t>(0, -r0));
+  const int64_t w_hi = std::max<int64_t>(w_lo, std::min<int64_t>(kWin, 2 * P.P - r0));
+  for (int64_t c = 0; c < d; ++c) {
+    T* o = Rt + c * kWinP;
+    for (int64_t w = 0; w < w_lo; ++w) o[w] = T(0);
+    for (int64_t w = w_hi; w < kWinP; ++w) o[w] = T(0);
+  }
+  if (w_hi > w_lo)
+    pack_transposed_strided(R + ((r0 + w_lo) * H + h) * d, H * d, w_hi - w_lo, w_hi - w_lo, d,
+                            static_cast<const T*>(nullptr), Rt + w_lo, kWinP);
   for (int64_t w = 0; w < kWinP; ++w) {
-    const int64_t r = P.rbase + t0 + w;
-    const bool in = w < kWin && r >= 0 && r < 2 * P.P;
-    const T* src = in ? R + (r * H + h) * d : nullptr;
-    for (int64_t c = 0; c < d; ++c) Rt[c * kWinP + w] = in ? src[c] : T(0);
-    Sw[w] = in ? S[r * H + h] : T(0);
+    const bool in = w >= w_lo && w < w_hi;
+    Sw[w] = in ? S[(r0 + w) * H + h] : T(0);
     if (Rp && w < kWin) {
       T* dst = Rp + w * dp;
+      const T* src = in ? R + ((r0 + w) * H + h) * d : nullptr;
       for (int64_t c = 0; c < d; ++c) dst[c] = in ? src[c] : T(0);
       for (int64_t c = d; c < dp; ++c) dst[c] = T(0);
     }
