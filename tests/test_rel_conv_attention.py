@@ -513,6 +513,8 @@ def test_layer_bad_arguments():
         m(torch.randn(1, 5, 32), torch.randn(2, 2, 32))
     with pytest.raises(TypeError, match="memory"):
         m(torch.randn(1, 5, 32), torch.randn(1, 2, 32, dtype=torch.float64))
+    with pytest.raises(TypeError, match="z: expected dtype float32 \\(the dtype of the layer's weights\\)"):
+        m(torch.randn(1, 5, 32, dtype=torch.float64))
 
 
 # --------------------------------------------------------------------------- bench workloads, real data

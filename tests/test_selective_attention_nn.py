@@ -128,6 +128,11 @@ def test_cache_never_writes_into_the_callers_tensors():
 
 def test_cache_bad_appends():
     cache = KVCache()
+    with pytest.raises(TypeError, match="v: expected dtype float32 \\(the dtype of k\\)"):  # the first append too
+        cache.append(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8, dtype=torch.float64), None)
+    with pytest.raises(ValueError, match="tau_v: expected device cpu"):
+        cache.append(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8), torch.ones(2, 4, 1, device="meta"))
+    assert cache.length == 0 and cache.k is None
     k = torch.zeros(2, 4, 3, 8)
     cache.append(k, k, None)
     with pytest.raises(ValueError, match=r"k: expected shape \(2, 4, 'n', 8\)"):
@@ -135,7 +140,7 @@ def test_cache_bad_appends():
     with pytest.raises(ValueError, match="v: expected"):
         cache.append(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 2, 8), None)
     with pytest.raises(TypeError, match="k: expected dtype float32"):
-        cache.append(torch.zeros(2, 4, 1, 8, dtype=torch.float64), torch.zeros(2, 4, 1, 8), None)
+        cache.append(torch.zeros(2, 4, 1, 8, dtype=torch.float64), torch.zeros(2, 4, 1, 8, dtype=torch.float64), None)
     with pytest.raises(ValueError, match="tau_v: expected None as in the earlier appends"):
         cache.append(torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8), torch.ones(2, 4, 1))
     with pytest.raises(TypeError, match="capacity: expected an int"):
@@ -183,6 +188,29 @@ def test_layer_bad_arguments():
         SelectiveSelfAttention(32, 4, gate="relu")
     with pytest.raises(ValueError, match="x: expected a 3-d tensor"):
         SelectiveSelfAttention(32, 4)(torch.randn(32))
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, L, d_model\) = \(B, L, 32\)"):
+        SelectiveSelfAttention(32, 4)(torch.randn(1, 2, 24))
+    with pytest.raises(TypeError, match="x: expected dtype float32 \\(the dtype of the layer's weights\\)"):
+        SelectiveSelfAttention(32, 4)(torch.randn(1, 2, 32, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("B,L", [(0, 5), (2, 0), (0, 0)])
+def test_layer_empty_batch_or_sequence(B, L):
+    # a view(..., -1) of a zero-size tensor cannot infer the size: these once raised RuntimeError there
+    layer = _layer()
+    x = torch.randn(B, L, 32, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (B, L, 32)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    cache = KVCache()
+    with torch.no_grad():
+        assert layer(x.detach(), cache).shape == (B, L, 32) and cache.length == L
+        nxt = layer(torch.randn(B, 3, 32, dtype=torch.float64), cache)
+    assert nxt.shape == (B, 3, 32) and cache.length == L + 3
+    block = nn.Sequential(_NanoBlock()).double()
+    convert_to_selective(block)
+    assert block(x.detach()).shape == (B, L, 32)
 
 
 # --------------------------------------------------------------------------- conversion
@@ -230,6 +258,8 @@ def test_convert_nanogpt_block_keeps_its_outputs_and_learns_temperatures():
 def test_convert_rejects_a_model_without_causal_attention():
     with pytest.raises(ValueError, match="found none"):
         convert_to_selective(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="embedding width 6 that its 4 heads do not divide"):
+        convert_to_selective(nn.Sequential(_NanoAttention(6, 4)))
 
 
 def _gpt2(seed=0):

@@ -80,10 +80,13 @@ class KVCache:
         B, H, n = k.shape[:3]
         if tuple(v.shape[:3]) != (B, H, n):
             raise ValueError(f"v: expected (B, Hkv, n, dv) = ({B}, {H}, {n}, dv) (k's), got {tuple(v.shape)}")
+        _checks.same_dtype("k", k, "v", v)
+        _checks.same_device("k", k, "v", v)
         if tau_v is not None:
             _checks.float_tensor(tau_v, "tau_v", 3)
             if tuple(tau_v.shape) != (B, H, n):
                 raise ValueError(f"tau_v: expected (B, Hkv, n) = ({B}, {H}, {n}) (k's), got {tuple(tau_v.shape)}")
+            _checks.same_device("k", k, "tau_v", tau_v)
         if self._k is None:
             return
         for name, new, old in (("k", k, self._k), ("v", v, self._v), ("tau_v", tau_v, self._tv)):
@@ -181,8 +184,16 @@ class SelectiveTemperature(nn.Module):
 
 
 def _heads(x: Tensor, n: int) -> Tensor:
-    B, L, _ = x.shape
-    return x.view(B, L, n, -1).transpose(1, 2)
+    B, L, C = x.shape
+    return x.view(B, L, n, C // n).transpose(1, 2)  # no -1: B or L may be 0
+
+
+def _check_input(x: Tensor, name: str, weight: Tensor) -> None:
+    """x (B, L, d_model) against the layer's input projection weight (out, d_model): width and dtype."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: expected shape (B, L, d_model) = (B, L, {weight.shape[1]}), got {tuple(x.shape)}")
+    _checks.same_dtype("the layer's weights", weight, name, x)
+    _checks.same_device("the layer's weights", weight, name, x)
 
 
 class _SelectiveCore(nn.Module):
@@ -241,12 +252,13 @@ class SelectiveSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         x = _checks.float_tensor(x, "x", 3)
+        _check_input(x, "x", self.q_proj.weight)
         B, L, _ = x.shape
         q = _heads(self.q_proj(x), self.n_heads)
         k = _heads(self.k_proj(x), self.n_kv_heads)
         v = _heads(self.v_proj(x), self.n_kv_heads)
         o = self.core(q, k, v, cache)
-        return self.o_proj(o.transpose(1, 2).reshape(B, L, -1))
+        return self.o_proj(o.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
 
 
 # ---------------------------------------------------------------------------
@@ -294,7 +306,7 @@ class _GPT2Selective(nn.Module):
             tq = q.new_ones(q.shape[:3], dtype=torch.float32)
         o = selective_attention(q, k, v, tq, tv, causal=True, scale=self.core.scale, q_offset=start,
                                 backend=self.core.backend)
-        out = self.resid_dropout(self.c_proj(o.transpose(1, 2).reshape(B, L, -1)))
+        out = self.resid_dropout(self.c_proj(o.transpose(1, 2).reshape(B, L, self.num_heads * self.head_dim)))
         return out, None
 
 
@@ -308,6 +320,8 @@ class _NanoGPTSelective(nn.Module):
         self.core = core
 
     def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
+        x = _checks.float_tensor(x, "x", 3)
+        _check_input(x, "x", self.c_attn.weight)
         B, L, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (_heads(t, self.n_head) for t in (q, k, v))
@@ -365,6 +379,9 @@ def convert_to_selective(model: nn.Module, query_temperature: bool = True, value
                 continue
             heads = child.num_heads if kind == "gpt2" else child.n_head
             C = child.c_proj.weight.shape[0] if kind == "nanogpt" else child.embed_dim
+            if C % heads:
+                raise ValueError(f"model: {name} ({type(child).__name__}) has an embedding width {C} that its "
+                                 f"{heads} heads do not divide")
             head_dim = C // heads
             w = child.c_attn.weight
             scale = float(child.scaling) if kind == "gpt2" else 1.0 / math.sqrt(head_dim)
