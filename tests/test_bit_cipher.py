@@ -313,6 +313,22 @@ def test_bad_input():
         embkern.BitCipher.fit(np.zeros(0, dtype=np.int64))
     with pytest.raises(ValueError, match="backend"):
         embkern.cooccurrence_vectors(ids, off, c, backend="gpu")
+    with pytest.raises(MemoryError, match="bits = 1099511627776"):  # 1 << bits was a bare MemoryError
+        embkern.BitCipher.fit(ids, vocab_size=20, bits=2**40)
+
+
+def test_from_counts_rejects_counts_beyond_the_exact_range():
+    # a uint64 count of 2^63 wrapped to a negative int64 count, silently
+    with pytest.raises(ValueError, match=r"counts: expected at most 2\^56 .* got 9223372036854775808"):
+        embkern.BitCipher.from_counts(np.array([2**63, 1], dtype=np.uint64))
+    with pytest.raises(ValueError, match=r"counts: expected at most 2\^56"):  # once refused later as 'load'
+        embkern.BitCipher.from_counts(np.array([2**62, 2**62, 5]))
+    with pytest.raises(ValueError, match=r"counts: expected a total below 2\^62"):
+        embkern.BitCipher.from_counts(np.full(200, 2**56))
+    with pytest.raises(MemoryError, match="bits = 1099511627776"):
+        embkern.BitCipher.from_counts(np.array([3, 2, 1]), bits=2**40)
+    c = embkern.BitCipher.from_counts(np.array([2**56, 7, 0], dtype=np.uint64))  # the edge is accepted
+    assert c.counts.tolist() == [2**56, 7, 0] and c.total == 2**56 + 7
 
 
 def test_unsigned_ids_and_an_empty_list_are_corpora():

@@ -52,3 +52,15 @@ def test_from_vocab_bad_input():
         embkern.nn.CipherEmbedding.from_vocab(vocab, vec, {"a": 0}, block=5)
     with pytest.raises(TypeError, match="vectors"):
         embkern.nn.CipherEmbedding.from_vocab(vocab, vec.numpy(), {"a": 0})
+    # these came out of nn.Embedding, str.startswith, a meta copy or an 8 TB allocation
+    with pytest.raises(ValueError, match=r"padding_idx: expected None or an int id in \[-1, 1\)"):
+        embkern.nn.CipherEmbedding.from_vocab(vocab, vec, {"a": 0}, padding_idx=5)
+    with pytest.raises(TypeError, match="tokenizer_vocab: expected str tokens, got int 1"):
+        embkern.nn.CipherEmbedding.from_vocab(vocab, vec, {1: 0})
+    with pytest.raises(ValueError, match="vectors: expected a tensor with data"):
+        embkern.nn.CipherEmbedding.from_vocab(vocab, vec.to("meta"), {"a": 0})
+    with pytest.raises(MemoryError, match=r"CipherEmbedding.from_vocab: a \(1000000000001, "):
+        embkern.nn.CipherEmbedding.from_vocab(vocab, vec, {"a": 10**12})
+    for block in (2.5, True):  # were truncated to 2 and 1
+        with pytest.raises(TypeError, match="block: expected an int"):
+            embkern.nn.CipherEmbedding.from_vocab(vocab, vec, {"a": 0}, block=block)

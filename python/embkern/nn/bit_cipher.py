@@ -31,6 +31,8 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _checks
+
 _PREFIXES = ("Ġ", "▁", "##")
 _SUFFIXES = ("</w>",)
 UNKNOWN = ("unseen", "mean", "zeros")
@@ -76,14 +78,31 @@ class CipherEmbedding(nn.Embedding):
             raise ValueError(f"unknown: expected one of {UNKNOWN}, got {unknown!r}")
         if not isinstance(tokenizer_vocab, Mapping) or not tokenizer_vocab:
             raise TypeError("tokenizer_vocab: expected a non-empty mapping token string -> id")
+        bad = next((t for t in tokenizer_vocab if not isinstance(t, str)), None)
+        if bad is not None:
+            raise TypeError(f"tokenizer_vocab: expected str tokens, got {type(bad).__name__} {bad!r}")
         ids = list(tokenizer_vocab.values())
         if any(not isinstance(i, int) or isinstance(i, bool) or i < 0 for i in ids) or len(set(ids)) != len(ids):
             raise ValueError("tokenizer_vocab: expected distinct non-negative int ids")
+        if vectors.device.type == "meta":
+            raise ValueError("vectors: expected a tensor with data, got one on the meta device")
+        if not isinstance(freeze, bool):
+            raise TypeError(f"freeze: expected a bool, got {type(freeze).__name__}")
         D = vectors.shape[1]
-        block = D if block is None else int(block)
+        if block is None:
+            block = D
+        elif not isinstance(block, int) or isinstance(block, bool):
+            raise TypeError(f"block: expected an int (b + 1) or None, got {type(block).__name__} {block!r}")
         if block < 1 or D % block:
             raise ValueError(f"block: expected a divisor of D = {D} (b + 1), got {block}")
         n = max(ids) + 1
+        if padding_idx is not None and (not isinstance(padding_idx, int) or isinstance(padding_idx, bool)
+                                        or not -n <= padding_idx < n):
+            raise ValueError(f"padding_idx: expected None or an int id in [-{n}, {n}) (the layer's rows), got "
+                             f"{padding_idx!r}")
+        # the table is n x D float32 (n = the largest id + 1, not the number of tokens): checked before any of it
+        _checks.fits(n * D * 4 * 2, torch.device("cpu"),
+                     f"CipherEmbedding.from_vocab: a ({n}, {D}) float32 table (n = the largest tokenizer id + 1)")
         index = {w: i for i, w in enumerate(vocab)}
         vec = vectors.detach().to(torch.float32).cpu()
         rows = torch.full((n,), -1, dtype=torch.int64)

@@ -129,12 +129,17 @@ def _nonneg_int(value, name: str, minimum: int = 0) -> int:
     return v
 
 
-def _cipher_fits(V: int, name: str, why: str) -> None:
+def _cipher_fits(V: int, name: str, why: str, bits: Optional[int] = None) -> None:
     """MemoryError naming ``name`` when a cipher of V types cannot fit: its codes (V, b) uint8 and
-    normalised codes (V, b) float64, counts, ranks and first positions (V,) int64, with b at least
-    ``default_bits(V)`` (V <= 2^b - 1), so a lower bound of what fitting will allocate."""
-    b = ref.default_bits(V)
-    _checks.fits(V * (9 * b + 48), "cpu", f"{name}: {why}: a bit cipher of V = {V} types and b >= {b} bits")
+    normalised codes (V, b) float64, counts, ranks and first positions (V,) int64, with b the given
+    ``bits`` or else at least ``default_bits(V)`` (V <= 2^b - 1), a lower bound of what fitting allocates."""
+    b = ref.default_bits(V) if bits is None else bits
+    at = "b >=" if bits is None else "b ="
+    _checks.fits(V * (9 * b + 48), "cpu", f"{name}: {why}: a bit cipher of V = {V} types and {at} {b} bits")
+
+
+# Per-type counts the exact co-occurrence sums hold (the cpu kernel's fixed-point range).
+MAX_TYPE_COUNT = 1 << 56
 
 
 def cipher_patterns(vocab_size: int, bits: int) -> Tensor:
@@ -239,9 +244,10 @@ class BitCipher:
             raise ValueError("vocab_size: expected an int >= 1 for an empty corpus (it cannot be inferred)")
         V = counts.shape[0]
         b = ref.default_bits(V) if bits is None else _nonneg_int(bits, "bits", 1)
-        if V > (1 << b) - 1:
+        if V.bit_length() > b:  # V > 2^b - 1 without building 2^b (bits = 2^40: a bare MemoryError)
             raise ValueError(f"bits: expected bits with 2^bits - 1 >= vocab_size = {V} (at least "
                              f"{ref.default_bits(V)}; the all-zero pattern is reserved for unknown words), got {b}")
+        _cipher_fits(V, "bits", f"bits = {b}", b)
         return cls(counts, first, b, noise)
 
     @classmethod
@@ -255,12 +261,21 @@ class BitCipher:
         if c.ndim != 1 or c.shape[0] < 1 or not np.issubdtype(c.dtype, np.integer) or (c < 0).any():
             raise ValueError(f"counts: expected a non-empty 1-d array of non-negative integers, got {c.dtype} "
                              f"{c.shape}")
+        top = int(c.max())  # a Python int: a uint64 count of 2^63 or more must not wrap into int64
+        if top > MAX_TYPE_COUNT:
+            raise ValueError(f"counts: expected at most 2^56 = {MAX_TYPE_COUNT} per type (the exact co-occurrence "
+                             f"sums' range), got {top}")
+        c = c.astype(np.int64)
+        approx_total = float(c.sum(dtype=np.float64))
+        if approx_total >= 2.0 ** 62:  # int64 totals stay exact below that
+            raise ValueError(f"counts: expected a total below 2^62 tokens, got about {approx_total:.3g}")
         V = int(c.shape[0])
         b = ref.default_bits(V) if bits is None else _nonneg_int(bits, "bits", 1)
-        if V > (1 << b) - 1:
+        if V.bit_length() > b:  # V > 2^b - 1 without building 2^b (bits = 2^40: a bare MemoryError)
             raise ValueError(f"bits: expected bits with 2^bits - 1 >= vocab_size = {V} (at least "
                              f"{ref.default_bits(V)}), got {b}")
-        return cls(c.astype(np.int64), np.arange(V, dtype=np.int64), b, noise)
+        _cipher_fits(V, "bits", f"bits = {b}", b)
+        return cls(c, np.arange(V, dtype=np.int64), b, noise)
 
     # ---- attributes
     vocab_size = property(lambda self: self._c.vocab_size)
