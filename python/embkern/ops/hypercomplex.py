@@ -615,7 +615,8 @@ def one_to_n_loss(h: Tensor, r: Tensor, entities: Tensor, targets: Tensor, algeb
     tile and produces gradients for h, r, the whole entity table and biases.
 
     Returns a scalar (``reduction="mean"|"sum"``) or (B,) (``"none"``), fp32 for
-    fp16/bf16 inputs.
+    fp16/bf16 inputs. An empty batch (B = 0) gives NaN for ``"mean"``, as
+    ``torch.nn.functional.cross_entropy`` does, and 0 for ``"sum"``.
     """
     h, r, E, bias_h, bias_t = _prepare(h, r, entities, algebra, score, layout, bias_h, bias_t)
     _checks.choice(reduction, "reduction", ("mean", "sum", "none"))
