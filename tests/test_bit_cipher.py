@@ -301,6 +301,11 @@ def test_bad_input():
         embkern.cooccurrence_vectors(np.array([0.5, 1.0]), None, c)
     with pytest.raises(ValueError, match="eps"):
         embkern.cooccurrence_vectors(ids, off, c, eps=0.0)
+    for bad_eps in (float("inf"), float("nan"), True, "1e-3"):
+        with pytest.raises(ValueError, match="eps: expected a finite float > 0"):
+            embkern.cooccurrence_vectors(ids, off, c, eps=bad_eps)
+    assert torch.equal(embkern.cooccurrence_vectors(ids, off, c, eps=np.float32(0.25), progress=False),
+                       embkern.cooccurrence_vectors(ids, off, c, eps=float(np.float32(0.25)), progress=False))
     with pytest.raises(TypeError, match="cipher"):
         embkern.CooccurrenceCounts("cipher")
     with pytest.raises(ValueError, match="bits: expected bits with 2\\^bits - 1 >= vocab_size = 20"):
@@ -315,6 +320,8 @@ def test_bad_input():
         embkern.cooccurrence_vectors(ids, off, c, backend="gpu")
     with pytest.raises(MemoryError, match="bits = 1099511627776"):  # 1 << bits was a bare MemoryError
         embkern.BitCipher.fit(ids, vocab_size=20, bits=2**40)
+    with pytest.raises(TypeError, match=r"token_ids: expected chunks as \(token_ids, doc_offsets\) pairs"):
+        embkern.cooccurrence_vectors([torch.as_tensor(ids)], cipher=c)  # a list of id arrays: chunks, not ids
 
 
 def test_from_counts_rejects_counts_beyond_the_exact_range():

@@ -286,6 +286,12 @@ def test_a_query_that_sees_no_key_outputs_zeros():
     assert torch.all(out[:, :, :2] == 0) and torch.isfinite(out).all()
     assert not torch.all(out[:, :, 2:] == 0)
     assert math.isfinite(float(out.sum()))
+    for qo in (-5, -2**40, -2**70):  # no query sees a key: zeros and zero gradients, even past int64
+        qq = q.detach().clone().requires_grad_(True)
+        out = embkern.relative_attention(qq, k, v, R, S, u, q_offset=qo, max_distance=P)
+        assert torch.all(out == 0)
+        out.sum().backward()
+        assert torch.all(qq.grad == 0)
 
 
 # --------------------------------------------------------------------------- the layer

@@ -3,6 +3,7 @@ every backend the descriptor declares, temperatures, torch.library, bad input.""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -345,6 +346,10 @@ def test_bad_input_names_the_argument():
         sa(q, k, v, bad)
     with pytest.raises(ValueError, match="scale: expected None or a finite float > 0"):
         sa(q, k, v, tq, scale=-1.0)
+    for bad_scale in (float("nan"), True, "0.5"):
+        with pytest.raises(ValueError, match="scale: expected None or a finite float > 0"):
+            sa(q, k, v, tq, scale=bad_scale)
+    torch.testing.assert_close(sa(q, k, v, tq, scale=np.float32(0.5)), sa(q, k, v, tq, scale=0.5), rtol=0, atol=0)
     with pytest.raises(TypeError, match="q_offset: expected an int"):
         sa(q, k, v, tq, q_offset=1.5)
     with pytest.raises(TypeError, match="causal: expected a bool"):

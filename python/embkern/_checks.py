@@ -121,6 +121,15 @@ def positive_int(value, name: str, minimum: int = 1) -> int:
     return int(value)
 
 
+def positive_float(value, name: str, what: str = "a finite float > 0") -> float:
+    """A finite real > 0 (Python or numpy ints and floats; bool never): scales, epsilons."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    if not math.isfinite(float(value)) or not value > 0:
+        raise ValueError(f"{name}: expected {what}, got {value!r}")
+    return float(value)
+
+
 def integer(value, name: str) -> int:
     """A Python or numpy integer (bool never): sizes such as top-k's k."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):

@@ -511,9 +511,8 @@ class CooccurrenceCounts:
 
     def vectors(self, eps: float = 1e-3) -> Tensor:
         """(V, nb * (b + 1)) float32: per block, zeros -> eps, then -log10(F / sum F)."""
-        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps > 0) or eps == float("inf"):
-            raise ValueError(f"eps: expected a finite float > 0, got {eps!r}")
-        return ref.finalise(self.totals(), self.n_blocks, float(eps))
+        eps = _checks.positive_float(eps, "eps")  # numpy scalars too (np.float32(1e-3) was refused)
+        return ref.finalise(self.totals(), self.n_blocks, eps)
 
 
 def cooccurrence_vectors(token_ids, doc_offsets=None, cipher: Optional[BitCipher] = None, window: int = 5,
@@ -536,8 +535,11 @@ def cooccurrence_vectors(token_ids, doc_offsets=None, cipher: Optional[BitCipher
     identical for any backend, thread count and ISA level, and for any split of the corpus into
     chunks or shards. An empty corpus gives every row ``log10(b + 1)``.
     """
+    # a list of ids is one corpus; a list of tuples or of arrays is chunks (arrays are then refused below
+    # with a message, not read as ids: torch.as_tensor of a list of tensors fails obscurely)
     single = isinstance(token_ids, (torch.Tensor, np.ndarray)) or (
-        isinstance(token_ids, list) and not (token_ids and isinstance(token_ids[0], tuple)))
+        isinstance(token_ids, list) and not (token_ids and isinstance(token_ids[0], (tuple, torch.Tensor,
+                                                                                      np.ndarray))))
     if cipher is None:
         if not single:
             raise ValueError("cipher: expected a fitted BitCipher when token_ids is a stream of chunks")
@@ -552,8 +554,8 @@ def cooccurrence_vectors(token_ids, doc_offsets=None, cipher: Optional[BitCipher
         for k, ch in enumerate(_progress.iterate(token_ids, desc="bit-cipher counts", unit="chunk",
                                                  enabled=bool(progress))):
             if not (isinstance(ch, tuple) and len(ch) == 2):
-                raise TypeError(f"token_ids: expected chunks as (token_ids, doc_offsets) pairs, got "
-                                f"{type(ch).__name__} at chunk {k}")
+                raise TypeError(f"token_ids: expected chunks as (token_ids, doc_offsets) pairs (doc_offsets None: "
+                                f"the chunk is one document), got {type(ch).__name__} at chunk {k}")
             counts.update(ch[0], ch[1])
     return counts.vectors(eps)
 

@@ -447,7 +447,10 @@ def hamilton_product(h: Tensor, r: Tensor, *, layout: str = "component", normali
         h, r: (..., 4d) floating tensors (broadcastable), components stored
             ``[a | b | c | d]`` (``layout="component"``) or ``(d, 4)``
             interleaved (``layout="interleaved"``, PyKEEN's layout).
-        normalize: divide r by its Euclidean 4-norm per coordinate first.
+        normalize: divide r by its Euclidean 4-norm per coordinate first (QuatE's
+            unit relation). A coordinate whose four components are all zero has no
+            direction: 0 / 0 makes its output and gradients NaN, in the reference
+            and in every kernel alike.
         backend: None (auto) or "reference" | "cpu" | "triton".
     Returns:
         (..., 4d) in the input dtype (fp16/bf16 computed in fp32). Differentiable.

@@ -279,6 +279,10 @@ def relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor, rel_bia
         # no (i, j) pair: nothing depends on the offset, which the range check above then lets through
         # at any size (2^70 did not fit the op's int64 schema)
         q_offset = Lk - Lq
+    elif causal and q_offset < -Lq:
+        # every key masked for every query, at any such offset (the kernels clamp it the same way); -2^70
+        # passed the range check and then did not fit the op's int64 schema
+        q_offset = -Lq - 1
     be = _backends.resolve(DESCRIPTOR, "relative_attention", backend, q.device.type, q.dtype)
     # out and lse, the copies of non-contiguous inputs, and the reference's (B, H, Lq, Lk) content,
     # position and probability terms: checked before any of it is allocated

@@ -17,7 +17,6 @@ O(L d), and the attention is where the time goes (``docs/ops/selective_attention
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -238,8 +237,8 @@ def selective_attention(q: Tensor, k: Tensor, v: Tensor, tau_q: Tensor, tau_v: O
         raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
     if scale is None:
         scale = ref.default_scale(d)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale: expected None or a finite float > 0, got {scale!r}")
+    else:  # numpy scalars too (np.float32(0.5) was refused)
+        scale = _checks.positive_float(scale, "scale", "None or a finite float > 0")
     q_offset = ref.default_q_offset(Lq, Lk) if q_offset is None else _checks.integer(q_offset, "q_offset")
     # Any offset >= Lk shows every key to every query and any offset <= -Lq none, so clamping changes no
     # value; it keeps i + q_offset inside int64 in the kernels (an offset near 2^63 overflowed there, one
