@@ -49,16 +49,19 @@ struct Args {
   View<T> q, k, v, R, S, u;
   int64_t B, H, Lq, Lk, d, dv, P;
   Args(const py::object& q_, const py::object& k_, const py::object& v_, const py::object& R_,
-       const py::object& S_, const py::object& u_, bool causal, int64_t q_offset) {
+       const py::object& S_, const py::object& u_, bool causal, int64_t q_offset, bool kv_rows = false) {
+    // kv_rows (the forward): k and v need only be packed within each (batch, head) (view()'s lead = 2),
+    // so a slice along Lk of a larger decoding-cache buffer is read in place
+    const int lead = kv_rows ? 2 : 0;
     q = req<T>(q_, "q", 4);
     B = q.size(0);
     H = q.size(1);
     Lq = q.size(2);
     d = q.size(3);
-    k = req<T>(k_, "k", 4);
+    k = req<T>(k_, "k", 4, false, lead);
     expect_shape(k, "k", {B, H, -1, d});
     Lk = k.size(2);
-    v = req<T>(v_, "v", 4);
+    v = req<T>(v_, "v", 4, false, lead);
     expect_shape(v, "v", {B, H, Lk, -1});
     dv = v.size(3);
     R = req<T>(R_, "rel_emb", 3);
@@ -84,7 +87,7 @@ struct Args {
 template <typename T>
 void forward_t(py::object q_, py::object k_, py::object v_, py::object R_, py::object S_, py::object u_,
                py::object out_, py::object lse_, bool causal, int64_t q_offset) {
-  Args<T> a(q_, k_, v_, R_, S_, u_, causal, q_offset);
+  Args<T> a(q_, k_, v_, R_, S_, u_, causal, q_offset, true);
   auto out = req<T>(out_, "out", 4, true);
   expect_shape(out, "out", {a.B, a.H, a.Lq, a.dv});
   auto lse = req<T>(lse_, "lse_out", 3, true);
@@ -94,7 +97,7 @@ void forward_t(py::object q_, py::object k_, py::object v_, py::object R_, py::o
   check_memory(bytes, what);
   run_nogil(bytes, what, [&] {
     rca::forward<T>(a.q.data, a.k.data, a.v.data, a.R.data, a.S.data, a.u.data, out.data, lse.data, a.B, a.H, a.Lq,
-                    a.Lk, a.d, a.dv, a.P, causal, q_offset);
+                    a.Lk, a.d, a.dv, a.P, causal, q_offset, a.k.lead_stride, a.v.lead_stride);
   });
 }
 
@@ -204,7 +207,9 @@ void register_rel_conv_attention(py::module_& m) {
       arg("lse_out"), arg("causal"), arg("q_offset"),
       "out (B, H, Lq, dv), lse_out (B, H, Lq) of Transformer-XL relative attention; q (B, H, Lq, d), "
       "k (B, H, Lk, d), v (B, H, Lk, dv), rel_emb (2P, H, d), rel_bias (2P, H), content_bias (H, d); "
-      "key j visible to query i iff not causal or j <= i + q_offset. All float32 or all float64, C-contiguous.");
+      "key j visible to query i iff not causal or j <= i + q_offset. All float32 or all float64, C-contiguous "
+      "(k and v: within each (batch, head), so a slice [:, :, a:b] of a (B, H, capacity, d) buffer is read "
+      "in place).");
   m.def(
       "backward",
       [](py::object go, py::object q, py::object k, py::object v, py::object R, py::object S, py::object u,

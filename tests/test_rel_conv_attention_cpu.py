@@ -16,7 +16,7 @@ import torch
 import embkern
 from embkern import testing
 from embkern.reference import rel_conv_attention as ref
-from helpers import assert_same_bits, at_each, cpu_isa, cpu_module, cpu_threads
+from helpers import assert_same_bits, at_each, cpu_isa, cpu_module, cpu_threads, in_cache_buffer
 
 C = cpu_module()
 RA = C.rel_conv_attention
@@ -226,6 +226,66 @@ def test_thread_count_invariance(dtype, shape):
 @pytest.mark.parametrize("shape", EXACT, ids=lambda s: "x".join(map(str, s[:6])))
 def test_same_bits_at_every_isa_level(dtype, shape):
     assert_same_bits(at_each(cpu_isa, LEVELS, lambda: _all_results(shape, dtype, 6)))
+
+
+# --------------------------------------------------------------------------- k, v read in place
+
+SLICES = [(2, 4, 1, 300, 64, 64, 320, True, None), (1, 2, 3, 70, 16, 8, 80, True, -1),
+          (2, 3, 130, 200, 32, 48, 256, True, None), (1, 1, 1, 5, 8, 8, 8, True, None),
+          (3, 2, 5, 65, 24, 40, 80, False, None)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SLICES, ids=lambda s: "x".join(map(str, s[:6])))
+def test_forward_reads_a_slice_of_a_cache_buffer_in_place(dtype, shape):
+    *dims, P, causal, qo = shape
+    q, k, v, R, S, u = data(*dims, P, dtype=dtype, seed=8)
+    Lk = dims[3]
+    # NaN rows past each head's Lk: a kernel that reads beyond them, or steps heads by Lk d, shows it
+    ks, vs = in_cache_buffer(k, Lk + 37), in_cache_buffer(v, 2 * Lk + 1)
+    assert not ks.is_contiguous() or dims[0] * dims[1] == 1
+    from embkern.ops import rel_conv_attention as ops
+    for t in (ks, vs):  # what the kernel gets is a view of the buffer, not a copy
+        assert ops._np_rows(t).__array_interface__["data"][0] == t.data_ptr()
+
+    def run(k, v):
+        with torch.no_grad():
+            return embkern.relative_attention(q, k, v, R, S, u, causal=causal, q_offset=qo, max_distance=P,
+                                              backend="cpu")
+
+    assert_same_bits({"packed": run(k, v), "slices": run(ks, vs), "k slice": run(ks, v)})
+    # the backward copies (its kernel takes packed buffers) and gives the packed inputs' gradients
+    assert_same_bits({"packed": run_cpu((q, k, v, R, S, u), causal, qo, P),
+                      "slices": run_cpu((q, ks, vs, R, S, u), causal, qo, P)})
+
+
+@pytest.mark.skipif(len(LEVELS) < 2, reason="this CPU runs one ISA level")
+def test_cache_slices_give_the_same_bits_at_every_isa_level_and_thread_count():
+    q, k, v, R, S, u = data(2, 4, 1, 300, 64, 64, 320, seed=9)
+    ks, vs = in_cache_buffer(k, 512), in_cache_buffer(v, 512)
+
+    def run(k, v):
+        with torch.no_grad():
+            return embkern.relative_attention(q, k, v, R, S, u, max_distance=320, backend="cpu")
+
+    want = run(k, v)
+    assert_same_bits({"packed": want, **at_each(cpu_isa, LEVELS, lambda: run(ks, vs)),
+                      **at_each(cpu_threads, (1, 3), lambda: run(ks, vs))})
+
+
+def test_views_the_kernel_cannot_read_in_place_are_copied():
+    q, k, v, R, S, u = data(2, 4, 3, 40, 16, 16, 48, seed=10)
+    with torch.no_grad():
+        want = embkern.relative_attention(q, k, v, R, S, u, max_distance=48, backend="cpu")
+        wide = torch.cat([k, k], 1)[:, :4]  # heads 0..3 of 8: the batch step is not 4 head steps
+        strided = torch.stack([v, v], -1)[..., 0]  # elements 2 apart
+        lk = k.transpose(1, 2).contiguous().transpose(1, 2)  # (B, Lk, H, d) memory, as the layer's projections
+        from embkern.ops import rel_conv_attention as ops
+        for t in (wide, strided, lk):
+            assert ops._np_rows(t).__array_interface__["data"][0] != t.data_ptr()
+        got = {n: embkern.relative_attention(q, kk, vv, R, S, u, max_distance=48, backend="cpu")
+               for n, (kk, vv) in {"wide": (wide, v), "strided": (k, strided), "lk": (lk, v)}.items()}
+    assert_same_bits({"packed": want, **got})
 
 
 # --------------------------------------------------------------------------- torch.library on the cpu backend

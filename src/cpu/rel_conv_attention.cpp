@@ -400,7 +400,8 @@ void backward_head(const Problem<T>& P, const T* go, const T* q, const T* k, con
 
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const T* R, const T* S, const T* u, T* out, T* lse, int64_t B,
-             int64_t H, int64_t Lq, int64_t Lk, int64_t d, int64_t dv, int64_t P_, bool causal, int64_t q_offset) {
+             int64_t H, int64_t Lq, int64_t Lk, int64_t d, int64_t dv, int64_t P_, bool causal, int64_t q_offset,
+             int64_t k_stride, int64_t v_stride) {
   const Problem<T> P = make_problem<T>(B, H, Lq, Lk, d, dv, P_, causal, q_offset);
   const int64_t nqb = (Lq + kBQ - 1) / kBQ, tasks = B * H * nqb;
   if (tasks == 0) return;
@@ -415,7 +416,7 @@ void forward(const T* q, const T* k, const T* v, const T* R, const T* S, const T
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb, h = bh % H;
-      forward_block<T>(P, q + bh * Lq * d, k + bh * Lk * d, v + bh * Lk * dv, R, S, u, h, out + bh * Lq * dv,
+      forward_block<T>(P, q + bh * Lq * d, k + bh * k_stride, v + bh * v_stride, R, S, u, h, out + bh * Lq * dv,
                        lse + bh * Lq, qb * kBQ, s);
     }
   }

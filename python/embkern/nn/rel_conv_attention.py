@@ -86,7 +86,9 @@ class RelConvCache:
     (an optimizer step, ``load_state_dict``); ``reset()`` starts again.
 
     Buffers hold up to about twice the window and are compacted when full, so a step copies its own
-    rows (amortised), plus the window once into the (B, H, length, d_k) K and V the kernel reads.
+    rows (amortised) and the K - 1 recomputed ones; the kernel reads the window's K and V in place from
+    (B, H, capacity, d_k) buffers (copying them out cost a third of a step: at B 4, d_model 256,
+    memory 1024, 2 x 4 MiB a token).
     """
 
     def __init__(self):
@@ -99,24 +101,26 @@ class RelConvCache:
 
     def reset(self) -> None:
         """Forget every row (and the buffers)."""
-        # (B, capacity, d_model) buffers: the rows' projections before the conv (_k, _v) and after it
-        # (_ck, _cv; None without a conv); the window is rows [_s, _e)
+        # _k, _v: (B, H, capacity, d_k), what the attention reads: the rows' K and V after the conv (the
+        # projections themselves without one); _pk, _pv: (B, capacity, d_model), the projections before the
+        # conv (None without a conv). The window is rows [_s, _e).
         self._k: Optional[Tensor] = None
         self._v: Optional[Tensor] = None
-        self._ck: Optional[Tensor] = None
-        self._cv: Optional[Tensor] = None
+        self._pk: Optional[Tensor] = None
+        self._pv: Optional[Tensor] = None
         self._s = self._e = 0
         self._owner = None  # weakref to the layer that filled it
         self._versions: Tuple[int, ...] = ()
 
     def _state(self) -> tuple:
         """The window and its buffers, for :meth:`_restore` (the benchmark repeats one step from one state)."""
-        return (self._k, self._v, self._ck, self._cv, self._s, self._e, self._owner, self._versions)
+        return (self._k, self._v, self._pk, self._pv, self._s, self._e, self._owner, self._versions)
 
     def _restore(self, state: tuple) -> None:
-        """Back to a :meth:`_state` taken since: appends write only past the window's end (or into new buffers),
-        so the rows it names are intact. Valid for going back once, not for branching histories."""
-        self._k, self._v, self._ck, self._cv, self._s, self._e, self._owner, self._versions = state
+        """Back to a :meth:`_state` taken since: appends write only past the window's end, into its first
+        K - 1 rows (recomputed from the same rows by the next call), or into new buffers, so the rows it
+        names read the same. Valid for going back once, not for branching histories."""
+        self._k, self._v, self._pk, self._pv, self._s, self._e, self._owner, self._versions = state
 
     def _check(self, layer: "RelConvMultiHeadAttention", z: Tensor) -> None:
         if self._k is None:
@@ -128,7 +132,7 @@ class RelConvCache:
             raise ValueError("cache: the layer's W_k, W_v or K/V conv weights changed since the cache was filled "
                              "(an optimizer step or load_state_dict); its rows are stale: reset() it and run the "
                              "context again")
-        B, C = self._k.shape[0], self._k.shape[2]
+        B = self._k.shape[0]
         if z.shape[0] != B:
             raise ValueError(f"z: expected batch {B} (the cache's), got {tuple(z.shape)}")
         _checks.same_dtype("the cached rows", self._k, "z", z)
@@ -136,49 +140,53 @@ class RelConvCache:
 
     def _append(self, layer: "RelConvMultiHeadAttention", k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
         """Add the L new rows k, v (B, L, C) (before the conv); returns the attention's K and V over the
-        window plus the new rows, (B, H, length + L, d_k) after the conv, and keeps the last
-        ``memory_len`` rows for the next call."""
+        window plus the new rows, (B, H, length + L, d_k) after the conv (views of the buffers), and keeps
+        the last ``memory_len`` rows for the next call."""
         B, L, C = k.shape
+        H, d = layer.n_heads, layer.d_k
         W = self.length
         convs = layer.convs
         stale = self._k is not None and self._k.is_inference() and not torch.is_inference_mode_enabled()
-        if self._k is None or self._e + L > self._k.shape[1] or stale:
+        if self._k is None or self._e + L > self._k.shape[2] or stale:
             cap = max(2 * (W + L), 16)
             n_bufs = 4 if convs is not None else 2
             _checks.fits(n_bufs * B * cap * C * k.element_size(), k.device,
                          f"RelConvCache: {n_bufs} buffers of {cap} rows for (B {B}, d_model {C}) "
                          f"{_checks._dt(k.dtype)}")
-            olds = (self._k, self._v, self._ck, self._cv)[:n_bufs]
-            bufs = []
-            for old in olds:
-                buf = torch.empty(B, cap, C, dtype=k.dtype, device=k.device)
-                if W:
-                    buf[:, :W].copy_(old[:, self._s:self._e])
-                bufs.append(buf)
-            self._k, self._v, self._ck, self._cv = (bufs + [None, None])[:4]
+            kw = dict(dtype=k.dtype, device=k.device)
+            heads = [torch.empty(B, H, cap, d, **kw) for _ in range(2)]
+            rows = [torch.empty(B, cap, C, **kw) for _ in range(n_bufs - 2)]
+            if W:
+                for new, old in zip(heads, (self._k, self._v)):
+                    new[:, :, :W].copy_(old[:, :, self._s:self._e])
+                for new, old in zip(rows, (self._pk, self._pv)):
+                    new[:, :W].copy_(old[:, self._s:self._e])
+            self._k, self._v = heads
+            self._pk, self._pv = rows if rows else (None, None)
             self._s, self._e = 0, W
         s, e = self._s, self._e
-        H, d = layer.n_heads, layer.d_k
+        Lk = e + L - s
         outs = []
-        for pre, post, new, name in ((self._k, self._ck, k, "k"), (self._v, self._cv, v, "v")):
-            pre[:, e:e + L].copy_(new)
-            Lk = e + L - s
-            att = torch.empty(B, H, Lk, d, dtype=k.dtype, device=k.device)
+        for post, pre, new, name in ((self._k, self._pk, k, "k"), (self._v, self._pv, v, "v")):
             if convs is None:
-                att.copy_(pre[:, s:e + L].view(B, Lk, H, d).transpose(1, 2))
+                post[:, :, e:e + L].copy_(new.view(B, L, H, d).transpose(1, 2))
             else:
                 # A row's conv reads the K1 rows before it. Rows at K1 or more past the window start
                 # have all of them in the window: their outputs, computed once when the row came, are
                 # reused. The first K1 rows of a window see zeros before its start, so they change as
-                # the window slides: recomputed every call (K1 rows, not the window).
+                # the window slides: recomputed every call (K1 rows, not the window), in place, since
+                # the start only moves forward and a row once among them never needs its full-context
+                # value again.
+                pre[:, e:e + L].copy_(new)
                 conv = convs[name]
                 K1 = conv.weight.shape[1] - 1
                 lo = max(s, e - K1)
-                post[:, e:e + L].copy_(conv(pre[:, lo:e + L], layer.backend)[:, e - lo:])
+                post[:, :, e:e + L].copy_(conv(pre[:, lo:e + L], layer.backend)[:, e - lo:]
+                                          .view(B, L, H, d).transpose(1, 2))
                 h = min(K1, Lk)
-                att[:, :, :h].copy_(conv(pre[:, s:s + h], layer.backend).view(B, h, H, d).transpose(1, 2))
-                att[:, :, h:].copy_(post[:, s + h:e + L].view(B, Lk - h, H, d).transpose(1, 2))
-            outs.append(att)
+                if h:
+                    post[:, :, s:s + h].copy_(conv(pre[:, s:s + h], layer.backend).view(B, h, H, d).transpose(1, 2))
+            outs.append(post[:, :, s:e + L])
         self._e = e + L
         self._s = max(s, self._e - layer.memory_len)
         self._owner, self._versions = weakref.ref(layer), layer._projection_versions()

@@ -83,11 +83,17 @@ def _cpu():
     return _backends.cpu_module().rel_conv_attention
 
 
+def _np_rows(t: Tensor):
+    """The forward's k and v: read in place when each (batch, head)'s rows are packed (a slice along Lk of
+    the (B, H, capacity, d_k) buffers :class:`embkern.nn.RelConvCache` keeps), else a contiguous copy."""
+    return t.detach().numpy() if _checks.packed_below(t, 2) else _np(t)
+
+
 def _cpu_forward(q, k, v, R, S, u, causal, q_offset):
     B, H, Lq, _ = q.shape
     out = torch.empty(B, H, Lq, v.shape[-1], dtype=q.dtype)
     lse = torch.empty(B, H, Lq, dtype=q.dtype)
-    _cpu().forward(_np(q), _np(k), _np(v), _np(R), _np(S), _np(u), out.numpy(), lse.numpy(), bool(causal),
+    _cpu().forward(_np(q), _np_rows(k), _np_rows(v), _np(R), _np(S), _np(u), out.numpy(), lse.numpy(), bool(causal),
                    int(q_offset))
     return out, lse
 

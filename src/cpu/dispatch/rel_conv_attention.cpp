@@ -9,8 +9,10 @@ namespace rca {
 
 template <typename T>
 void forward(const T* q, const T* k, const T* v, const T* R, const T* S, const T* u, T* out, T* lse, int64_t B,
-             int64_t H, int64_t Lq, int64_t Lk, int64_t d, int64_t dv, int64_t P, bool causal, int64_t q_offset) {
-  EMBKERN_DISPATCH(forward<T>, q, k, v, R, S, u, out, lse, B, H, Lq, Lk, d, dv, P, causal, q_offset);
+             int64_t H, int64_t Lq, int64_t Lk, int64_t d, int64_t dv, int64_t P, bool causal, int64_t q_offset,
+             int64_t k_stride, int64_t v_stride) {
+  EMBKERN_DISPATCH(forward<T>, q, k, v, R, S, u, out, lse, B, H, Lq, Lk, d, dv, P, causal, q_offset, k_stride,
+                   v_stride);
 }
 
 template <typename T>

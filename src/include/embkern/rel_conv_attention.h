@@ -41,7 +41,7 @@ EMBKERN_ISA_END
 
 #define EMBKERN_RCA_INSTANTIATE(T)                                                                                \
   template void forward<T>(const T*, const T*, const T*, const T*, const T*, const T*, T*, T*, int64_t, int64_t,  \
-                           int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t);                           \
+                           int64_t, int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t, int64_t);         \
   template void backward<T>(const T*, const T*, const T*, const T*, const T*, const T*, const T*, const T*,      \
                             const T*, T*, T*, T*, T*, T*, T*, int64_t, int64_t, int64_t, int64_t, int64_t,        \
                             int64_t, int64_t, bool, int64_t);                                                     \
