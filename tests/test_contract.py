@@ -120,3 +120,61 @@ def test_all_finite_matches_isfinite(dtype):
                 assert _checks.all_finite(view) == bool(torch.isfinite(view).all()), (bad, where)
     assert _checks.all_finite(torch.tensor([2**31 - 1, -5]))  # integers are finite
     assert _checks.all_finite(torch.tensor([True, False]))
+
+
+def _shapes(r):
+    return [tuple(t.shape) for t in (r if isinstance(r, (tuple, list)) else [r])]
+
+
+def _meta_cases():
+    import embkern
+    B, H, L, d, P, N, D = 2, 2, 7, 8, 16, 30, 4
+    attn = lambda dev: [torch.randn(B, H, L, d, device=dev, requires_grad=True) for _ in range(3)]
+    return {
+        "selective_attention": lambda dev: (embkern.selective_attention, attn(dev) + [
+            torch.rand(B, H, L, device=dev, requires_grad=True), torch.rand(B, H, L, device=dev)], {}),
+        "relative_attention": lambda dev: (embkern.relative_attention, attn(dev) + [
+            torch.randn(2 * P, H, d, device=dev, requires_grad=True), torch.randn(2 * P, H, device=dev),
+            torch.randn(H, d, device=dev)], {"max_distance": P}),
+        "causal_depthwise_conv": lambda dev: (embkern.causal_depthwise_conv, [
+            torch.randn(B, L, d, device=dev, requires_grad=True), torch.randn(d, 3, device=dev)], {}),
+        "selective_temperatures": lambda dev: (embkern.selective_temperatures, [
+            torch.randn(B, H, L, d, device=dev, requires_grad=True), torch.arange(L, device=dev)], {}),
+        "score_all": lambda dev: (embkern.score_all, [torch.randn(B, 4 * D, device=dev, requires_grad=True),
+                                                      torch.randn(B, 4 * D, device=dev),
+                                                      torch.randn(N, 4 * D, device=dev)], {}),
+        "topk_all": lambda dev: (embkern.topk_all, [torch.randn(B, 4 * D, device=dev), torch.randn(B, 4 * D, device=dev),
+                                                    torch.randn(N, 4 * D, device=dev), 5], {}),
+        "rank_all": lambda dev: (embkern.rank_all, [torch.randn(B, 4 * D, device=dev), torch.randn(B, 4 * D, device=dev),
+                                                    torch.randn(N, 4 * D, device=dev),
+                                                    torch.tensor([3, 7], device=dev)], {}),
+        "one_to_n_loss": lambda dev: (embkern.one_to_n_loss, [
+            torch.randn(B, 4 * D, device=dev, requires_grad=True), torch.randn(B, 4 * D, device=dev),
+            torch.randn(N, 4 * D, device=dev), torch.tensor([3, 7], device=dev)], {}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_meta_cases()))
+def test_meta_tensors_give_the_shapes_of_a_real_call(name):
+    # as torch's own ops do: model init on "meta", shape propagation, FLOP counting without data
+    fn, real, kw = _meta_cases()[name]("cpu")
+    _, meta, _ = _meta_cases()[name]("meta")
+    want, got = fn(*real, **kw), fn(*meta, **kw)
+    assert all(t.device.type == "meta" for t in (got if isinstance(got, tuple) else [got]))
+    assert _shapes(got) == _shapes(want)
+    first = got[0] if isinstance(got, tuple) else got
+    if meta[0].requires_grad and first.requires_grad:  # the backward's fake kernels too
+        first.sum().backward()
+        assert meta[0].grad is not None and meta[0].grad.shape == meta[0].shape
+        assert meta[0].grad.device.type == "meta"
+
+
+def test_layers_built_and_run_on_meta():
+    from embkern import nn as enn
+    with torch.device("meta"):
+        rc = enn.RelConvMultiHeadAttention(32, 4, memory_len=4)
+        out, mem = rc(torch.randn(2, 5, 32), torch.randn(2, 4, 32))
+        ss = enn.SelectiveSelfAttention(32, 4)
+        out2 = ss(torch.randn(2, 5, 32))
+    assert out.shape == (2, 5, 32) and mem.shape == (2, 4, 32) and out.device.type == "meta"
+    assert out2.shape == (2, 5, 32) and out2.device.type == "meta"

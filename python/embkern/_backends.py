@@ -267,6 +267,10 @@ def check_backend_arg(backend) -> Optional[str]:
 def _resolve_cached(desc: OpDescriptor, entry: str, backend: Optional[str], device_type: str,
                     dtype: torch.dtype) -> str:
     kernels = desc.kernels_of(entry)
+    if device_type == "meta":
+        # Shapes only: the ops' fake kernels (and the reference's torch ops) run on meta tensors, whatever
+        # the backend asked for, as torch's own ops do (model init on "meta", shape propagation)
+        return "reference"
     if backend is not None:
         st = check(desc, backend, kernels, device_type, dtype)
         if not st.ok:

@@ -288,8 +288,9 @@ def selective_temperatures(x: Tensor, positions, gate_param: Optional[Tensor] = 
     B, H, L, d = x.shape
     _checks.choice(gate, "gate", GATES)
     if isinstance(positions, int) and not isinstance(positions, bool):
-        if positions < 0:
-            raise ValueError(f"positions: expected a start position >= 0, got {positions}")
+        if positions < 0 or positions > 2**63 - 1 - L:  # int64 positions (2^63 - 1 overflowed torch.arange)
+            raise ValueError(f"positions: expected a start position in [0, 2^63 - 1 - L] = [0, {2**63 - 1 - L}], "
+                             f"got {positions}")
         positions = torch.arange(positions, positions + L, device=x.device)
     else:
         positions = _checks.int_tensor(positions, "positions")
@@ -298,7 +299,8 @@ def selective_temperatures(x: Tensor, positions, gate_param: Optional[Tensor] = 
             raise ValueError(f"positions: expected shape (L,) = ({L},) or (B, L) = ({B}, {L}), got "
                              f"{tuple(positions.shape)}")
         _checks.same_device("x", x, "positions", positions)
-        if not _checks._data_checks_off() and positions.numel() and int(positions.min()) < 0:
+        if not _checks._data_checks_off() and not _checks.no_values(positions) and positions.numel() \
+                and int(positions.min()) < 0:
             raise ValueError(f"positions: expected 0-based positions >= 0, got {int(positions.min())}")
     if gate_param is not None:
         gate_param = _checks.float_tensor(gate_param, "gate_param")
