@@ -254,12 +254,40 @@ inline void tile_rows(int rows, int64_t K, const T* A, int64_t sr, int64_t sk, c
   }
 }
 
+// One row of C over NG register tiles (NG * NR columns): the same FMA chain per element as tile<T, 1>,
+// with NG times its independent accumulators. A one-row product (a decode step's scores and P V) through
+// tile<T, 1> ran NV chains (2 at avx512) back to back, bound by the FMA latency, not its throughput.
+template <typename T, int NG>
+inline void row_tile(int64_t K, const T* A, int64_t sk, const T* B, int64_t ldb, T* C, bool accumulate) {
+  using V = Vec<T>;
+  constexpr int N = NG * V::NV, W = V::W;
+  typename V::R c[N];
+#pragma GCC unroll 16
+  for (int u = 0; u < N; ++u) c[u] = accumulate ? V::load(C + u * W) : V::zero();
+  for (int64_t k = 0; k < K; ++k) {
+    const typename V::R ar = V::set1(A[k * sk]);
+#pragma GCC unroll 16
+    for (int u = 0; u < N; ++u) c[u] = V::fma(ar, V::load(B + k * ldb + u * W), c[u]);
+  }
+#pragma GCC unroll 16
+  for (int u = 0; u < N; ++u) V::store(C + u * W, c[u]);
+}
+
 // C (M x N) (+)= A (M x K) B (K x N), N a multiple of NR; A(m, k) = A[m*sr + k*sk].
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t sr, int64_t sk, const T* B, int64_t ldb, T* C,
           int64_t ldc, bool accumulate) {
   constexpr int MR = Vec<T>::MR;
   constexpr int64_t NR = kNR<T>;
+  if (M == 1) {
+    int64_t n0 = 0;
+    for (; n0 + 4 * NR <= N; n0 += 4 * NR) row_tile<T, 4>(K, A, sk, B + n0, ldb, C + n0, accumulate);
+    const int64_t left = (N - n0) / NR;
+    if (left == 3) row_tile<T, 3>(K, A, sk, B + n0, ldb, C + n0, accumulate);
+    if (left == 2) row_tile<T, 2>(K, A, sk, B + n0, ldb, C + n0, accumulate);
+    if (left == 1) row_tile<T, 1>(K, A, sk, B + n0, ldb, C + n0, accumulate);
+    return;
+  }
   for (int64_t n0 = 0; n0 < N; n0 += NR)
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       const int rows = static_cast<int>(std::min<int64_t>(MR, M - m0));

@@ -143,7 +143,8 @@ T row_sum(const T* row, int64_t n) {
 // masked pairs) read as zero, and so does the pad column w = kWin.
 template <typename T>
 void pack_window(const Problem<T>& P, const T* R, const T* S, int64_t h, int64_t t0, T* Rt, T* Rp, int64_t dp,
-                 T* Sw) {
+                 T* Sw, int64_t c_lo = 0, int64_t c_hi = kWinP) {
+  // Only columns [c_lo, c_hi) of Rt are read by the caller (Rp and Sw: all of them).
   const int64_t d = P.d, H = P.H;
   // Window columns [w_lo, w_hi) are table rows; the rest (and the pad column) are zero. The in-table
   // run goes through the square transposes: the scalar transposed stores (d stores kWinP apart per
@@ -156,9 +157,10 @@ void pack_window(const Problem<T>& P, const T* R, const T* S, int64_t h, int64_t
     for (int64_t w = 0; w < w_lo; ++w) o[w] = T(0);
     for (int64_t w = w_hi; w < kWinP; ++w) o[w] = T(0);
   }
-  if (w_hi > w_lo)
-    pack_transposed_strided(R + ((r0 + w_lo) * H + h) * d, H * d, w_hi - w_lo, w_hi - w_lo, d,
-                            static_cast<const T*>(nullptr), Rt + w_lo, kWinP);
+  const int64_t p_lo = std::max(w_lo, c_lo), p_hi = std::min(w_hi, c_hi);
+  if (p_hi > p_lo)
+    pack_transposed_strided(R + ((r0 + p_lo) * H + h) * d, H * d, p_hi - p_lo, p_hi - p_lo, d,
+                            static_cast<const T*>(nullptr), Rt + p_lo, kWinP);
   for (int64_t w = 0; w < kWinP; ++w) {
     const bool in = w >= w_lo && w < w_hi;
     Sw[w] = in ? S[(r0 + w) * H + h] : T(0);
@@ -242,10 +244,15 @@ void forward_block(const Problem<T>& P, const T* q, const T* k, const T* v, cons
   for (int64_t j0 = 0; j0 < j_end; j0 += kBK) {
     const int64_t nb = std::min(kBK, j_end - j0), Nb = round_up(nb, kNR<T>), N16 = round_up(nb, kSplit);
     const int64_t t0 = j0 - i0 - kBQ + P.Lq;
+    // Row i reads window columns kBQ - 1 - i + j, j < Nb: a block of mb < kBQ queries (the last one; one
+    // query at decode) reads [kBQ - mb, kBQ - 1 + Nb) only, so only those R rows are packed and multiplied
+    // (the same products: each Y column's dot product does not depend on which others are computed).
+    // At decode that is 128 of 160 columns.
+    const int64_t c_lo = (kBQ - mb) / kNR<T> * kNR<T>, c_hi = std::min(kWinP, round_up(kBQ - 1 + Nb, kNR<T>));
     pack_transposed(k + j0 * d, nb, Nb, d, static_cast<const T*>(nullptr), Kt, kBK);
-    pack_window(P, R, S, h, t0, Rt, static_cast<T*>(nullptr), 0, Sw);
+    pack_window(P, R, S, h, t0, Rt, static_cast<T*>(nullptr), 0, Sw, c_lo, c_hi);
     gemm<T>(mb, Nb, d, Qu, d, 1, Kt, kBK, Sm, kBK, false);
-    gemm<T>(mb, kWinP, d, q + i0 * d, d, 1, Rt, kWinP, Y, kWinP, false);
+    gemm<T>(mb, c_hi - c_lo, d, q + i0 * d, d, 1, Rt + c_lo, kWinP, Y + c_lo, kWinP, false);
     for (int64_t i = 0; i < mb; ++i) {
       T* row = Sm + i * kBK;
       tile_scores(P, row, Y + i * kWinP, Sw, i, Nb);
