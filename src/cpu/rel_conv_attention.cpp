@@ -419,10 +419,12 @@ void forward(const T* q, const T* k, const T* v, const T* R, const T* S, const T
 #pragma omp parallel if (par)
   {
     T* s = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * static_cast<size_t>(per);
-    // Latest query blocks first: under the causal mask they see the most keys.
+    // Latest query blocks first: under the causal mask they see the most keys. The batch index varies
+    // fastest after the query block: tasks that run together read one head's R rows, the same rows for
+    // every batch element, while they are in cache.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t bh = t / nqb, qb = nqb - 1 - t % nqb, h = bh % H;
+      const int64_t hb = t / nqb, qb = nqb - 1 - t % nqb, h = hb / B, bh = (hb % B) * H + h;
       forward_block<T>(P, q + bh * Lq * d, k + bh * k_stride, v + bh * v_stride, R, S, u, h, out + bh * Lq * dv,
                        lse + bh * Lq, qb * kBQ, s);
     }
