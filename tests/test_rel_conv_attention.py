@@ -11,7 +11,7 @@ import embkern
 from embkern import testing
 from embkern.ops import rel_conv_attention as ops
 from embkern.reference import rel_conv_attention as ref
-from helpers import backend_params, device_of, require_backend
+from helpers import backend_params, device_of, in_cache_buffer, require_backend
 
 BACKENDS = backend_params(*ops.DESCRIPTOR.backends)
 P = 160
@@ -151,6 +151,24 @@ def test_non_contiguous_inputs(backend):
     assert not nc[0].is_contiguous()
     testing.assert_parity(lambda *a: embkern.relative_attention(*a, max_distance=P, backend=backend),
                           ref.attention, (*nc, R, S, u))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H", [(2, 2), (1, 2), (3, 1), (1, 1)])
+def test_slices_of_a_cache_buffer_give_the_packed_result(backend, dtype, B, H):
+    """k and v as slices [:, :, :Lk] of larger buffers (RelConvCache keeps them so; the cpu and triton
+    forwards read them in place): the same bits as packed copies, with NaN in the buffers' unused rows (a
+    read past a head's Lk rows, or a head step of Lk d, would show), for one decode token and a block."""
+    dev = device_of(backend)
+    require_backend(ops.DESCRIPTOR, "forward", backend, dev, dtype)
+    for Lq, Lk in ((1, 45), (17, 40)):
+        q, k, v, R, S, u = _inputs(B, H, Lq, Lk, 16, 8, dtype, seed=Lq, device=dev)
+        with torch.no_grad():
+            want = embkern.relative_attention(q, k, v, R, S, u, max_distance=P, backend=backend)
+            got = embkern.relative_attention(q, in_cache_buffer(k, Lk + 3), in_cache_buffer(v, Lk + 19), R, S, u,
+                                             max_distance=P, backend=backend)
+        assert torch.equal(got, want), (Lq, Lk)
 
 
 # --------------------------------------------------------------------------- torch.library

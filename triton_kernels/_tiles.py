@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _checks
+
 
 def pow2(n: int) -> int:
     """The padded tile width for a head dim: a power of two, at least 16 (the tl.dot minimum)."""
@@ -36,6 +38,16 @@ def launch_opts(t: torch.Tensor, warps: int, stages: int) -> dict:
 def upcast(t: torch.Tensor) -> bool:
     """True where the interpreter runs bf16 tiles (see the module docstring)."""
     return t.device.type != "cuda" and t.dtype == torch.bfloat16
+
+
+def head_stride(t: torch.Tensor, packed: int):
+    """(t, elements from one (batch, head) to the next) with t (B, H, L, width) read in place when each
+    head's rows are packed and the (batch, head) dims step as one index (a slice along L of a decoding
+    cache's buffer), else a contiguous copy; ``packed`` = L * width."""
+    if not _checks.packed_below(t, 2):
+        return t.contiguous(), packed
+    B, H = t.shape[:2]
+    return t, (t.stride(1) if H > 1 else t.stride(0) if B > 1 else packed)
 
 
 def device_ctx(t: torch.Tensor):

@@ -71,7 +71,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import _dot, _softmax_finish, _softmax_step, device_ctx, launch_opts, pow2, upcast
+from ._tiles import _dot, _softmax_finish, _softmax_step, device_ctx, head_stride, launch_opts, pow2, upcast
 
 
 def _cfg(t: torch.Tensor, d: int) -> dict:
@@ -205,7 +205,7 @@ def _store_kv_grads(dk_ptr, dv_ptr, dup_ptr, dk, dva, csum, u, k, bh, n, nN, col
 
 @triton.jit
 def _fwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, o_ptr, lse_ptr,
-                H, Lq, Lk, d, dv, P, scale, q_offset,
+                H, Lq, Lk, d, dv, P, scale, q_offset, k_hs, v_hs,
                 CAUSAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                 UPCAST: tl.constexpr, IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -225,8 +225,9 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, R_ptr, S_ptr, u_ptr, o_ptr, lse_ptr,
         hi = tl.minimum(Lk, m0 + BM + q_offset)
     for n0 in range(0, hi, BN):
         cols = n0 + tl.arange(0, BN)
-        k = _load_rows(k_ptr, bh * Lk, cols, Lk, od, d)
-        v = _load_rows(v_ptr, bh * Lk, cols, Lk, odv, dv)
+        # (batch, head) bh starts k_hs / v_hs elements in (Lk d / Lk dv when packed; more for a cache slice)
+        k = _load_rows(k_ptr + bh * k_hs, 0, cols, Lk, od, d)
+        v = _load_rows(v_ptr + bh * v_hs, 0, cols, Lk, odv, dv)
         r0, R1, S1, R2, S2 = _tile_windows(R_ptr, S_ptr, P, n0, m0, q_offset, h, H, od, d, BM, BN)
         s = _scores(q, k, _uk(k, u), R1, S1, R2, S2, scale, BM, BN, UPCAST, IEEE)
         s = tl.where(_visible(rows, cols, Lq, Lk, q_offset, CAUSAL), s, float("-inf"))
@@ -509,7 +510,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R: torch.Tensor, 
             causal: bool, q_offset: int) -> Tuple[torch.Tensor, torch.Tensor]:
     B, H, Lq, d = q.shape
     Lk, dv, P = k.shape[2], v.shape[-1], R.shape[0] // 2
-    q, k, v, R, S, u = _prep(q, k, v, R, S, u)
+    # k and v read in place when packed within each (batch, head): embkern.nn.RelConvCache's window
+    (k, k_hs), (v, v_hs) = head_stride(k, Lk * d), head_stride(v, Lk * dv)
+    q, R, S, u = (t.contiguous() for t in (q, R, S, u))
     out = torch.zeros(B, H, Lq, dv, dtype=q.dtype, device=q.device)
     lse = torch.full((B, H, Lq), float("-inf"), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or Lk == 0:
@@ -517,7 +520,7 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, R: torch.Tensor, 
     kw, c = _consts(q, v, causal, fwd=True)
     with device_ctx(q):
         _fwd_kernel[(triton.cdiv(Lq, kw["BM"]), B * H)](
-            q, k, v, R, S, u, out, lse, H, Lq, Lk, d, dv, P, d ** -0.5, int(q_offset), **kw,
+            q, k, v, R, S, u, out, lse, H, Lq, Lk, d, dv, P, d ** -0.5, int(q_offset), k_hs, v_hs, **kw,
             **launch_opts(q, c["warps"], c["stages"]))
     return out, lse
 

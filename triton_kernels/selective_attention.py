@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .. import _checks
 from ._tiles import _dot, _softmax_finish, _softmax_step, launch_opts
-from ._tiles import device_ctx as _device_ctx, pow2 as _pow2, upcast as _upcast
+from ._tiles import device_ctx as _device_ctx, head_stride as _head_stride, pow2 as _pow2, upcast as _upcast
 
 
 def _cfg(t: torch.Tensor, d: int) -> dict:
@@ -241,15 +241,6 @@ def _prep(q, k, v, tau_q, tau_v):
     tq = tau_q.to(torch.float32).contiguous()
     tv = tau_v.to(torch.float32).contiguous() if tau_v is not None else tq  # unread when HAS_TV is False
     return q, k, v, tq, tv
-
-
-def _head_stride(t: torch.Tensor, packed: int):
-    """(t, elements from one kv head to the next) with t read in place when each head's rows are packed
-    and the (batch, head) dims step as one index (a slice along Lk of a cache buffer), else a copy."""
-    if not _checks.packed_below(t, 2):
-        return t.contiguous(), packed
-    B, H = t.shape[:2]
-    return t, (t.stride(1) if H > 1 else t.stride(0) if B > 1 else packed)
 
 
 def _consts(q, k, v, tau_v, causal):
