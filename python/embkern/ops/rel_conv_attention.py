@@ -293,7 +293,9 @@ def relative_attention(q: Tensor, k: Tensor, v: Tensor, rel_emb: Tensor, rel_bia
     # out and lse, the copies of non-contiguous inputs, and the reference's (B, H, Lq, Lk) content,
     # position and probability terms: checked before any of it is allocated
     acc = 8 if q.dtype == torch.float64 else 4
-    need = B * H * Lq * (v.shape[-1] * q.element_size() + acc) + _checks.copy_bytes(q, k, v, R, S, u)
+    # the cpu and triton forwards read k and v in place when each (batch, head)'s rows are packed
+    kv = [t for t in (k, v) if be == "reference" or not _checks.packed_below(t, 2)]
+    need = B * H * Lq * (v.shape[-1] * q.element_size() + acc) + _checks.copy_bytes(q, *kv, R, S, u)
     if be == "reference":
         need += 3 * B * H * Lq * Lk * acc
     _checks.fits(need, q.device, f"relative_attention(backend={be!r}) of q {tuple(q.shape)}, k {tuple(k.shape)}, "
