@@ -568,6 +568,15 @@ def copy_bytes(*tensors: Optional[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None and not t.is_contiguous())
 
 
+def layer_input(x: torch.Tensor, name: str, weight: torch.Tensor) -> None:
+    """x (B, L, d_model) of a layer against its input projection's weight (out, d_model): width, dtype and
+    device, each error naming ``name``."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{name}: expected shape (B, L, d_model) = (B, L, {weight.shape[1]}), got {tuple(x.shape)}")
+    same_dtype("the layer's weights", weight, name, x)
+    same_device("the layer's weights", weight, name, x)
+
+
 def fits(nbytes: int, device, what: str) -> None:
     """Raise MemoryError naming ``what`` (the config or shape) when ``nbytes`` exceed the memory available.
 

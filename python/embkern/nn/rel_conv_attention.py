@@ -285,11 +285,7 @@ class RelConvMultiHeadAttention(nn.Module):
                 cache: Optional[RelConvCache] = None) -> Tuple[Tensor, Optional[Tensor]]:
         z = _checks.float_tensor(z, "z", 3)
         B, L, C = z.shape
-        if C != self.n_heads * self.d_k:
-            raise ValueError(f"z: expected shape (B, L, d_model) = (B, L, {self.n_heads * self.d_k}), got "
-                             f"{tuple(z.shape)}")
-        _checks.same_dtype("the layer's weights", self.w_q.weight, "z", z)
-        _checks.same_device("the layer's weights", self.w_q.weight, "z", z)
+        _checks.layer_input(z, "z", self.w_q.weight)
         if cache is not None:
             if not isinstance(cache, RelConvCache):
                 raise TypeError(f"cache: expected a RelConvCache, got {type(cache).__name__}")

@@ -188,14 +188,6 @@ def _heads(x: Tensor, n: int) -> Tensor:
     return x.view(B, L, n, C // n).transpose(1, 2)  # no -1: B or L may be 0
 
 
-def _check_input(x: Tensor, name: str, weight: Tensor) -> None:
-    """x (B, L, d_model) against the layer's input projection weight (out, d_model): width and dtype."""
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{name}: expected shape (B, L, d_model) = (B, L, {weight.shape[1]}), got {tuple(x.shape)}")
-    _checks.same_dtype("the layer's weights", weight, name, x)
-    _checks.same_device("the layer's weights", weight, name, x)
-
-
 class _SelectiveCore(nn.Module):
     """The attention of one layer from projected heads: temperatures, cache, the fused op."""
 
@@ -252,7 +244,7 @@ class SelectiveSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         x = _checks.float_tensor(x, "x", 3)
-        _check_input(x, "x", self.q_proj.weight)
+        _checks.layer_input(x, "x", self.q_proj.weight)
         B, L, _ = x.shape
         q = _heads(self.q_proj(x), self.n_heads)
         k = _heads(self.k_proj(x), self.n_kv_heads)
@@ -321,7 +313,7 @@ class _NanoGPTSelective(nn.Module):
 
     def forward(self, x: Tensor, cache: Optional[KVCache] = None) -> Tensor:
         x = _checks.float_tensor(x, "x", 3)
-        _check_input(x, "x", self.c_attn.weight)
+        _checks.layer_input(x, "x", self.c_attn.weight)
         B, L, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (_heads(t, self.n_head) for t in (q, k, v))
