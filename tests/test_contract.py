@@ -176,5 +176,10 @@ def test_layers_built_and_run_on_meta():
         out, mem = rc(torch.randn(2, 5, 32), torch.randn(2, 4, 32))
         ss = enn.SelectiveSelfAttention(32, 4)
         out2 = ss(torch.randn(2, 5, 32))
+        kge = enn.QuatE(100, 10, 8)
+        ids = torch.tensor([1, 2, 3, 4])
+        scores, loss, ranks = kge.score_t(ids, ids), kge.loss(ids, ids, ids), kge.rank(ids, ids, ids)
     assert out.shape == (2, 5, 32) and mem.shape == (2, 4, 32) and out.device.type == "meta"
     assert out2.shape == (2, 5, 32) and out2.device.type == "meta"
+    assert scores.shape == (4, 100) and loss.shape == () and ranks.shape == (4,)
+    assert {t.device.type for t in (scores, loss, ranks)} == {"meta"}
