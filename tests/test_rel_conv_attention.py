@@ -4,6 +4,7 @@ torch.library, bad input."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -465,6 +466,34 @@ def test_cache_decode_equals_the_memory_path(conv, rel, steps, memory_len):
             assert none is None and cache.length == (0 if mem is None else mem.shape[1])
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"rows {t}..{t + n}")
             t += n
+
+
+@pytest.mark.parametrize("conv", ["shared", None])
+def test_cache_reorder_keeps_the_chosen_rows_as_beam_search_does(conv):
+    # rows 2, 0, 0 of a batch of 3, mid-window (memory_len 6 after 8 rows, so the window has slid): each next
+    # step must equal the memory path over those rows' memories
+    from embkern.nn import RelConvCache
+
+    m = _layer(conv, memory_len=6)
+    x = torch.randn(3, 8, 32, dtype=torch.float64)
+    cont = torch.randn(3, 4, 32, dtype=torch.float64)
+    idx = [2, 0, 0]
+    with torch.no_grad():
+        cache = RelConvCache()
+        _, mem = m(x, cache=cache)
+        _, mem = m(x, None)
+        cache.reorder(torch.tensor(idx))
+        mem = mem[idx]
+        for t in range(4):
+            want, mem = m(cont[:, t:t + 1], mem)
+            got, _ = m(cont[:, t:t + 1], cache=cache)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"step {t}")
+        cache.reorder(np.array([1]))
+        assert cache.length == 6 and m(cont[:1, :1], cache=cache)[0].shape == (1, 1, 32)
+        with pytest.raises(ValueError, match=r"index: expected indices in \[0, 1\)"):
+            cache.reorder([1])
+        with pytest.raises(ValueError, match=r"z: expected batch 1"):
+            m(cont[:, :1], cache=cache)
 
 
 def test_cache_under_inference_mode_then_no_grad():

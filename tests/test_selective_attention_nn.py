@@ -39,6 +39,32 @@ def test_decoding_with_the_cache_equals_the_full_forward(kw):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_cache_reorder_keeps_the_chosen_rows_as_beam_search_does(grad):
+    # rows 2, 0, 0 of a batch of 3 after a prefix: the next tokens must equal the full forward of those
+    # rows' sequences (row 0 twice, with different continuations)
+    layer = _layer()
+    x = torch.randn(3, 6, 32, dtype=torch.float64)
+    idx = [2, 0, 0]
+    cont = torch.randn(3, 3, 32, dtype=torch.float64)
+    with torch.set_grad_enabled(grad):
+        cache = KVCache()
+        layer(x, cache)
+        cache.reorder(torch.tensor(idx))
+        assert cache.k.shape[0] == 3 and cache.length == 6
+        got = torch.cat([layer(cont[:, t:t + 1], cache) for t in range(3)], dim=1)
+        want = layer(torch.cat([x[idx], cont], dim=1))[:, 6:]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    cache.reorder([1])  # fewer rows (a finished sequence dropped); a list works too
+    assert cache.k.shape[0] == 1 and cache.v.shape[0] == 1
+    for bad, exc, match in ((torch.tensor([3]), ValueError, r"index: expected indices in \[0, 1\)"),
+                            ([0.5], TypeError, "index"), (torch.zeros(1, 1, dtype=torch.long), ValueError, "index"),
+                            ("0", TypeError, "index")):
+        with pytest.raises(exc, match=match):
+            cache.reorder(bad)
+    KVCache().reorder([5])  # an empty cache has no rows to choose: nothing to do
+
+
 @pytest.mark.parametrize("backend", [None, "reference"])
 @pytest.mark.parametrize("capacity", [None, 2, 64])
 def test_decoding_without_autograd_writes_into_the_buffers(backend, capacity):

@@ -568,6 +568,15 @@ def copy_bytes(*tensors: Optional[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None and not t.is_contiguous())
 
 
+def batch_index(index, batch: int, device) -> torch.Tensor:
+    """``index`` (a 1-d list, numpy array or integer tensor of rows of a batch of ``batch``; repeats allowed,
+    as beam search keeps a beam twice) as an int64 tensor on ``device``, or an error naming ``index``."""
+    t = _int_ids(index, "index", None)
+    if not no_values(t):
+        _range_error(t, "index", batch)
+    return t.to(device=device, dtype=torch.int64)
+
+
 def layer_input(x: torch.Tensor, name: str, weight: torch.Tensor) -> None:
     """x (B, L, d_model) of a layer against its input projection's weight (out, d_model): width, dtype and
     device, each error naming ``name``."""

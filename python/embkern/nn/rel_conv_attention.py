@@ -112,6 +112,15 @@ class RelConvCache:
         self._owner = None  # weakref to the layer that filled it
         self._versions: Tuple[int, ...] = ()
 
+    def reorder(self, index) -> None:
+        """Keep the batch rows ``index`` (B',), in that order: beam search's surviving beams (a row may be
+        kept twice), or the unfinished sequences of a batch. The next call takes z of batch B'."""
+        if self._k is None:
+            return
+        idx = _checks.batch_index(index, self._k.shape[0], self._k.device)
+        self._k, self._v, self._pk, self._pv = (None if t is None else t.index_select(0, idx)
+                                                for t in (self._k, self._v, self._pk, self._pv))
+
     def _state(self) -> tuple:
         """The window and its buffers, for :meth:`_restore` (the benchmark repeats one step from one state)."""
         return (self._k, self._v, self._pk, self._pv, self._s, self._e, self._owner, self._versions)

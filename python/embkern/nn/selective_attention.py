@@ -151,6 +151,17 @@ class KVCache:
             raise ValueError(f"length: expected at most the cached {self._len} tokens, got {length}")
         self._len = length  # the views k, v, tau_v end there; the next append writes (or concatenates) after it
 
+    def reorder(self, index) -> None:
+        """Keep the batch rows ``index`` (B',), in that order: beam search's surviving beams (a row may be
+        kept twice), or the unfinished sequences of a batch. The next append takes (B', ...) tokens."""
+        if self._k is None:
+            return
+        idx = _checks.batch_index(index, self._k.shape[0], self._k.device)
+        # index_select makes new tensors: the cache's own buffers stay its own, a caller's or autograd's
+        # tensors stay never written in place (the next append concatenates)
+        self._k, self._v, self._tv = (None if t is None else t.index_select(0, idx)
+                                      for t in (self._k, self._v, self._tv))
+
     def reset(self) -> None:
         """Forget every token (and the buffers)."""
         self._k: Optional[Tensor] = None
