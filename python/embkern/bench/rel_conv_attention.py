@@ -5,7 +5,8 @@ Sizes: B = 4, H = 8, d = dv = 64, the tables' half-width P = 4096, L = 1024
 std 0.3 (zero tables would reduce the relative terms to nothing).
 
 Cases: ``forward L=...`` and ``forward+backward L=...`` (gradients of q, k, v,
-R, S and u from one random output gradient), and ``layer decode 1 x 1024``:
+R, S and u from one random output gradient), ``decode 1 x 1024`` (one query,
+the newest position, against 1024 cached keys; untargeted), and ``layer decode 1 x 1024``:
 one token through ``embkern.nn.RelConvMultiHeadAttention`` (RCMHA, shared
 conv, d_model 512, memory 1024 rows) with its ``RelConvCache``, next to the
 same layer given its memory as hidden states (what Transformer-XL does: it
@@ -52,18 +53,21 @@ def _sizes(quick: bool):
 
 
 class _Data:
-    def __init__(self, B, H, L, d, P, device, seed):
+    """q (B, H, Lq, d) (Lq = L unless given: one query at decode), k and v (B, H, L, d), the tables."""
+
+    def __init__(self, B, H, L, d, P, device, seed, Lq=None):
         self.shape, self.P, self.device, self.seed = (B, H, L, d), P, device, seed
+        self.Lq = L if Lq is None else Lq
         self.t = {}
 
     def setup(self):
         B, H, L, d = self.shape
         g = torch.Generator().manual_seed(self.seed)
-        P = self.P
-        vals = {"q": torch.randn(B, H, L, d, generator=g), "k": torch.randn(B, H, L, d, generator=g),
+        P, Lq = self.P, self.Lq
+        vals = {"q": torch.randn(B, H, Lq, d, generator=g), "k": torch.randn(B, H, L, d, generator=g),
                 "v": torch.randn(B, H, L, d, generator=g), "R": torch.randn(2 * P, H, d, generator=g) * 0.3,
                 "S": torch.randn(2 * P, H, generator=g) * 0.3, "u": torch.randn(H, d, generator=g) * 0.3,
-                "go": torch.randn(B, H, L, d, generator=g)}
+                "go": torch.randn(B, H, Lq, d, generator=g)}
         self.t.update({n: x.to(self.device) for n, x in vals.items()})  # update: the callables hold this dict
 
     def teardown(self):
@@ -218,6 +222,37 @@ def _case(data: _Data, L: int, backward: bool) -> Workload:
         setup=data.setup, teardown=data.teardown)
 
 
+def _decode_case(data: _Data) -> Workload:
+    """One query (the newest position) against Lk cached keys: the kernel's decode step."""
+    B, H, Lk, d = data.shape
+    P = data.P
+    run, skipped = _availability(data.device, rca_ops.DESCRIPTOR.kernels_of("relative_attention")[:1])
+
+    def ours(be):
+        return lambda: rca_ops.relative_attention(*data.args(), max_distance=P, backend=be)
+
+    def sdpa():  # one query at the end sees every key: no mask (is_causal would align it at key 0)
+        q, k, v = data.args()[:3]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def ref64():
+        return ref.attention(*[x.double() for x in data.args()])
+
+    return Workload(
+        name=f"decode 1 x {Lk}", group="relative_attention",
+        description=f"relative attention of one query against {Lk} keys (q_offset = Lk - 1), B={B} H={H} d=dv={d}, "
+                    f"P={P}, fp32, {data.device.type}",
+        backends={be: ours(be) for be in run},
+        anchors={"sdpa (no relative terms)": sdpa,
+                 "authors (materialised)": lambda: ref.authors_attention(*data.args())},
+        primary_anchor="sdpa (no relative terms)", reference64=ref64, error=_max_abs,
+        no_error=("sdpa (no relative terms)",), work=4.0 * B * H * Lk * d * 1.5 / 1e9, work_unit="GFLOP/s",
+        params={"B": B, "H": H, "Lq": 1, "Lk": Lk, "d": d, "P": P, "dtype": "float32"},
+        notes=["decode: sdpa reads k and v, the kernel also R's Lk rows of each head; GFLOP/s counts the content "
+               "and position products"],
+        skipped=skipped, setup=data.setup, teardown=data.teardown)
+
+
 class _LayerData:
     """An RCMHA layer (d_model H d, shared conv, random relative tables) with a RelConvCache and the hidden-state
     memory of the same Lk rows, the next token, and a vanilla layer's static K/V cache; made in setup."""
@@ -308,6 +343,7 @@ def workloads(quick: bool, device) -> List[Workload]:
     for i, L in enumerate(s["lengths"]):
         for backward in (False, True):
             out.append(_case(_Data(s["B"], s["H"], L, s["d"], s["P"], device, 40 + 2 * i + backward), L, backward))
+    out.append(_decode_case(_Data(s["B"], s["H"], s["decode"], s["d"], s["P"], device, 48, Lq=1)))
     out.append(_layer_decode_case(_LayerData(s["B"], s["H"], s["decode"], s["d"], device, 50)))
     return out
 
