@@ -490,7 +490,7 @@ def test_filter_tuple_of_lists_is_always_csr(B):
     ([[[1, 2]], [], []], TypeError, r"filter_index\[0\]\[0\]: expected an integer entity id, got list"),
     (([0, 1, 1, 1], [1.5]), TypeError, r"filter_index index\[0\]: expected an integer entity id, got float"),
     (([0, 1, 1, 1], [True]), TypeError, r"filter_index index\[0\]: expected an integer entity id, got bool"),
-    (([0.0, 1, 1, 1], [1]), TypeError, r"filter_index offsets\[0\]: expected an integer entity id, got float"),
+    (([0.0, 1, 1, 1], [1]), TypeError, r"filter_index offsets\[0\]: expected an integer offset, got float"),
     ((torch.tensor([0, 1, 1, 1]), torch.tensor([1.0])), TypeError, "filter_index index: expected integer ids"),
     ({0: [1]}, TypeError, "filter_index: expected None, an \\(offsets, index\\) CSR tuple"),
 ])

@@ -58,7 +58,8 @@ def test_cache_reorder_keeps_the_chosen_rows_as_beam_search_does(grad):
     cache.reorder([1])  # fewer rows (a finished sequence dropped); a list works too
     assert cache.k.shape[0] == 1 and cache.v.shape[0] == 1
     for bad, exc, match in ((torch.tensor([3]), ValueError, r"index: expected indices in \[0, 1\)"),
-                            ([0.5], TypeError, "index"), (torch.zeros(1, 1, dtype=torch.long), ValueError, "index"),
+                            ([0.5], TypeError, r"index\[0\]: expected an integer batch row, got float"),
+                            (torch.zeros(1, 1, dtype=torch.long), ValueError, "index: expected a 1-d list"),
                             ("0", TypeError, "index")):
         with pytest.raises(exc, match=match):
             cache.reorder(bad)

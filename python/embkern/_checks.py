@@ -230,8 +230,9 @@ def real_device(x: torch.Tensor, name: str) -> torch.Tensor:
 # CSR lists (filter_index)
 
 
-def _int_ids(x, name: str, device, one_d: bool = True) -> torch.Tensor:
-    """A 1-d integer tensor from a tensor, numpy array or list of Python/numpy ints.
+def _int_ids(x, name: str, device, one_d: bool = True, kind: str = "entity id") -> torch.Tensor:
+    """A 1-d integer tensor from a tensor, numpy array or list of Python/numpy ints (``kind``: what one is,
+    for the messages).
 
     Floats, bools, strings and nested lists are a TypeError naming the first bad
     element (``torch.as_tensor`` would truncate floats or fail with its own message)."""
@@ -239,12 +240,12 @@ def _int_ids(x, name: str, device, one_d: bool = True) -> torch.Tensor:
         t = x
     elif isinstance(x, np.ndarray):
         if x.dtype == object:
-            raise TypeError(f"{name}: expected integer entity ids, got a numpy array of dtype object")
+            raise TypeError(f"{name}: expected integer {kind}s, got a numpy array of dtype object")
         t = torch.from_numpy(np.ascontiguousarray(x))
     elif isinstance(x, (list, tuple, range)):
         for j, v in enumerate(x):
             if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
-                raise TypeError(f"{name}[{j}]: expected an integer entity id, got {type(v).__name__} {v!r}")
+                raise TypeError(f"{name}[{j}]: expected an integer {kind}, got {type(v).__name__} {v!r}")
         try:
             t = torch.tensor(list(x), dtype=torch.int64) if len(x) else torch.zeros(0, dtype=torch.int64)
         except (RuntimeError, OverflowError, ValueError):
@@ -281,7 +282,7 @@ def csr(
     """Validate a CSR list (offsets (rows+1,), index (nnz,)) and return int64 contiguous copies.
 
     Under torch.compile the value checks run in the ``embkern::check_csr`` op."""
-    offsets = _int_ids(offsets, f"{name} offsets", device)
+    offsets = _int_ids(offsets, f"{name} offsets", device, kind="offset")
     index = _int_ids(index, f"{name} index", device)
     if offsets.numel() != rows + 1:
         raise ValueError(f"{name} offsets: expected {rows + 1} entries (rows + 1), got {offsets.numel()}")
@@ -571,7 +572,7 @@ def copy_bytes(*tensors: Optional[torch.Tensor]) -> int:
 def batch_index(index, batch: int, device) -> torch.Tensor:
     """``index`` (a 1-d list, numpy array or integer tensor of rows of a batch of ``batch``; repeats allowed,
     as beam search keeps a beam twice) as an int64 tensor on ``device``, or an error naming ``index``."""
-    t = _int_ids(index, "index", None)
+    t = _int_ids(index, "index", None, kind="batch row")
     if not no_values(t):
         _range_error(t, "index", batch)
     return t.to(device=device, dtype=torch.int64)
